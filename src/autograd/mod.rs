@@ -1,0 +1,278 @@
+//! Tape-based reverse-mode autograd.
+//!
+//! The tape is a `Vec` of entries in creation order, which is already a topological order: backward walks it in
+//! reverse (no DFS). Parameters are registered first and survive `reset()`; everything after them is one step's
+//! activations, whose buffers go back to a pool on `reset()` so the next step reuses them.
+//!
+//! Accumulation rule: an op's `Backward` writes each input gradient into a fresh zeroed buffer (`=` semantics);
+//! the tape adds it into the input's gradient slot (`+=`), which handles inputs used twice (`mul(x, x)`) and
+//! parameters shared by several ops. Parameter gradients accumulate across `backward` calls until `zero_grad`.
+mod pool;
+
+pub use pool::BufferPool;
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// A handle to a value on the tape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(pub(crate) usize);
+
+impl Var {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// The backward of one op. `dinputs[i]` is `Some(zeroed tensor shaped like input i)` exactly when input i needs a
+/// gradient; the op fills it. Whatever the forward saved lives in the implementing struct.
+pub trait Backward: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn backward(
+        &self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        dout: &Tensor,
+        dinputs: &mut [Option<Tensor>],
+    ) -> Result<()>;
+}
+
+struct Node {
+    inputs: Vec<Var>,
+    backward: Box<dyn Backward>,
+}
+
+#[derive(Default)]
+pub struct Tape {
+    values: Vec<Tensor>,
+    grads: Vec<Option<Tensor>>,
+    requires_grad: Vec<bool>,
+    nodes: Vec<Option<Node>>,
+    n_params: usize,
+    no_grad: bool,
+    pool: BufferPool,
+}
+
+impl Tape {
+    pub fn new() -> Tape {
+        Tape::default()
+    }
+
+    /// Registers a trainable parameter. Parameters must come before any other entry so that `reset` keeps them.
+    pub fn param(&mut self, value: Tensor) -> Result<Var> {
+        if self.values.len() != self.n_params {
+            return Err(Error::Autograd(format!(
+                "param registered after {} non-parameter entries; register parameters first",
+                self.values.len() - self.n_params
+            )));
+        }
+        let v = self.push_entry(value, true, None);
+        self.n_params += 1;
+        Ok(v)
+    }
+
+    /// A leaf for this step (an input or constant). With `requires_grad`, `backward` fills its gradient too.
+    pub fn leaf(&mut self, value: Tensor, requires_grad: bool) -> Var {
+        self.push_entry(value, requires_grad, None)
+    }
+
+    pub fn input(&mut self, value: Tensor) -> Var {
+        self.leaf(value, false)
+    }
+
+    fn push_entry(&mut self, value: Tensor, requires_grad: bool, node: Option<Node>) -> Var {
+        self.values.push(value);
+        self.grads.push(None);
+        self.requires_grad.push(requires_grad);
+        self.nodes.push(node);
+        Var(self.values.len() - 1)
+    }
+
+    /// Whether an op on `inputs` must record its backward (some input needs a gradient and grad mode is on).
+    pub fn needs_grad(&self, inputs: &[Var]) -> bool {
+        !self.no_grad && inputs.iter().any(|v| self.requires_grad[v.0])
+    }
+
+    /// Records an op's output. `backward` is dropped unless some input needs a gradient.
+    pub fn push_op(&mut self, value: Tensor, inputs: &[Var], backward: Box<dyn Backward>) -> Var {
+        if self.needs_grad(inputs) {
+            let node = Node {
+                inputs: inputs.to_vec(),
+                backward,
+            };
+            self.push_entry(value, true, Some(node))
+        } else {
+            self.push_entry(value, false, None)
+        }
+    }
+
+    /// Records a value computed without a backward (no-grad paths).
+    pub fn push_const(&mut self, value: Tensor) -> Var {
+        self.push_entry(value, false, None)
+    }
+
+    /// A zeroed host f32 tensor from the pool (ops allocate their outputs here).
+    pub fn alloc(&mut self, shape: &[usize]) -> Tensor {
+        let buf = self.pool.take_zeroed(crate::tensor::numel(shape));
+        Tensor::from_vec(shape, buf).expect("pool buffer has the requested length")
+    }
+
+    pub fn value(&self, v: Var) -> &Tensor {
+        &self.values[v.0]
+    }
+
+    pub fn value_mut(&mut self, v: Var) -> &mut Tensor {
+        &mut self.values[v.0]
+    }
+
+    pub fn grad(&self, v: Var) -> Option<&Tensor> {
+        self.grads[v.0].as_ref()
+    }
+
+    pub fn params(&self) -> impl Iterator<Item = Var> {
+        (0..self.n_params).map(Var)
+    }
+
+    pub fn n_params(&self) -> usize {
+        self.n_params
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Runs `f` with recording off: ops compute values but save nothing for backward.
+    pub fn no_grad<T>(&mut self, f: impl FnOnce(&mut Tape) -> T) -> T {
+        let before = self.no_grad;
+        self.no_grad = true;
+        let out = f(self);
+        self.no_grad = before;
+        out
+    }
+
+    pub fn is_no_grad(&self) -> bool {
+        self.no_grad
+    }
+
+    /// Drops this step's entries (keeping parameters and their gradients) and recycles their buffers.
+    pub fn reset(&mut self) {
+        let n = self.n_params;
+        for t in self.values.drain(n..) {
+            if let Some(buf) = t.into_f32_vec() {
+                self.pool.give(buf);
+            }
+        }
+        for g in self.grads.drain(n..).flatten() {
+            if let Some(buf) = g.into_f32_vec() {
+                self.pool.give(buf);
+            }
+        }
+        self.requires_grad.truncate(n);
+        self.nodes.truncate(n);
+    }
+
+    /// Zeroes parameter gradients in place (keeps their buffers).
+    pub fn zero_grad(&mut self) {
+        for g in self.grads[..self.n_params].iter_mut().flatten() {
+            if let Ok(s) = g.f32s_mut("zero_grad") {
+                s.fill(0.0);
+            }
+        }
+    }
+
+    /// Parameter values and gradients together, for optimizers: (value, grad) per parameter, grad None if unused.
+    pub fn params_and_grads_mut(&mut self) -> impl Iterator<Item = (&mut Tensor, Option<&Tensor>)> {
+        let n = self.n_params;
+        self.values[..n]
+            .iter_mut()
+            .zip(self.grads[..n].iter().map(|g| g.as_ref()))
+    }
+
+    /// Parameter gradients mutably (for clipping).
+    pub fn param_grads_mut(&mut self) -> impl Iterator<Item = &mut Tensor> {
+        let n = self.n_params;
+        self.grads[..n].iter_mut().flatten()
+    }
+
+    /// Fills gradients of every entry that requires one, seeding d(loss)/d(loss) = 1. `loss` must be a scalar.
+    pub fn backward(&mut self, loss: Var) -> Result<()> {
+        if self.values[loss.0].numel() != 1 {
+            return Err(Error::Autograd(format!(
+                "backward needs a scalar loss, got shape {:?}",
+                self.values[loss.0].shape()
+            )));
+        }
+        if !self.requires_grad[loss.0] {
+            return Err(Error::Autograd(
+                "loss does not depend on any trainable value".into(),
+            ));
+        }
+        let seed = Tensor::full(self.values[loss.0].shape(), 1.0);
+        accumulate(&mut self.grads[loss.0], seed, &mut self.pool)?;
+        for i in (0..=loss.0).rev() {
+            let Some(node) = self.nodes[i].as_ref() else {
+                continue;
+            };
+            let Some(dout) = self.grads[i].take() else {
+                continue;
+            };
+            let inputs: Vec<&Tensor> = node.inputs.iter().map(|v| &self.values[v.0]).collect();
+            let mut dinputs: Vec<Option<Tensor>> = node
+                .inputs
+                .iter()
+                .map(|v| {
+                    self.requires_grad[v.0].then(|| {
+                        let shape = self.values[v.0].shape().to_vec();
+                        let buf = self.pool.take_zeroed(crate::tensor::numel(&shape));
+                        Tensor::from_vec(&shape, buf).expect("pool buffer has the requested length")
+                    })
+                })
+                .collect();
+            node.backward
+                .backward(&inputs, &self.values[i], &dout, &mut dinputs)?;
+            let name = node.backward.name();
+            let input_vars = node.inputs.clone();
+            for (v, d) in input_vars.iter().zip(dinputs) {
+                if let Some(d) = d {
+                    if d.shape() != self.values[v.0].shape() {
+                        return Err(Error::Autograd(format!(
+                            "{name} backward produced a gradient of shape {:?} for an input of shape {:?}",
+                            d.shape(),
+                            self.values[v.0].shape()
+                        )));
+                    }
+                    accumulate(&mut self.grads[v.0], d, &mut self.pool)?;
+                }
+            }
+            // Keep gradients of leaves (inputs asked for); an op output's gradient is spent once its node ran.
+            if let Some(buf) = dout.into_f32_vec() {
+                self.pool.give(buf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes held by the pool for reuse (tests check that steady-state steps stop growing it).
+    pub fn pool_held_values(&self) -> usize {
+        self.pool.held()
+    }
+}
+
+fn accumulate(slot: &mut Option<Tensor>, d: Tensor, pool: &mut BufferPool) -> Result<()> {
+    match slot {
+        None => *slot = Some(d),
+        Some(g) => {
+            let dst = g.f32s_mut("backward")?;
+            let src = d.f32s("backward")?;
+            crate::ops::simd::add_assign(dst, src);
+            if let Some(buf) = d.into_f32_vec() {
+                pool.give(buf);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! Host buffers recycled between training steps, so a reused tape allocates nothing after its first step.
+
+#[derive(Default, Debug)]
+pub struct BufferPool {
+    free: Vec<Vec<f32>>,
+}
+
+impl BufferPool {
+    /// A zeroed buffer of `n` values: the smallest free buffer whose capacity suffices, else a new one.
+    pub fn take_zeroed(&mut self, n: usize) -> Vec<f32> {
+        let best = self
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= n)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        let mut buf = match best {
+            Some(i) => self.free.swap_remove(i),
+            None => Vec::with_capacity(n),
+        };
+        buf.clear();
+        buf.resize(n, 0.0);
+        buf
+    }
+
+    pub fn give(&mut self, buf: Vec<f32>) {
+        if buf.capacity() > 0 {
+            self.free.push(buf);
+        }
+    }
+
+    /// Total capacity held, in values (for tests that check reuse).
+    pub fn held(&self) -> usize {
+        self.free.iter().map(|b| b.capacity()).sum()
+    }
+}

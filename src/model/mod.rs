@@ -1,0 +1,2 @@
+//! The Llama block and model, built from ops.
+pub mod llama;

@@ -1,0 +1,148 @@
+//! add: out = a + b, where b has a's shape or a suffix of it (broadcast over a's leading dimensions).
+//!
+//! Backward: da = dout; db = dout summed over the broadcast rows (`ops::reduce_rows`, the one place that
+//! reduces broadcast gradients). This file is the pattern every op follows: f64 `_ref` loops, the f32
+//! SIMD/rayon `_cpu` version, the tape wrapper with its `Backward`, and tests of all three.
+use crate::autograd::{Backward, Tape, Var};
+use crate::error::Result;
+use crate::ops::{check_suffix, reduce_rows, simd};
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+pub fn add_fwd_ref(out: &mut [f64], a: &[f64], b: &[f64]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = a[i] + b[i % b.len()];
+    }
+}
+
+pub fn add_fwd_cpu(out: &mut [f32], a: &[f32], b: &[f32]) {
+    out.par_chunks_mut(b.len())
+        .zip(a.par_chunks(b.len()))
+        .for_each(|(o, a)| {
+            o.copy_from_slice(a);
+            simd::add_assign(o, b);
+        });
+}
+
+pub fn add_bwd_ref(da: Option<&mut [f64]>, db: Option<&mut [f64]>, dout: &[f64]) {
+    if let Some(da) = da {
+        da.copy_from_slice(dout);
+    }
+    if let Some(db) = db {
+        db.fill(0.0);
+        let n = db.len();
+        for (i, d) in dout.iter().enumerate() {
+            db[i % n] += d;
+        }
+    }
+}
+
+pub fn add(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
+    let (sa, sb) = (
+        tape.value(a).shape().to_vec(),
+        tape.value(b).shape().to_vec(),
+    );
+    check_suffix("add", &sa, &sb)?;
+    let mut out = tape.alloc(&sa);
+    add_fwd_cpu(
+        out.f32s_mut("add")?,
+        tape.value(a).f32s("add")?,
+        tape.value(b).f32s("add")?,
+    );
+    Ok(tape.push_op(out, &[a, b], Box::new(AddBackward)))
+}
+
+struct AddBackward;
+
+impl Backward for AddBackward {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+    fn backward(
+        &self,
+        _: &[&Tensor],
+        _: &Tensor,
+        dout: &Tensor,
+        d: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        let dout = dout.f32s("add_bwd")?;
+        if let Some(da) = &mut d[0] {
+            da.f32s_mut("add_bwd")?.copy_from_slice(dout);
+        }
+        if let Some(db) = &mut d[1] {
+            reduce_rows(db.f32s_mut("add_bwd")?, dout);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::rng::Rng;
+    use crate::testing::*;
+
+    #[test]
+    fn add_cpu_matches_ref_and_grads_match_finite_differences() {
+        let mut rng = Rng::new(7);
+        for (sa, sb) in [
+            (vec![3, 5], vec![3, 5]),
+            (vec![2, 3, 17], vec![17]),
+            (vec![4, 9], vec![9]),
+        ] {
+            let a = rng.normal_vec(sa.iter().product(), 1.0);
+            let b = rng.normal_vec(sb.iter().product(), 1.0);
+            let mut out = vec![0.0; a.len()];
+            add_fwd_cpu(&mut out, &a, &b);
+            let mut want = vec![0.0; a.len()];
+            add_fwd_ref(&mut want, &to_f64(&a), &to_f64(&b));
+            assert_close("add fwd", &out, &want, 1e-6, 1e-6);
+
+            // Tape backward against finite differences of the f64 reference (exact for a linear op).
+            let r = to_f64(&rng.normal_vec(a.len(), 1.0));
+            let mut tape = Tape::new();
+            let va = tape.leaf(Tensor::from_vec(&sa, a.clone()).unwrap(), true);
+            let vb = tape.leaf(Tensor::from_vec(&sb, b.clone()).unwrap(), true);
+            let y = add(&mut tape, va, vb).unwrap();
+            let rv = tape.input(Tensor::from_vec(&sa, to_f32(&r)).unwrap());
+            let prod = crate::ops::mul::mul(&mut tape, y, rv).unwrap();
+            let loss = crate::ops::sum::sum(&mut tape, prod).unwrap();
+            tape.backward(loss).unwrap();
+            let (a64, b64) = (to_f64(&a), to_f64(&b));
+            let f = |a: &[f64], b: &[f64]| {
+                let mut o = vec![0.0; a.len()];
+                add_fwd_ref(&mut o, a, b);
+                dot64(&o, &r)
+            };
+            let fd_a = finite_diff(&a64, 1e-3, |x| f(x, &b64));
+            let fd_b = finite_diff(&b64, 1e-3, |x| f(&a64, x));
+            // The op is linear, so central differences are exact up to f64 rounding.
+            assert_close(
+                "add da",
+                tape.grad(va).unwrap().f32s("t").unwrap(),
+                &fd_a,
+                1e-5,
+                1e-5,
+            );
+            assert_close(
+                "add db",
+                tape.grad(vb).unwrap().f32s("t").unwrap(),
+                &fd_b,
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn add_rejects_shapes_that_do_not_broadcast() {
+        let mut tape = Tape::new();
+        let a = tape.input(Tensor::zeros(&[2, 3]));
+        let b = tape.input(Tensor::zeros(&[2]));
+        let err = add(&mut tape, a, b).unwrap_err().to_string();
+        assert!(
+            err.contains("add") && err.contains("[2, 3]") && err.contains("[2]"),
+            "{err}"
+        );
+    }
+}
