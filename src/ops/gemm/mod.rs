@@ -3,7 +3,40 @@
 //! `op(A)` is A (stored m×k) or Aᵀ (A stored k×m) when `transa`; likewise B (k×n, or n×k when `transb`).
 //! All matrices are contiguous row-major. Backed by the `gemm` crate for now; the benchmark that chose it
 //! lives in benches/gemm.rs and BENCHMARKS.md.
+mod blocked;
+
+pub use blocked::sgemm_blocked;
 use gemm::Parallelism;
+
+/// Checks the slice lengths (panics: callers check shapes and return errors first) and does the work when it
+/// is trivial: nothing for an empty C, C = beta·C for k == 0. Returns true when C is done.
+#[allow(clippy::too_many_arguments)]
+fn check_and_handle_trivial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) -> bool {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "sgemm: slice shorter than m×k, k×n or m×n"
+    );
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        if beta == 0.0 {
+            c[..m * n].fill(0.0);
+        } else {
+            crate::ops::simd::scale_assign(&mut c[..m * n], beta);
+        }
+        return true;
+    }
+    false
+}
 
 /// The plain triple loop in f64: the reference every fast GEMM path is tested against.
 #[allow(clippy::too_many_arguments)]
@@ -52,19 +85,24 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "sgemm: slice shorter than m×k, k×n or m×n"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if beta == 0.0 {
-            c[..m * n].fill(0.0);
-        } else {
-            crate::ops::simd::scale_assign(&mut c[..m * n], beta);
-        }
+    sgemm_blocked(transa, transb, m, n, k, alpha, a, b, beta, c)
+}
+
+/// `sgemm` through the `gemm` crate (runtime-dispatched AVX2/FMA kernels on stable Rust).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_crate(
+    transa: bool,
+    transb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) {
+    if check_and_handle_trivial(m, n, k, a, b, beta, c) {
         return;
     }
     // Strides in elements: (column stride, row stride) for each operand as the logical matrix.
@@ -117,6 +155,8 @@ mod tests {
     use crate::tensor::rng::Rng;
     use crate::testing::*;
 
+    type Sgemm = fn(bool, bool, usize, usize, usize, f32, &[f32], &[f32], f32, &mut [f32]);
+
     #[test]
     fn sgemm_matches_ref_for_every_transpose_and_odd_sizes() {
         let mut rng = Rng::new(5);
@@ -132,8 +172,6 @@ mod tests {
                     let a = rng.normal_vec(m * k, 1.0);
                     let b = rng.normal_vec(k * n, 1.0);
                     let c0 = rng.normal_vec(m * n, 1.0);
-                    let mut c = c0.clone();
-                    sgemm(ta, tb, m, n, k, alpha, &a, &b, beta, &mut c);
                     let mut want = to_f64(&c0);
                     sgemm_ref(
                         ta,
@@ -147,14 +185,21 @@ mod tests {
                         beta as f64,
                         &mut want,
                     );
-                    // f32 accumulation over k terms of unit-variance products: error grows like sqrt(k)·eps.
-                    assert_close(
-                        &format!("sgemm {m}x{n}x{k} ta={ta} tb={tb}"),
-                        &c,
-                        &want,
-                        1e-4,
-                        1e-4,
-                    );
+                    for (name, f) in [
+                        ("sgemm_blocked", sgemm_blocked as Sgemm),
+                        ("sgemm_crate", sgemm_crate),
+                    ] {
+                        let mut c = c0.clone();
+                        f(ta, tb, m, n, k, alpha, &a, &b, beta, &mut c);
+                        // f32 accumulation over k unit-variance products: error grows like sqrt(k)·eps.
+                        assert_close(
+                            &format!("{name} {m}x{n}x{k} ta={ta} tb={tb}"),
+                            &c,
+                            &want,
+                            1e-4,
+                            1e-4,
+                        );
+                    }
                 }
             }
         }
