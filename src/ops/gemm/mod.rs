@@ -1,12 +1,11 @@
 //! Row-major f32 GEMM used by every CPU op: C[m×n] = alpha · op(A) · op(B) + beta · C.
 //!
 //! `op(A)` is A (stored m×k) or Aᵀ (A stored k×m) when `transa`; likewise B (k×n, or n×k when `transb`).
-//! All matrices are contiguous row-major. Backed by the `gemm` crate for now; the benchmark that chose it
-//! lives in benches/gemm.rs and BENCHMARKS.md.
+//! All matrices are contiguous row-major. Our own blocked kernel (blocked.rs: packing, cache blocking, rayon;
+//! kernel.rs: the 6×16 AVX2/FMA microkernel). benches/gemm.rs times it against the `gemm` crate (a
+//! dev-dependency since it lost: BENCHMARKS.md has the numbers) at the SmolLM2 training shapes.
 mod blocked;
-
-pub use blocked::sgemm_blocked;
-use gemm::Parallelism;
+mod kernel;
 
 /// Checks the slice lengths (panics: callers check shapes and return errors first) and does the work when it
 /// is trivial: nothing for an empty C, C = beta·C for k == 0. Returns true when C is done.
@@ -85,66 +84,19 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) {
-    sgemm_blocked(transa, transb, m, n, k, alpha, a, b, beta, c)
-}
-
-/// `sgemm` through the `gemm` crate (runtime-dispatched AVX2/FMA kernels on stable Rust).
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm_crate(
-    transa: bool,
-    transb: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: &[f32],
-    b: &[f32],
-    beta: f32,
-    c: &mut [f32],
-) {
-    if check_and_handle_trivial(m, n, k, a, b, beta, c) {
-        return;
-    }
-    // Strides in elements: (column stride, row stride) for each operand as the logical matrix.
-    let (a_cs, a_rs) = if transa {
-        (m as isize, 1)
-    } else {
-        (1, k as isize)
-    };
-    let (b_cs, b_rs) = if transb {
-        (k as isize, 1)
-    } else {
-        (1, n as isize)
-    };
-    let threads = rayon::current_num_threads();
-    let par = if (m * n * k) < 64 * 64 * 64 || threads <= 1 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(threads)
-    };
-    // SAFETY: the assert above guarantees every index the strides reach is inside its slice; c does not alias a or b
-    // (it is a distinct &mut borrow).
-    unsafe {
-        gemm::gemm(
+    if !check_and_handle_trivial(m, n, k, a, b, beta, c) {
+        blocked::run(
+            kernel::best_kernel(),
+            transa,
+            transb,
             m,
             n,
             k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            beta != 0.0,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            beta,
             alpha,
-            false,
-            false,
-            false,
-            par,
+            a,
+            b,
+            beta,
+            c,
         );
     }
 }
@@ -154,8 +106,6 @@ mod tests {
     use super::*;
     use crate::tensor::rng::Rng;
     use crate::testing::*;
-
-    type Sgemm = fn(bool, bool, usize, usize, usize, f32, &[f32], &[f32], f32, &mut [f32]);
 
     #[test]
     fn sgemm_matches_ref_for_every_transpose_and_odd_sizes() {
@@ -185,23 +135,45 @@ mod tests {
                         beta as f64,
                         &mut want,
                     );
-                    for (name, f) in [
-                        ("sgemm_blocked", sgemm_blocked as Sgemm),
-                        ("sgemm_crate", sgemm_crate),
-                    ] {
-                        let mut c = c0.clone();
-                        f(ta, tb, m, n, k, alpha, &a, &b, beta, &mut c);
-                        // f32 accumulation over k unit-variance products: error grows like sqrt(k)·eps.
-                        assert_close(
-                            &format!("{name} {m}x{n}x{k} ta={ta} tb={tb}"),
-                            &c,
-                            &want,
-                            1e-4,
-                            1e-4,
-                        );
-                    }
+                    let mut c = c0.clone();
+                    sgemm(ta, tb, m, n, k, alpha, &a, &b, beta, &mut c);
+                    // f32 accumulation over k unit-variance products: error grows like sqrt(k)·eps.
+                    assert_close(
+                        &format!("sgemm {m}x{n}x{k} ta={ta} tb={tb}"),
+                        &c,
+                        &want,
+                        1e-4,
+                        1e-4,
+                    );
                 }
             }
         }
+    }
+
+    #[test]
+    fn sgemm_with_beta_zero_ignores_nan_in_c_and_k_zero_scales_c() {
+        let mut rng = Rng::new(6);
+        let (m, n, k) = (13, 21, 40);
+        let a = rng.normal_vec(m * k, 1.0);
+        let b = rng.normal_vec(k * n, 1.0);
+        let mut c = vec![f32::NAN; m * n];
+        sgemm(false, false, m, n, k, 1.0, &a, &b, 0.0, &mut c);
+        let mut want = vec![0.0; m * n];
+        sgemm_ref(
+            false,
+            false,
+            m,
+            n,
+            k,
+            1.0,
+            &to_f64(&a),
+            &to_f64(&b),
+            0.0,
+            &mut want,
+        );
+        assert_close("sgemm beta=0 over NaN", &c, &want, 1e-4, 1e-4);
+        let mut c = vec![2.0f32; m * n];
+        sgemm(false, false, m, n, 0, 1.0, &[], &[], 0.5, &mut c);
+        assert!(c.iter().all(|&v| v == 1.0), "k = 0 must leave beta·C");
     }
 }
