@@ -176,13 +176,14 @@ mod tests {
     use crate::tensor::rng::Rng;
     use crate::testing::*;
 
-    /// (x shape, N); K is x's last dim. Odd sizes and a [1, 1] case; the last crosses sgemm's blocks.
+    /// (x shape, N); K is x's last dim. Odd sizes, a [1, 1] case, one that crosses sgemm's blocks, K = 0.
     const SHAPES: &[(&[usize], usize)] = &[
         (&[1, 1], 1),
         (&[7], 3),
         (&[2, 3, 13], 5),
         (&[33, 17], 65),
         (&[2, 150, 40], 24),
+        (&[2, 0], 3),
     ];
 
     fn grad(tape: &Tape, v: Var) -> &[f32] {
@@ -198,7 +199,7 @@ mod tests {
         let mut rng = Rng::new(21);
         for &(sx, n) in SHAPES {
             let k = *sx.last().unwrap();
-            let rows = sx.iter().product::<usize>() / k;
+            let rows = sx[..sx.len() - 1].iter().product();
             let d = LinearDims { rows, k, n };
             for with_bias in [false, true] {
                 let (x, w, dout) = (
