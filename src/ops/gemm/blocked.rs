@@ -86,32 +86,10 @@ pub fn run(
     c: &mut [f32],
 ) {
     // A as (i, p); B transposed as (j, p), so both pack through the same routine.
-    let av = if transa {
-        View {
-            data: a,
-            rs: 1,
-            cs: m,
-        }
-    } else {
-        View {
-            data: a,
-            rs: k,
-            cs: 1,
-        }
-    };
-    let bv = if transb {
-        View {
-            data: b,
-            rs: k,
-            cs: 1,
-        }
-    } else {
-        View {
-            data: b,
-            rs: 1,
-            cs: n,
-        }
-    };
+    let (rs, cs) = if transa { (1, m) } else { (k, 1) };
+    let av = View { data: a, rs, cs };
+    let (rs, cs) = if transb { (k, 1) } else { (1, n) };
+    let bv = View { data: b, rs, cs };
     let threads = if m * n * k < 64 * 64 * 64 {
         1
     } else {
@@ -123,7 +101,7 @@ pub fn run(
     let n_ic = n_ic.min(m.div_ceil(MR));
     let mc = m.div_ceil(n_ic).div_ceil(MR) * MR;
     let n_ic = m.div_ceil(mc);
-    // Equal k slices, so that k = 576 runs as 3 × 192 rather than 256 + 256 + 64.
+    // Equal k slices, so that k = 576 runs as 2 × 288 rather than 384 + 192.
     let kc = k.div_ceil(k.div_ceil(KC));
     let cptr = CPtr(c.as_mut_ptr());
     let mut bp = vec![0.0f32; NC.min(n.div_ceil(NR) * NR) * kc];
