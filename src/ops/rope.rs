@@ -3,13 +3,14 @@
 //! Pair i (i < D/2) is rotated by theta_i = pos * base^(-2i/D). Two layouts say which dims form pair i:
 //! - `HalfSplit`: dims (i, i + D/2), HF Llama's `rotate_half` (y = x*cos + rotate_half(x)*sin);
 //! - `Interleaved`: dims (2i, 2i + 1), Meta's original code and llama.cpp on GGUF files.
+//!
 //! llama.cpp's HF -> GGUF converter permutes q/k rows per head (GGUF dim 2i <- HF dim i, 2i + 1 <- i + D/2),
 //! so Interleaved rope on GGUF weights equals HalfSplit rope on HF weights (the test
 //! `rope_layouts_agree_under_the_gguf_permutation` checks exactly this).
 //!
 //! Angles: the CPU path uses a cos/sin table [T, D/2] whose angles and cos/sin are computed in f64 and then
 //! rounded to f32, so the rotation is exact to f32 rounding at every position. (HF computes pos * inv_freq in
-//! f32, which loses ~1e-4 rad by position 4096; our values are the exact ones.)
+//! f32, whose rounding reaches ~2e-4 rad by position 4096; ours are the f64 values.)
 //!
 //! Backward is the rotation by -theta (the transpose of a rotation). Activation gradients are written (`=`).
 use crate::autograd::{Backward, Tape, Var};
@@ -50,10 +51,11 @@ pub struct RopeTable {
 impl RopeTable {
     pub fn new(t: usize, d: usize, pos0: usize, base: f32) -> RopeTable {
         let half = d / 2;
+        let inv_freq: Vec<f64> = (0..half).map(|i| angle(1, i, d, base as f64)).collect();
         let (cos, sin) = (0..t * half)
             .into_par_iter()
             .map(|k| {
-                let (s, c) = angle(pos0 + k / half, k % half, d, base as f64).sin_cos();
+                let (s, c) = ((pos0 + k / half) as f64 * inv_freq[k % half]).sin_cos();
                 (c as f32, s as f32)
             })
             .unzip();
@@ -136,6 +138,9 @@ fn rotate_cpu(
     sign: f32,
 ) {
     let [_, t, h, d] = dims;
+    if y.is_empty() {
+        return; // also covers H = 0, whose rows of H * D = 0 values could not be chunked
+    }
     let half = d / 2;
     y.par_chunks_mut(h * d)
         .zip(x.par_chunks(h * d))
@@ -252,7 +257,7 @@ mod tests {
     fn rope_cpu_matches_ref_forward_and_backward() {
         let mut rng = Rng::new(61);
         let shapes = [[1, 1, 1, 2], [2, 5, 3, 8], [1, 7, 2, 6], [2, 13, 3, 64]];
-        // pos0 4090 is where an f32 angle would be off by ~1e-4 rad; base 5e5 as in Llama 3.
+        // pos0 4090 is where an f32 angle would be off by ~2e-4 rad; base 5e5 as in Llama 3.
         for (shape, (pos0, base)) in shapes
             .iter()
             .zip([(0, 1e4), (4090, 1e4), (17, 5e5), (3, 1e4)])
@@ -395,6 +400,11 @@ mod tests {
             rope_bwd_cpu(&mut want, &r, shape, &table, layout);
             assert_eq!(tape.grad(vx).unwrap().f32s("t").unwrap(), &want[..]);
         }
+        // No heads: an empty output, not a panic on zero-length rows.
+        let mut tape = Tape::new();
+        let vx = tape.input(Tensor::zeros(&[1, 2, 0, 4]));
+        let y = rope(&mut tape, vx, 0, 1e4, HalfSplit).unwrap();
+        assert_eq!(tape.value(y).shape(), &[1, 2, 0, 4]);
     }
 
     #[test]

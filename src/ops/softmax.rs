@@ -55,7 +55,7 @@ fn softmax_row(row: &mut [f32]) {
     let (maxv, mut acc) = (f32x8::splat(max), f32x8::ZERO);
     for v in row[..n].chunks_exact_mut(8) {
         let e = (simd::load(v) - maxv).exp();
-        acc = acc + e;
+        acc += e;
         v.copy_from_slice(e.as_array_ref());
     }
     let mut total = acc.reduce_add();
