@@ -57,7 +57,7 @@ fn exp_shifted(row: &mut [f32], c: f32) -> f32 {
     let mut acc = f32x8::ZERO;
     let n = row.len() / 8 * 8;
     for chunk in row[..n].chunks_exact_mut(8) {
-        let x = (f32x8::from(<[f32; 8]>::try_from(&*chunk).expect("8 lanes")) - cv).exp();
+        let x = (lanes(chunk) - cv).exp();
         chunk.copy_from_slice(x.as_array_ref());
         acc += x;
     }
@@ -69,17 +69,29 @@ fn exp_shifted(row: &mut [f32], c: f32) -> f32 {
     sum
 }
 
+fn lanes(s: &[f32]) -> f32x8 {
+    f32x8::from(<[f32; 8]>::try_from(s).expect("8 lanes"))
+}
+
 /// Row maximum that propagates NaN: wide's exp maps NaN to 0, so a NaN score must poison the row here
 /// (its max, hence lse and the normalisation) or it would silently drop out of the softmax.
 fn max_or_nan(row: &[f32]) -> f32 {
-    let mut max = f32::NEG_INFINITY;
-    for &x in row {
-        if x.is_nan() {
-            return x;
-        }
-        max = max.max(x);
+    let n = row.len() / 8 * 8;
+    let (mut max, mut nan) = (f32x8::splat(f32::NEG_INFINITY), f32x8::ZERO);
+    for chunk in row[..n].chunks_exact(8) {
+        let x = lanes(chunk);
+        max = max.fast_max(x);
+        nan |= x.is_nan();
     }
-    max
+    let tail = &row[n..];
+    if nan.any() || tail.iter().any(|x| x.is_nan()) {
+        return f32::NAN;
+    }
+    let max = max
+        .as_array_ref()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    tail.iter().fold(max, |m, &x| m.max(x))
 }
 
 /// Forward: out [B, T, H, D] and lse [B, H, T], the log-sum-exp of each scaled score row (what backward needs).
