@@ -9,9 +9,10 @@
 //!
 //! Memory (flash-style): forward saves only the log-sum-exp of each score row, lse [B, H, T] (B·H·T floats,
 //! 512 KiB at B=2, H=32, T=2048), not P (B·H·T² floats, 1 GiB there). Backward recomputes P one block of query
-//! rows at a time as exp(S − lse), paying one extra QKᵀ product (5 products instead of 4). Its transient
-//! memory is a [QUERY_BLOCK, T] score and probability-gradient pair per head in flight, plus head-major
-//! copies of dQ, dK and dV (3 × the size of q) that are scattered or summed into the [B, T, ., D] layouts.
+//! rows at a time as exp(S − lse), paying one extra QKᵀ product (5 products instead of 4). Transient memory:
+//! forward, a [QUERY_BLOCK, T] score block per head in flight and a head-major copy of the output (the size
+//! of q); backward, a score and a probability-gradient block per head in flight and head-major dQ, dK and dV
+//! (3 × the size of q) before they are scattered or summed into the [B, T, ., D] layouts.
 mod cpu;
 mod reference;
 #[cfg(test)]
