@@ -372,7 +372,7 @@ fn dequant_blocks<B: Pod + Sync>(
 /// Errors when the lengths disagree or the type has no dequantization here.
 pub fn dequantize(ty: GgmlType, src: &[u8], y: &mut [f32]) -> Result<()> {
     let (qk, ts) = (ty.block_size(), ty.type_size());
-    if y.len() % qk != 0 || src.len() != y.len() / qk * ts {
+    if !y.len().is_multiple_of(qk) || src.len() != y.len() / qk * ts {
         return Err(Error::invalid(
             "dequantize",
             format!(
