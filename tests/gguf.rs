@@ -391,3 +391,40 @@ fn smollm2_q4_1_metadata_and_dequantized_tensors() {
         );
     }
 }
+
+#[test]
+fn gguf_py_written_files_open_and_dequantize() {
+    // fuzz/seeds/fuzz_gguf: files written by gguf-py's GGUFWriter (fuzz/make_seeds.py), so the
+    // writer side here is independent of ours: custom alignments, every dequantizable type.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/fuzz_gguf");
+    for (file, alignment, n_tensors) in [
+        ("legacy.gguf", 32, 8),
+        ("kquants.gguf", 64, 3),
+        ("f32_only.gguf", 8, 1),
+    ] {
+        let f = GgufFile::open(dir.join(file)).unwrap();
+        assert_eq!(
+            (f.alignment(), f.tensors().len()),
+            (alignment, n_tensors),
+            "{file}"
+        );
+        assert_eq!(
+            f.get_str_array("tokenizer.ggml.tokens").unwrap(),
+            ["a", "b", "Ġc"]
+        );
+        assert_eq!(
+            f.get_i32_array("tokenizer.ggml.token_type").unwrap(),
+            [1, 1, 3]
+        );
+        assert_eq!(f.metadata("x.i64"), Some(&MetaValue::I64(-5)));
+        for t in f.tensors() {
+            let x = f.tensor_f32(&t.name).unwrap();
+            assert_eq!(x.shape(), t.shape(), "{file} {}", t.name);
+            assert!(
+                x.f32s("test").unwrap().iter().all(|v| v.is_finite()),
+                "{file} {}",
+                t.name
+            );
+        }
+    }
+}
