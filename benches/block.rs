@@ -17,7 +17,17 @@ fn block_step(c: &mut Criterion) {
     let mut tape = Tape::new();
     let vars = BlockVars::register(&mut tape, &w, Some(QuantConfig::new(2, 64).unwrap())).unwrap();
     let params: Vec<_> = tape.params().collect();
-    let mut opt = AdamW::new(vec![ParamGroup { params, lr: 1e-5, weight_decay: 0.0 }], 0.9, 0.999, 1e-8);
+    let mut opt = AdamW::new(
+        vec![ParamGroup {
+            params,
+            lr: 1e-5,
+            weight_decay: 0.0,
+        }],
+        0.9,
+        0.999,
+        1e-8,
+    )
+    .unwrap();
     let mut g = c.benchmark_group("block_ap_step");
     g.sample_size(10);
     g.bench_function("smollm2_135m/w2g64/b2_t512", |bench| {

@@ -7,7 +7,11 @@ use eqat::{Rng, Tape, Tensor};
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "engine", version, about = "EfficientQAT for Llama-family models")]
+#[command(
+    name = "engine",
+    version,
+    about = "EfficientQAT for Llama-family models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,9 +49,19 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { wbits, group_size, samples, seqlen, epochs, batch_size, quant_lr, weight_lr, seed } => {
-            demo(wbits, group_size, samples, seqlen, epochs, batch_size, quant_lr, weight_lr, seed)
-        }
+        Command::Demo {
+            wbits,
+            group_size,
+            samples,
+            seqlen,
+            epochs,
+            batch_size,
+            quant_lr,
+            weight_lr,
+            seed,
+        } => demo(
+            wbits, group_size, samples, seqlen, epochs, batch_size, quant_lr, weight_lr, seed,
+        ),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -95,7 +109,14 @@ fn demo(
     let rtn = {
         let mut tape = Tape::new();
         let vars = BlockVars::register(&mut tape, &weights, Some(quant))?;
-        eval_block_loss(&mut tape, &cfg, &vars, &val_inputs, &val_targets, batch_size)?
+        eval_block_loss(
+            &mut tape,
+            &cfg,
+            &vars,
+            &val_inputs,
+            &val_targets,
+            batch_size,
+        )?
     };
     println!(
         "Block-AP demo: random SmolLM2-135M block (C {}, F {}, heads {}/{}), w{}g{}, {} samples x {} tokens, \
@@ -106,20 +127,32 @@ fn demo(
     println!("validation MSE with min-max (RTN) initialisation: {rtn:.6e}");
     let start = Instant::now();
     let every = ((samples / batch_size * epochs) / 16).max(1);
-    let trained = train_block(&cfg, &weights, &inputs, &targets, Some((&val_inputs, &val_targets)), &opts, |s| {
-        if s.step % every == 0 || s.step + 1 == s.total_steps {
-            println!(
-                "step {:>4}/{} epoch {} loss {:.6e} ({:.2} s)",
-                s.step + 1,
-                s.total_steps,
-                s.epoch + 1,
-                s.loss,
-                start.elapsed().as_secs_f64()
-            );
-        }
-    })?;
+    let trained = train_block(
+        &cfg,
+        &weights,
+        &inputs,
+        &targets,
+        Some((&val_inputs, &val_targets)),
+        &opts,
+        |s| {
+            if s.step % every == 0 || s.step + 1 == s.total_steps {
+                println!(
+                    "step {:>4}/{} epoch {} loss {:.6e} ({:.2} s)",
+                    s.step + 1,
+                    s.total_steps,
+                    s.epoch + 1,
+                    s.loss,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        },
+    )?;
     for (e, v) in trained.val_losses.iter().enumerate() {
-        println!("epoch {} validation MSE {v:.6e} ({:+.1}% vs RTN)", e + 1, 100.0 * (v / rtn - 1.0));
+        println!(
+            "epoch {} validation MSE {v:.6e} ({:+.1}% vs RTN)",
+            e + 1,
+            100.0 * (v / rtn - 1.0)
+        );
     }
     Ok(())
 }

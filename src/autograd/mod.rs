@@ -77,7 +77,9 @@ impl Tape {
         let value = match value.f32s("leaf") {
             Ok(src) => {
                 let mut t = self.alloc(value.shape());
-                t.f32s_mut("leaf").expect("pooled tensors are host f32").copy_from_slice(src);
+                t.f32s_mut("leaf")
+                    .expect("pooled tensors are host f32")
+                    .copy_from_slice(src);
                 t
             }
             Err(_) => value,
@@ -124,6 +126,14 @@ impl Tape {
     pub fn alloc(&mut self, shape: &[usize]) -> Tensor {
         let buf = self.pool.take_zeroed(crate::tensor::numel(shape));
         Tensor::from_vec(shape, buf).expect("pool buffer has the requested length")
+    }
+
+    /// A pooled scalar tensor holding `value` (loss outputs), so scalars are recycled like every other output.
+    pub fn alloc_scalar(&mut self, value: f32) -> Tensor {
+        let mut t = self.alloc(&[]);
+        t.f32s_mut("alloc_scalar")
+            .expect("pooled tensors are host f32")[0] = value;
+        t
     }
 
     pub fn value(&self, v: Var) -> &Tensor {
@@ -220,7 +230,9 @@ impl Tape {
                 "loss does not depend on any trainable value".into(),
             ));
         }
-        let seed = Tensor::full(self.values[loss.0].shape(), 1.0);
+        let loss_shape = self.values[loss.0].shape().to_vec();
+        let mut seed = self.alloc(&loss_shape);
+        seed.f32s_mut("backward")?.fill(1.0);
         accumulate(&mut self.grads[loss.0], seed, &mut self.pool)?;
         for i in (0..=loss.0).rev() {
             let Some(node) = self.nodes[i].as_ref() else {

@@ -47,13 +47,22 @@ impl LlamaConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid("LlamaConfig", msg));
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return bad(format!("n_heads {} must be a positive multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));
+            return bad(format!(
+                "n_heads {} must be a positive multiple of n_kv_heads {}",
+                self.n_heads, self.n_kv_heads
+            ));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} must be positive and even (rope rotates pairs)", self.head_dim));
+            return bad(format!(
+                "head_dim {} must be positive and even (rope rotates pairs)",
+                self.head_dim
+            ));
         }
         if self.hidden == 0 || self.intermediate == 0 {
-            return bad(format!("hidden {} and intermediate {} must be positive", self.hidden, self.intermediate));
+            return bad(format!(
+                "hidden {} and intermediate {} must be positive",
+                self.hidden, self.intermediate
+            ));
         }
         Ok(())
     }
@@ -61,7 +70,10 @@ impl LlamaConfig {
     /// (name, out features, in features) of the seven linears, in checkpoint order.
     pub fn linear_shapes(&self) -> [(&'static str, usize, usize); 7] {
         let (c, f) = (self.hidden, self.intermediate);
-        let (qd, kvd) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let (qd, kvd) = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
         [
             ("q_proj", qd, c),
             ("k_proj", kvd, c),
@@ -86,12 +98,19 @@ impl BlockWeights {
     /// Random weights with the scale of a trained model (std 0.02, norms near 1), for tests and benchmarks.
     pub fn random(cfg: &LlamaConfig, rng: &mut Rng) -> BlockWeights {
         let norm = |rng: &mut Rng| {
-            Tensor::from_vec(&[cfg.hidden], rng.uniform_vec(cfg.hidden, 0.8, 1.2)).expect("hidden-sized vector")
+            Tensor::from_vec(&[cfg.hidden], rng.uniform_vec(cfg.hidden, 0.8, 1.2))
+                .expect("hidden-sized vector")
         };
         let attn_norm = norm(rng);
         let ffn_norm = norm(rng);
-        let linears = cfg.linear_shapes().map(|(_, n, k)| Tensor::randn(&[n, k], 0.02, rng));
-        BlockWeights { attn_norm, ffn_norm, linears }
+        let linears = cfg
+            .linear_shapes()
+            .map(|(_, n, k)| Tensor::randn(&[n, k], 0.02, rng));
+        BlockWeights {
+            attn_norm,
+            ffn_norm,
+            linears,
+        }
     }
 }
 
@@ -114,7 +133,11 @@ pub struct BlockVars {
 impl BlockVars {
     /// Registers the block's weights as trainable parameters; with `quant`, also min-max initialised scales and
     /// zeros for every linear. Order: norms, then per linear (weight, scales, zeros).
-    pub fn register(tape: &mut Tape, w: &BlockWeights, quant: Option<QuantConfig>) -> Result<BlockVars> {
+    pub fn register(
+        tape: &mut Tape,
+        w: &BlockWeights,
+        quant: Option<QuantConfig>,
+    ) -> Result<BlockVars> {
         let attn_norm = tape.param(w.attn_norm.clone())?;
         let ffn_norm = tape.param(w.ffn_norm.clone())?;
         let mut linears = Vec::with_capacity(7);
@@ -130,7 +153,12 @@ impl BlockVars {
             linears.push(LinearVars { weight, quant: q });
         }
         let linears: [LinearVars; 7] = linears.try_into().expect("seven linears");
-        Ok(BlockVars { attn_norm, ffn_norm, linears, quant })
+        Ok(BlockVars {
+            attn_norm,
+            ffn_norm,
+            linears,
+            quant,
+        })
     }
 
     /// The current (trained) host weights read back from the tape.
@@ -156,7 +184,10 @@ impl BlockVars {
 pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Var) -> Result<Var> {
     let shape = tape.value(x).shape().to_vec();
     if shape.len() != 3 || shape[2] != cfg.hidden {
-        return Err(Error::shape("block_forward", format!("input {shape:?}, expected [B, T, {}]", cfg.hidden)));
+        return Err(Error::shape(
+            "block_forward",
+            format!("input {shape:?}, expected [B, T, {}]", cfg.hidden),
+        ));
     }
     let (b, t) = (shape[0], shape[1]);
     let (h, g, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);

@@ -127,11 +127,8 @@ pub fn mse(tape: &mut Tape, pred: Var, target: Var) -> Result<Var> {
         tape.value(pred).f32s("mse")?,
         tape.value(target).f32s("mse")?,
     );
-    Ok(tape.push_op(
-        Tensor::scalar(loss as f32),
-        &[pred, target],
-        Box::new(MseBackward),
-    ))
+    let out = tape.alloc_scalar(loss as f32);
+    Ok(tape.push_op(out, &[pred, target], Box::new(MseBackward)))
 }
 
 struct MseBackward;

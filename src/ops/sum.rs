@@ -30,11 +30,8 @@ fn reduce(tape: &mut Tape, x: Var, mean: bool) -> Result<Var> {
     }
     let s = sum_fwd_cpu(tape.value(x).f32s(op)?);
     let scale = if mean { 1.0 / n as f32 } else { 1.0 };
-    Ok(tape.push_op(
-        Tensor::scalar(s * scale),
-        &[x],
-        Box::new(SumBackward { scale, op }),
-    ))
+    let out = tape.alloc_scalar(s * scale);
+    Ok(tape.push_op(out, &[x], Box::new(SumBackward { scale, op })))
 }
 
 struct SumBackward {

@@ -60,7 +60,10 @@ pub struct StepInfo {
 pub fn take_samples(t: &Tensor, start: usize, count: usize) -> Result<Tensor> {
     let s = t.shape();
     if s.len() != 3 || start + count > s[0] {
-        return Err(Error::shape("take_samples", format!("samples {start}..{} of {s:?}", start + count)));
+        return Err(Error::shape(
+            "take_samples",
+            format!("samples {start}..{} of {s:?}", start + count),
+        ));
     }
     let row = s[1] * s[2];
     let data = t.f32s("take_samples")?[start * row..(start + count) * row].to_vec();
@@ -84,7 +87,10 @@ pub fn train_block(
     if opts.batch_size == 0 || n < opts.batch_size {
         return Err(Error::invalid(
             "train_block",
-            format!("{n} training samples cannot fill one batch of {}", opts.batch_size),
+            format!(
+                "{n} training samples cannot fill one batch of {}",
+                opts.batch_size
+            ),
         ));
     }
     let mut tape = Tape::new();
@@ -99,16 +105,24 @@ pub fn train_block(
     }
     let mut opt = AdamW::new(
         vec![
-            ParamGroup { params: quant_params, lr: opts.quant_lr, weight_decay: 0.0 },
-            ParamGroup { params: weight_params, lr: opts.weight_lr, weight_decay: 0.0 },
+            ParamGroup {
+                params: quant_params,
+                lr: opts.quant_lr,
+                weight_decay: 0.0,
+            },
+            ParamGroup {
+                params: weight_params,
+                lr: opts.weight_lr,
+                weight_decay: 0.0,
+            },
         ],
         0.9,
         0.999,
         1e-8,
-    );
+    )?;
     let steps_per_epoch = n / opts.batch_size;
     let total_steps = steps_per_epoch * opts.epochs;
-    let schedule = CosineSchedule::new(total_steps, opts.min_lr_factor);
+    let schedule = CosineSchedule::new(total_steps as u64, opts.min_lr_factor)?;
     let mut step_losses = Vec::with_capacity(total_steps);
     let mut val_losses = Vec::with_capacity(opts.epochs);
     for epoch in 0..opts.epochs {
@@ -121,16 +135,30 @@ pub fn train_block(
             let loss = mse(&mut tape, out, y)?;
             let loss_value = tape.value(loss).f32s("train_block")?[0];
             if !loss_value.is_finite() {
-                return Err(Error::NonFinite { what: format!("Block-AP loss at epoch {epoch} step {step}") });
+                return Err(Error::NonFinite {
+                    what: format!("Block-AP loss at epoch {epoch} step {step}"),
+                });
             }
             tape.zero_grad();
             tape.backward(loss)?;
-            opt.step(&mut tape, schedule.factor(step))?;
+            opt.step(&mut tape, schedule.lr_factor(step as u64))?;
             step_losses.push(loss_value);
-            on_step(StepInfo { step, total_steps, epoch, loss: loss_value });
+            on_step(StepInfo {
+                step,
+                total_steps,
+                epoch,
+                loss: loss_value,
+            });
         }
         if let Some((vx, vy)) = val {
-            val_losses.push(eval_block_loss(&mut tape, cfg, &vars, vx, vy, opts.batch_size)?);
+            val_losses.push(eval_block_loss(
+                &mut tape,
+                cfg,
+                &vars,
+                vx,
+                vy,
+                opts.batch_size,
+            )?);
         }
     }
     let quant_of = |i: usize| vars.linears[i].quant.expect("registered with quantization");

@@ -272,7 +272,7 @@ pub fn cross_entropy(
             ),
         ));
     }
-    let out = Tensor::scalar((sum / count as f64) as f32);
+    let out = tape.alloc_scalar((sum / count as f64) as f32);
     if !tape.needs_grad(&[logits]) {
         return Ok(tape.push_const(out));
     }
