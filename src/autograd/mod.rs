@@ -72,7 +72,16 @@ impl Tape {
     }
 
     /// A leaf for this step (an input or constant). With `requires_grad`, `backward` fills its gradient too.
+    /// Host f32 values are copied into a pooled buffer so that steady-state steps allocate nothing new.
     pub fn leaf(&mut self, value: Tensor, requires_grad: bool) -> Var {
+        let value = match value.f32s("leaf") {
+            Ok(src) => {
+                let mut t = self.alloc(value.shape());
+                t.f32s_mut("leaf").expect("pooled tensors are host f32").copy_from_slice(src);
+                t
+            }
+            Err(_) => value,
+        };
         self.push_entry(value, requires_grad, None)
     }
 

@@ -1,5 +1,9 @@
 //! Host buffers recycled between training steps, so a reused tape allocates nothing after its first step.
 
+/// At most this many free buffers are kept: tensors made outside the pool (scalars, saved state) also come back
+/// on `reset`, and without a bound a long run would grow the free list by a few entries every step.
+const MAX_FREE: usize = 1024;
+
 #[derive(Default, Debug)]
 pub struct BufferPool {
     free: Vec<Vec<f32>>,
@@ -24,9 +28,24 @@ impl BufferPool {
         buf
     }
 
+    /// Returns a buffer for reuse; when the pool is full the smallest buffer is the one dropped.
     pub fn give(&mut self, buf: Vec<f32>) {
-        if buf.capacity() > 0 {
+        if buf.capacity() == 0 {
+            return;
+        }
+        if self.free.len() < MAX_FREE {
             self.free.push(buf);
+            return;
+        }
+        let (i, smallest) = self
+            .free
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i, b.capacity()))
+            .min_by_key(|&(_, c)| c)
+            .expect("a full pool is not empty");
+        if buf.capacity() > smallest {
+            self.free[i] = buf;
         }
     }
 

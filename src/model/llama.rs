@@ -1,1 +1,189 @@
+//! The Llama decoder block, built from ops on the tape, with optional fake quantization of its seven linears.
+//!
+//! Block (HF `LlamaDecoderLayer`):
+//!   h = rmsnorm(x) ; q,k,v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ ; q,k = rope(q), rope(k) ; a = attention(q, k, v)
+//!   x1 = x + a·Woᵀ ; h2 = rmsnorm(x1) ; out = x1 + (silu(h2·Wgᵀ) ∘ h2·Wuᵀ)·Wdᵀ
+use crate::autograd::{Tape, Var};
+use crate::error::{Error, Result};
+use crate::ops::rope::RopeLayout;
+use crate::ops::{add, attention, linear, reshape, rmsnorm, rope, swiglu};
+use crate::quant::fake_quant::{fake_quant, init_minmax, QuantConfig};
+use crate::tensor::{rng::Rng, Tensor};
 
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub n_layers: usize,
+    pub vocab: usize,
+    pub rms_eps: f32,
+    pub rope_base: f32,
+    pub rope_layout: RopeLayout,
+    pub tie_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// SmolLM2-135M: 30 blocks of hidden 576, FFN 1536, 9 query / 3 key-value heads of 64.
+    pub fn smollm2_135m() -> Self {
+        LlamaConfig {
+            hidden: 576,
+            intermediate: 1536,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            n_layers: 30,
+            vocab: 49152,
+            rms_eps: 1e-5,
+            rope_base: 100_000.0,
+            rope_layout: RopeLayout::HalfSplit,
+            tie_embeddings: true,
+        }
+    }
+
+    /// Checks the head arithmetic the ops rely on.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::invalid("LlamaConfig", msg));
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!("n_heads {} must be a positive multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return bad(format!("head_dim {} must be positive and even (rope rotates pairs)", self.head_dim));
+        }
+        if self.hidden == 0 || self.intermediate == 0 {
+            return bad(format!("hidden {} and intermediate {} must be positive", self.hidden, self.intermediate));
+        }
+        Ok(())
+    }
+
+    /// (name, out features, in features) of the seven linears, in checkpoint order.
+    pub fn linear_shapes(&self) -> [(&'static str, usize, usize); 7] {
+        let (c, f) = (self.hidden, self.intermediate);
+        let (qd, kvd) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        [
+            ("q_proj", qd, c),
+            ("k_proj", kvd, c),
+            ("v_proj", kvd, c),
+            ("o_proj", c, qd),
+            ("gate_proj", f, c),
+            ("up_proj", f, c),
+            ("down_proj", c, f),
+        ]
+    }
+}
+
+/// Host weights of one block. `linears` follows `LlamaConfig::linear_shapes` order.
+#[derive(Clone, Debug)]
+pub struct BlockWeights {
+    pub attn_norm: Tensor,
+    pub ffn_norm: Tensor,
+    pub linears: [Tensor; 7],
+}
+
+impl BlockWeights {
+    /// Random weights with the scale of a trained model (std 0.02, norms near 1), for tests and benchmarks.
+    pub fn random(cfg: &LlamaConfig, rng: &mut Rng) -> BlockWeights {
+        let norm = |rng: &mut Rng| {
+            Tensor::from_vec(&[cfg.hidden], rng.uniform_vec(cfg.hidden, 0.8, 1.2)).expect("hidden-sized vector")
+        };
+        let attn_norm = norm(rng);
+        let ffn_norm = norm(rng);
+        let linears = cfg.linear_shapes().map(|(_, n, k)| Tensor::randn(&[n, k], 0.02, rng));
+        BlockWeights { attn_norm, ffn_norm, linears }
+    }
+}
+
+/// One linear on the tape: its weight, and its trainable scales and zeros when fake-quantized.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearVars {
+    pub weight: Var,
+    pub quant: Option<(Var, Var)>,
+}
+
+/// A block's parameters registered on a tape.
+#[derive(Clone, Debug)]
+pub struct BlockVars {
+    pub attn_norm: Var,
+    pub ffn_norm: Var,
+    pub linears: [LinearVars; 7],
+    pub quant: Option<QuantConfig>,
+}
+
+impl BlockVars {
+    /// Registers the block's weights as trainable parameters; with `quant`, also min-max initialised scales and
+    /// zeros for every linear. Order: norms, then per linear (weight, scales, zeros).
+    pub fn register(tape: &mut Tape, w: &BlockWeights, quant: Option<QuantConfig>) -> Result<BlockVars> {
+        let attn_norm = tape.param(w.attn_norm.clone())?;
+        let ffn_norm = tape.param(w.ffn_norm.clone())?;
+        let mut linears = Vec::with_capacity(7);
+        for lw in &w.linears {
+            let weight = tape.param(lw.clone())?;
+            let q = match quant {
+                Some(cfg) => {
+                    let (s, z) = init_minmax(lw, cfg)?;
+                    Some((tape.param(s)?, tape.param(z)?))
+                }
+                None => None,
+            };
+            linears.push(LinearVars { weight, quant: q });
+        }
+        let linears: [LinearVars; 7] = linears.try_into().expect("seven linears");
+        Ok(BlockVars { attn_norm, ffn_norm, linears, quant })
+    }
+
+    /// The current (trained) host weights read back from the tape.
+    pub fn weights(&self, tape: &Tape) -> BlockWeights {
+        BlockWeights {
+            attn_norm: tape.value(self.attn_norm).clone(),
+            ffn_norm: tape.value(self.ffn_norm).clone(),
+            linears: self.linears.map(|l| tape.value(l.weight).clone()),
+        }
+    }
+
+    /// The effective weight of linear `i`: fake-quantized when the block is quantized.
+    fn effective_weight(&self, tape: &mut Tape, i: usize) -> Result<Var> {
+        let l = self.linears[i];
+        match (l.quant, self.quant) {
+            (Some((s, z)), Some(cfg)) => fake_quant(tape, l.weight, s, z, cfg),
+            _ => Ok(l.weight),
+        }
+    }
+}
+
+/// The block on x [B, T, C] -> [B, T, C]. Positions start at 0 for every sequence.
+pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Var) -> Result<Var> {
+    let shape = tape.value(x).shape().to_vec();
+    if shape.len() != 3 || shape[2] != cfg.hidden {
+        return Err(Error::shape("block_forward", format!("input {shape:?}, expected [B, T, {}]", cfg.hidden)));
+    }
+    let (b, t) = (shape[0], shape[1]);
+    let (h, g, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let mut w = [x; 7];
+    for (i, wi) in w.iter_mut().enumerate() {
+        *wi = vars.effective_weight(tape, i)?;
+    }
+    let [wq, wk, wv, wo, wg, wu, wd] = w;
+
+    let hn = rmsnorm::rmsnorm(tape, x, vars.attn_norm, cfg.rms_eps)?;
+    let q = linear::linear(tape, hn, wq, None)?;
+    let k = linear::linear(tape, hn, wk, None)?;
+    let v = linear::linear(tape, hn, wv, None)?;
+    let q = reshape::reshape(tape, q, &[b, t, h, d])?;
+    let k = reshape::reshape(tape, k, &[b, t, g, d])?;
+    let v = reshape::reshape(tape, v, &[b, t, g, d])?;
+    let q = rope::rope(tape, q, 0, cfg.rope_base, cfg.rope_layout)?;
+    let k = rope::rope(tape, k, 0, cfg.rope_base, cfg.rope_layout)?;
+    let a = attention::attention(tape, q, k, v)?;
+    let a = reshape::reshape(tape, a, &[b, t, h * d])?;
+    let o = linear::linear(tape, a, wo, None)?;
+    let x1 = add::add(tape, x, o)?;
+
+    let hn2 = rmsnorm::rmsnorm(tape, x1, vars.ffn_norm, cfg.rms_eps)?;
+    let gate = linear::linear(tape, hn2, wg, None)?;
+    let up = linear::linear(tape, hn2, wu, None)?;
+    let s = swiglu::swiglu(tape, gate, up)?;
+    let down = linear::linear(tape, s, wd, None)?;
+    add::add(tape, x1, down)
+}

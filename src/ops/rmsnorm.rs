@@ -1,1 +1,339 @@
+//! rmsnorm (Llama): y = x * rstd * w per row of C, rstd = 1 / sqrt(mean(x^2) + eps).
+//!
+//! The forward saves rstd per row (llm.c caches it the same way), so the backward needs no second
+//! reduction over x for it. With xhat = x * rstd and m = mean_j(dy_j * w_j * xhat_j):
+//!   dx_i = rstd * (w_i * dy_i - xhat_i * m)        dw_i = sum over rows of dy_i * xhat_i
+//! Gradients are written (`=`) into the tape's fresh buffers; the tape does the `+=` into the parameter grad.
+//! dw is reduced over fixed blocks of rows and then in block order, so it is the same for any thread count.
+use crate::autograd::{Backward, Tape, Var};
+use crate::error::{Error, Result};
+use crate::ops::simd;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+use wide::f32x8;
 
+/// Rows per backward task: each task returns one partial dw of C values, summed afterwards in order.
+const BWD_ROWS: usize = 32;
+
+pub fn rmsnorm_fwd_ref(out: &mut [f64], rstd: &mut [f64], x: &[f64], w: &[f64], eps: f64) {
+    let c = w.len();
+    for ((o, r), x) in out
+        .chunks_exact_mut(c)
+        .zip(rstd.iter_mut())
+        .zip(x.chunks_exact(c))
+    {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / c as f64;
+        *r = 1.0 / (ms + eps).sqrt();
+        for i in 0..c {
+            o[i] = x[i] * *r * w[i];
+        }
+    }
+}
+
+pub fn rmsnorm_bwd_ref(
+    dx: &mut [f64],
+    dw: &mut [f64],
+    dout: &[f64],
+    x: &[f64],
+    w: &[f64],
+    rstd: &[f64],
+) {
+    let c = w.len();
+    dw.fill(0.0);
+    for (row, &r) in rstd.iter().enumerate() {
+        let (x, dy) = (&x[row * c..][..c], &dout[row * c..][..c]);
+        let m = (0..c).map(|i| dy[i] * w[i] * x[i] * r).sum::<f64>() / c as f64;
+        for i in 0..c {
+            dx[row * c + i] = r * (w[i] * dy[i] - x[i] * r * m);
+            dw[i] += dy[i] * x[i] * r;
+        }
+    }
+}
+
+pub fn rmsnorm_fwd_cpu(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let c = w.len();
+    let n = c / 8 * 8;
+    out.par_chunks_mut(c)
+        .zip(rstd.par_iter_mut())
+        .zip(x.par_chunks(c))
+        .for_each(|((o, r), x)| {
+            *r = 1.0 / (simd::sum_squares(x) / c as f32 + eps).sqrt();
+            let rv = f32x8::splat(*r);
+            for ((o, x), w) in o[..n]
+                .chunks_exact_mut(8)
+                .zip(x[..n].chunks_exact(8))
+                .zip(w[..n].chunks_exact(8))
+            {
+                o.copy_from_slice((simd::load(x) * rv * simd::load(w)).as_array_ref());
+            }
+            for i in n..c {
+                o[i] = x[i] * *r * w[i];
+            }
+        });
+}
+
+/// Either gradient may be skipped (None) when its input does not need one.
+pub fn rmsnorm_bwd_cpu(
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+) {
+    let c = w.len();
+    let n = c / 8 * 8;
+    let block = BWD_ROWS * c;
+    let blocks = rstd.len().div_ceil(BWD_ROWS);
+    let dx_blocks: Vec<Option<&mut [f32]>> = match dx {
+        Some(dx) => dx.chunks_mut(block).map(Some).collect(),
+        None => (0..blocks).map(|_| None).collect(),
+    };
+    let want_dw = dw.is_some();
+    let partials: Vec<Vec<f32>> = dx_blocks
+        .into_par_iter()
+        .zip(dout.par_chunks(block).zip(x.par_chunks(block)))
+        .zip(rstd.par_chunks(BWD_ROWS))
+        .map(|((mut dx, (dout, x)), rstd)| {
+            let mut dw = if want_dw { vec![0.0; c] } else { Vec::new() };
+            for (row, &r) in rstd.iter().enumerate() {
+                let (x, dy) = (&x[row * c..][..c], &dout[row * c..][..c]);
+                if let Some(dx) = dx.as_deref_mut() {
+                    // k = rstd^2 * m = rstd^3 * sum(dy * w * x) / C, so dx_i = rstd * w_i * dy_i - k * x_i.
+                    let mut acc = f32x8::ZERO;
+                    for i in (0..n).step_by(8) {
+                        let wdy = simd::load(&w[i..]) * simd::load(&dy[i..]);
+                        acc = wdy.mul_add(simd::load(&x[i..]), acc);
+                    }
+                    let s = acc.reduce_add() + (n..c).map(|i| w[i] * dy[i] * x[i]).sum::<f32>();
+                    let k = r * r * r * s / c as f32;
+                    let (rv, kv) = (f32x8::splat(r), f32x8::splat(k));
+                    let dx = &mut dx[row * c..][..c];
+                    for i in (0..n).step_by(8) {
+                        let wdy = simd::load(&w[i..]) * simd::load(&dy[i..]);
+                        let v = (rv * wdy) - kv * simd::load(&x[i..]);
+                        dx[i..i + 8].copy_from_slice(v.as_array_ref());
+                    }
+                    for i in n..c {
+                        dx[i] = r * w[i] * dy[i] - k * x[i];
+                    }
+                }
+                if want_dw {
+                    let rv = f32x8::splat(r);
+                    for i in (0..n).step_by(8) {
+                        let v = (simd::load(&dy[i..]) * simd::load(&x[i..]))
+                            .mul_add(rv, simd::load(&dw[i..]));
+                        dw[i..i + 8].copy_from_slice(v.as_array_ref());
+                    }
+                    for i in n..c {
+                        dw[i] += dy[i] * x[i] * r;
+                    }
+                }
+            }
+            dw
+        })
+        .collect();
+    if let Some(dw) = dw {
+        dw.fill(0.0);
+        for p in &partials {
+            simd::add_assign(dw, p);
+        }
+    }
+}
+
+pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
+    let (sx, sw) = (
+        tape.value(x).shape().to_vec(),
+        tape.value(w).shape().to_vec(),
+    );
+    if sx.is_empty() || sw.len() != 1 || sw[0] != sx[sx.len() - 1] || sw[0] == 0 {
+        return Err(Error::shape(
+            "rmsnorm",
+            format!(
+                "x {sx:?} and weight {sw:?}: weight must be [C] with C the last dim of x, C > 0"
+            ),
+        ));
+    }
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return Err(Error::invalid(
+            "rmsnorm",
+            format!("eps must be finite and >= 0, got {eps}"),
+        ));
+    }
+    let mut out = tape.alloc(&sx);
+    let mut rstd = vec![0.0; tape.value(x).numel() / sw[0]];
+    rmsnorm_fwd_cpu(
+        out.f32s_mut("rmsnorm")?,
+        &mut rstd,
+        tape.value(x).f32s("rmsnorm")?,
+        tape.value(w).f32s("rmsnorm")?,
+        eps,
+    );
+    Ok(tape.push_op(out, &[x, w], Box::new(RmsnormBackward { rstd })))
+}
+
+struct RmsnormBackward {
+    rstd: Vec<f32>,
+}
+
+impl Backward for RmsnormBackward {
+    fn name(&self) -> &'static str {
+        "rmsnorm"
+    }
+    fn backward(
+        &self,
+        inputs: &[&Tensor],
+        _: &Tensor,
+        dout: &Tensor,
+        d: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        let (dx, dw) = d.split_at_mut(1);
+        rmsnorm_bwd_cpu(
+            dx[0]
+                .as_mut()
+                .map(|t| t.f32s_mut("rmsnorm_bwd"))
+                .transpose()?,
+            dw[0]
+                .as_mut()
+                .map(|t| t.f32s_mut("rmsnorm_bwd"))
+                .transpose()?,
+            dout.f32s("rmsnorm_bwd")?,
+            inputs[0].f32s("rmsnorm_bwd")?,
+            inputs[1].f32s("rmsnorm_bwd")?,
+            &self.rstd,
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{mul::mul, sum::sum};
+    use crate::tensor::rng::Rng;
+    use crate::testing::*;
+
+    // f32 sum of squares over up to 576 values in 8 lanes (~1e-6 relative) then two products.
+    const FWD_ATOL: f64 = 1e-6;
+    const FWD_RTOL: f64 = 1e-5;
+    // dx subtracts two terms of order |w * dy| * rstd; dw sums up to 100 rows: absolute error ~1e-5.
+    const BWD_ATOL: f64 = 2e-5;
+    const BWD_RTOL: f64 = 1e-4;
+
+    /// Rows with a per-row scale so that rstd varies from row to row (as activations' norms do).
+    fn rows_of(rng: &mut Rng, rows: usize, c: usize) -> Vec<f32> {
+        let mut x = rng.normal_vec(rows * c, 1.0);
+        for row in x.chunks_mut(c) {
+            let s = 0.1 + 3.0 * rng.uniform() as f32;
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+        x
+    }
+
+    #[test]
+    fn rmsnorm_cpu_matches_ref_forward_and_backward() {
+        let mut rng = Rng::new(51);
+        // 100 rows cross the 32-row backward blocks with a partial last block; C 1/7/13/33 hit the scalar tails.
+        for (rows, c) in [(1, 1), (3, 7), (5, 13), (100, 33), (4, 576)] {
+            let eps = 1e-5;
+            let x = rows_of(&mut rng, rows, c);
+            let w = rng.normal_vec(c, 1.0);
+            let dout = rng.normal_vec(rows * c, 1.0);
+            let (mut y, mut rstd) = (vec![0.0; rows * c], vec![0.0; rows]);
+            rmsnorm_fwd_cpu(&mut y, &mut rstd, &x, &w, eps);
+            let (mut want, mut want_rstd) = (vec![0.0; rows * c], vec![0.0; rows]);
+            let (x64, w64) = (to_f64(&x), to_f64(&w));
+            rmsnorm_fwd_ref(&mut want, &mut want_rstd, &x64, &w64, eps as f64);
+            let name = format!("rmsnorm [{rows}, {c}]");
+            assert_close(&format!("{name} fwd"), &y, &want, FWD_ATOL, FWD_RTOL);
+            assert_close(&format!("{name} rstd"), &rstd, &want_rstd, 0.0, 1e-5);
+
+            let (mut dx, mut dw) = (vec![0.0; rows * c], vec![0.0; c]);
+            rmsnorm_bwd_cpu(Some(&mut dx), Some(&mut dw), &dout, &x, &w, &rstd);
+            let (mut want_dx, mut want_dw) = (vec![0.0; rows * c], vec![0.0; c]);
+            let dy64 = to_f64(&dout);
+            rmsnorm_bwd_ref(&mut want_dx, &mut want_dw, &dy64, &x64, &w64, &want_rstd);
+            assert_close(&format!("{name} dx"), &dx, &want_dx, BWD_ATOL, BWD_RTOL);
+            assert_close(&format!("{name} dw"), &dw, &want_dw, BWD_ATOL, BWD_RTOL);
+
+            // Each gradient alone equals the one from the joint pass.
+            let mut dx_only = vec![0.0; rows * c];
+            rmsnorm_bwd_cpu(Some(&mut dx_only), None, &dout, &x, &w, &rstd);
+            assert_eq!(dx_only, dx, "{name} dx alone");
+            let mut dw_only = vec![0.0; c];
+            rmsnorm_bwd_cpu(None, Some(&mut dw_only), &dout, &x, &w, &rstd);
+            assert_eq!(dw_only, dw, "{name} dw alone");
+        }
+    }
+
+    #[test]
+    fn rmsnorm_bwd_ref_matches_finite_differences() {
+        let mut rng = Rng::new(52);
+        let (rows, c, eps) = (4, 9, 1e-5);
+        let x = to_f64(&rows_of(&mut rng, rows, c));
+        let w = to_f64(&rng.normal_vec(c, 1.0));
+        let r = to_f64(&rng.normal_vec(rows * c, 1.0));
+        let loss = |x: &[f64], w: &[f64]| {
+            let (mut y, mut rstd) = (vec![0.0; rows * c], vec![0.0; rows]);
+            rmsnorm_fwd_ref(&mut y, &mut rstd, x, w, eps);
+            dot64(&y, &r)
+        };
+        let (mut y, mut rstd) = (vec![0.0; rows * c], vec![0.0; rows]);
+        rmsnorm_fwd_ref(&mut y, &mut rstd, &x, &w, eps);
+        let (mut dx, mut dw) = (vec![0.0; rows * c], vec![0.0; c]);
+        rmsnorm_bwd_ref(&mut dx, &mut dw, &r, &x, &w, &rstd);
+        let fd_x = finite_diff(&x, 1e-5, |x| loss(x, &w));
+        let fd_w = finite_diff(&w, 1e-5, |w| loss(&x, w));
+        // Central differences: O(h^2) truncation with rstd up to ~10 (rows scaled by 0.1) stays below 1e-8.
+        assert_close_f64("rmsnorm dx vs fd", &dx, &fd_x, 1e-7, 1e-6);
+        assert_close_f64("rmsnorm dw vs fd", &dw, &fd_w, 1e-7, 1e-6);
+    }
+
+    #[test]
+    fn rmsnorm_on_tape_matches_cpu_kernels() {
+        let mut rng = Rng::new(53);
+        let (shape, c) = ([2, 3, 21], 21);
+        let n = 126;
+        let x = rows_of(&mut rng, 6, c);
+        let w = rng.normal_vec(c, 1.0);
+        let r = rng.normal_vec(n, 1.0);
+        let mut tape = Tape::new();
+        let vw = tape
+            .param(Tensor::from_vec(&[c], w.clone()).unwrap())
+            .unwrap();
+        let vx = tape.leaf(Tensor::from_vec(&shape, x.clone()).unwrap(), true);
+        let y = rmsnorm(&mut tape, vx, vw, 1e-6).unwrap();
+        let (mut want, mut rstd) = (vec![0.0; n], vec![0.0; 6]);
+        rmsnorm_fwd_cpu(&mut want, &mut rstd, &x, &w, 1e-6);
+        assert_eq!(tape.value(y).f32s("t").unwrap(), &want[..]);
+        let vr = tape.input(Tensor::from_vec(&shape, r.clone()).unwrap());
+        let p = mul(&mut tape, y, vr).unwrap();
+        let loss = sum(&mut tape, p).unwrap();
+        tape.backward(loss).unwrap();
+        let (mut dx, mut dw) = (vec![0.0; n], vec![0.0; c]);
+        rmsnorm_bwd_cpu(Some(&mut dx), Some(&mut dw), &r, &x, &w, &rstd);
+        assert_eq!(tape.grad(vx).unwrap().f32s("t").unwrap(), &dx[..]);
+        assert_eq!(tape.grad(vw).unwrap().f32s("t").unwrap(), &dw[..]);
+    }
+
+    #[test]
+    fn rmsnorm_rejects_bad_shapes_and_eps() {
+        let mut tape = Tape::new();
+        let x = tape.input(Tensor::zeros(&[2, 8]));
+        for sw in [vec![7], vec![1, 8], vec![]] {
+            let w = tape.input(Tensor::zeros(&sw));
+            let err = rmsnorm(&mut tape, x, w, 1e-5).unwrap_err().to_string();
+            assert!(
+                err.contains("rmsnorm")
+                    && err.contains("[2, 8]")
+                    && err.contains(&format!("{sw:?}")),
+                "{err}"
+            );
+        }
+        let w = tape.input(Tensor::zeros(&[8]));
+        for eps in [-1e-5, f32::NAN] {
+            let err = rmsnorm(&mut tape, x, w, eps).unwrap_err().to_string();
+            assert!(err.contains("rmsnorm") && err.contains("eps"), "{err}");
+        }
+    }
+}

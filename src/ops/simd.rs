@@ -3,8 +3,9 @@ use wide::f32x8;
 
 const LANES: usize = 8;
 
+/// The first 8 values of `s` as one vector (`s` must hold at least 8).
 #[inline]
-fn load(s: &[f32]) -> f32x8 {
+pub fn load(s: &[f32]) -> f32x8 {
     f32x8::from(<[f32; LANES]>::try_from(&s[..LANES]).expect("8 lanes"))
 }
 

@@ -214,3 +214,37 @@ impl Tensor {
         (if c == 0 { 0 } else { self.numel() / c }, c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_storage_round_trips_and_rounds_to_nearest_even() {
+        let mut r = rng::Rng::new(9);
+        let t = Tensor::randn(&[3, 7], 2.0, &mut r);
+        for dtype in [DType::F16, DType::BF16] {
+            let h = t.to_dtype(dtype);
+            assert_eq!(h.dtype(), dtype);
+            assert_eq!(h.shape(), &[3, 7]);
+            // Half formats keep 11 (f16) or 8 (bf16) significant bits: relative error at most 2^-11 or 2^-8.
+            let tol = if dtype == DType::F16 { 1.0 / 2048.0 } else { 1.0 / 256.0 };
+            for (a, b) in t.to_f32_vec().iter().zip(h.to_f32_vec()) {
+                assert!((a - b).abs() <= tol * a.abs(), "{dtype:?}: {a} -> {b}");
+            }
+            assert!(h.f32s("test_op").unwrap_err().to_string().contains("test_op"));
+        }
+        // 1 + 2^-8 lies halfway between two bf16 values; ties go to the even mantissa (1.0).
+        let tie = Tensor::from_vec(&[1], vec![1.0 + 1.0 / 256.0]).unwrap().to_dtype(DType::BF16);
+        assert_eq!(tie.to_f32_vec(), vec![1.0]);
+    }
+
+    #[test]
+    fn shape_errors_name_the_op_and_shapes() {
+        let e = Tensor::from_vec(&[2, 3], vec![0.0; 5]).unwrap_err().to_string();
+        assert!(e.contains("from_vec") && e.contains("[2, 3]") && e.contains('5'), "{e}");
+        let e = Tensor::zeros(&[2, 3]).reshape(&[4]).unwrap_err().to_string();
+        assert!(e.contains("reshape") && e.contains("[2, 3]") && e.contains("[4]"), "{e}");
+        assert!(Tensor::from_f16(&[2], vec![half::f16::ZERO; 3]).is_err());
+    }
+}

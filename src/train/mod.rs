@@ -1,4 +1,5 @@
-//! Training: optimizer, schedules, gradient clipping (Block-AP and E2E-QP drivers land in a later issue).
+//! Training: optimizer, schedules, gradient clipping and the Block-AP block trainer.
 pub mod adamw;
+pub mod block_ap;
 pub mod clip;
 pub mod schedule;

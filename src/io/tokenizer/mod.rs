@@ -15,6 +15,7 @@
 //! key get a BOS (llama.cpp's default). No EOS is ever added.
 mod bpe;
 mod encode;
+mod from_gguf;
 mod json;
 mod pretok;
 mod spm;

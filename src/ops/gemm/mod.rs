@@ -1,9 +1,41 @@
 //! Row-major f32 GEMM used by every CPU op: C[m×n] = alpha · op(A) · op(B) + beta · C.
 //!
 //! `op(A)` is A (stored m×k) or Aᵀ (A stored k×m) when `transa`; likewise B (k×n, or n×k when `transb`).
-//! All matrices are contiguous row-major. Backed by the `gemm` crate for now; the benchmark that chose it
-//! lives in benches/gemm.rs and BENCHMARKS.md.
-use gemm::Parallelism;
+//! All matrices are contiguous row-major. Our own blocked kernel (blocked.rs: packing, cache blocking, rayon;
+//! kernel.rs: the 6×16 AVX2/FMA microkernel). benches/gemm.rs times it against the `gemm` crate (a
+//! dev-dependency since it lost: BENCHMARKS.md has the numbers) at the SmolLM2 training shapes.
+mod blocked;
+mod kernel;
+
+/// Checks the slice lengths (panics: callers check shapes and return errors first) and does the work when it
+/// is trivial: nothing for an empty C, C = beta·C for k == 0. Returns true when C is done.
+#[allow(clippy::too_many_arguments)]
+fn check_and_handle_trivial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) -> bool {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "sgemm: slice shorter than m×k, k×n or m×n"
+    );
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        if beta == 0.0 {
+            c[..m * n].fill(0.0);
+        } else {
+            crate::ops::simd::scale_assign(&mut c[..m * n], beta);
+        }
+        return true;
+    }
+    false
+}
 
 /// The plain triple loop in f64: the reference every fast GEMM path is tested against.
 #[allow(clippy::too_many_arguments)]
@@ -52,61 +84,19 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "sgemm: slice shorter than m×k, k×n or m×n"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if beta == 0.0 {
-            c[..m * n].fill(0.0);
-        } else {
-            crate::ops::simd::scale_assign(&mut c[..m * n], beta);
-        }
-        return;
-    }
-    // Strides in elements: (column stride, row stride) for each operand as the logical matrix.
-    let (a_cs, a_rs) = if transa {
-        (m as isize, 1)
-    } else {
-        (1, k as isize)
-    };
-    let (b_cs, b_rs) = if transb {
-        (k as isize, 1)
-    } else {
-        (1, n as isize)
-    };
-    let threads = rayon::current_num_threads();
-    let par = if (m * n * k) < 64 * 64 * 64 || threads <= 1 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(threads)
-    };
-    // SAFETY: the assert above guarantees every index the strides reach is inside its slice; c does not alias a or b
-    // (it is a distinct &mut borrow).
-    unsafe {
-        gemm::gemm(
+    if !check_and_handle_trivial(m, n, k, a, b, beta, c) {
+        blocked::run(
+            kernel::best_kernel(),
+            transa,
+            transb,
             m,
             n,
             k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            beta != 0.0,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            beta,
             alpha,
-            false,
-            false,
-            false,
-            par,
+            a,
+            b,
+            beta,
+            c,
         );
     }
 }
@@ -132,8 +122,6 @@ mod tests {
                     let a = rng.normal_vec(m * k, 1.0);
                     let b = rng.normal_vec(k * n, 1.0);
                     let c0 = rng.normal_vec(m * n, 1.0);
-                    let mut c = c0.clone();
-                    sgemm(ta, tb, m, n, k, alpha, &a, &b, beta, &mut c);
                     let mut want = to_f64(&c0);
                     sgemm_ref(
                         ta,
@@ -147,7 +135,9 @@ mod tests {
                         beta as f64,
                         &mut want,
                     );
-                    // f32 accumulation over k terms of unit-variance products: error grows like sqrt(k)·eps.
+                    let mut c = c0.clone();
+                    sgemm(ta, tb, m, n, k, alpha, &a, &b, beta, &mut c);
+                    // f32 accumulation over k unit-variance products: error grows like sqrt(k)·eps.
                     assert_close(
                         &format!("sgemm {m}x{n}x{k} ta={ta} tb={tb}"),
                         &c,
@@ -158,5 +148,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn sgemm_with_beta_zero_ignores_nan_in_c_and_k_zero_scales_c() {
+        let mut rng = Rng::new(6);
+        let (m, n, k) = (13, 21, 40);
+        let a = rng.normal_vec(m * k, 1.0);
+        let b = rng.normal_vec(k * n, 1.0);
+        let mut c = vec![f32::NAN; m * n];
+        sgemm(false, false, m, n, k, 1.0, &a, &b, 0.0, &mut c);
+        let mut want = vec![0.0; m * n];
+        sgemm_ref(
+            false,
+            false,
+            m,
+            n,
+            k,
+            1.0,
+            &to_f64(&a),
+            &to_f64(&b),
+            0.0,
+            &mut want,
+        );
+        assert_close("sgemm beta=0 over NaN", &c, &want, 1e-4, 1e-4);
+        let mut c = vec![2.0f32; m * n];
+        sgemm(false, false, m, n, 0, 1.0, &[], &[], 0.5, &mut c);
+        assert!(c.iter().all(|&v| v == 1.0), "k = 0 must leave beta·C");
     }
 }

@@ -1,0 +1,163 @@
+//! attention: causal self-attention with grouped-query heads, forward and backward.
+//!
+//! q [B, T, H, D], k and v [B, T, G, D] -> out [B, T, H, D]. Query head h reads key/value head h / (H/G), so
+//! H % G must be 0. Row t of head h: out = softmax(scale · q_t · K[..=t]ᵀ) · V[..=t] with scale = 1/sqrt(D).
+//!
+//! Backward (P the probabilities, dO = dout): dP = dO·Vᵀ, dS = P∘(dP − rowsum(dO∘O)), dQ = scale·dS·K,
+//! dK = scale·dSᵀ·Q, dV = Pᵀ·dO. A key/value head's gradient is the sum over the H/G query heads that share it.
+//! Accumulation rule: all three gradients are written (`=`); the tape does the `+=`.
+//!
+//! Memory (flash-style): forward saves only the log-sum-exp of each score row, lse [B, H, T] (B·H·T floats,
+//! 512 KiB at B=2, H=32, T=2048), not P (B·H·T² floats, 1 GiB there). Backward recomputes P one block of query
+//! rows at a time as exp(S − lse), paying one extra QKᵀ product (5 products instead of 4). Transient memory:
+//! forward, a [QUERY_BLOCK, T] score block per head in flight and a head-major copy of the output (the size
+//! of q); backward, a score and a probability-gradient block per head in flight and head-major dQ, dK and dV
+//! (3 × the size of q) before they are scattered or summed into the [B, T, ., D] layouts.
+mod cpu;
+mod reference;
+#[cfg(test)]
+mod tests;
+
+pub use cpu::{attention_bwd_cpu, attention_fwd_cpu, QUERY_BLOCK};
+pub use reference::{attention_bwd_ref, attention_fwd_ref};
+
+use crate::autograd::{Backward, Tape, Var};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// The dimensions of one attention call: batch, tokens, query heads, key/value heads, head dim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub g: usize,
+    pub d: usize,
+}
+
+impl AttentionShape {
+    /// Checks q [B, T, H, D] and k, v [B, T, G, D] (every dimension > 0, H % G == 0) and returns the dims.
+    pub fn check(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttentionShape> {
+        let shapes = format!("q {q:?}, k {k:?}, v {v:?}");
+        if q.len() != 4 || k.len() != 4 || v.len() != 4 {
+            return Err(Error::shape(
+                "attention",
+                format!("{shapes}: need q [B, T, H, D] and k, v [B, T, G, D] (4-D)"),
+            ));
+        }
+        if k != v || q[0] != k[0] || q[1] != k[1] || q[3] != k[3] {
+            return Err(Error::shape(
+                "attention",
+                format!("{shapes}: k and v must be equal and share B, T and D with q"),
+            ));
+        }
+        if q.contains(&0) || k.contains(&0) {
+            return Err(Error::shape(
+                "attention",
+                format!("{shapes}: every dimension must be positive"),
+            ));
+        }
+        if !q[2].is_multiple_of(k[2]) {
+            return Err(Error::invalid(
+                "attention",
+                format!(
+                    "{shapes}: {} query heads are not a multiple of {} key/value heads",
+                    q[2], k[2]
+                ),
+            ));
+        }
+        Ok(AttentionShape {
+            b: q[0],
+            t: q[1],
+            h: q[2],
+            g: k[2],
+            d: q[3],
+        })
+    }
+
+    /// Query heads per key/value head.
+    pub fn group(self) -> usize {
+        self.h / self.g
+    }
+
+    /// The softmax temperature 1/sqrt(D).
+    pub fn scale(self) -> f64 {
+        1.0 / (self.d as f64).sqrt()
+    }
+}
+
+/// Causal grouped-query attention: q [B, T, H, D], k and v [B, T, G, D] -> [B, T, H, D].
+pub fn attention(tape: &mut Tape, q: Var, k: Var, v: Var) -> Result<Var> {
+    let s = AttentionShape::check(
+        tape.value(q).shape(),
+        tape.value(k).shape(),
+        tape.value(v).shape(),
+    )?;
+    let mut out = tape.alloc(&[s.b, s.t, s.h, s.d]);
+    let mut lse = vec![0.0; s.b * s.h * s.t];
+    attention_fwd_cpu(
+        out.f32s_mut("attention")?,
+        &mut lse,
+        tape.value(q).f32s("attention")?,
+        tape.value(k).f32s("attention")?,
+        tape.value(v).f32s("attention")?,
+        s,
+    );
+    Ok(tape.push_op(
+        out,
+        &[q, k, v],
+        Box::new(AttentionBackward { shape: s, lse }),
+    ))
+}
+
+struct AttentionBackward {
+    shape: AttentionShape,
+    /// Log-sum-exp of each scaled, masked score row, [B, H, T].
+    lse: Vec<f32>,
+}
+
+impl Backward for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+    fn backward(
+        &self,
+        x: &[&Tensor],
+        out: &Tensor,
+        dout: &Tensor,
+        d: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        const OP: &str = "attention_bwd";
+        let (q, k, v) = (x[0].f32s(OP)?, x[1].f32s(OP)?, x[2].f32s(OP)?);
+        // The products share dS, so all three gradients are computed; one not asked for lands in scratch.
+        let mut scratch: [Vec<f32>; 3] = Default::default();
+        let mut grads = Vec::with_capacity(3);
+        for ((slot, scratch), len) in
+            d.iter_mut()
+                .zip(&mut scratch)
+                .zip([q.len(), k.len(), v.len()])
+        {
+            grads.push(match slot {
+                Some(t) => t.f32s_mut(OP)?,
+                None => {
+                    *scratch = vec![0.0; len];
+                    scratch.as_mut_slice()
+                }
+            });
+        }
+        let [dq, dk, dv] = <[&mut [f32]; 3]>::try_from(grads).expect("three gradient buffers");
+        attention_bwd_cpu(
+            dq,
+            dk,
+            dv,
+            dout.f32s(OP)?,
+            q,
+            k,
+            v,
+            out.f32s(OP)?,
+            &self.lse,
+            self.shape,
+        );
+        Ok(())
+    }
+}
