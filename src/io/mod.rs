@@ -1,3 +1,4 @@
 //! Readers and writers for model and checkpoint files.
 pub mod ggml_quants;
 pub mod gguf;
+pub mod tokenizer;
