@@ -2,7 +2,7 @@
 use clap::{Parser, Subcommand};
 use eqat::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::block_ap::{eval_block_loss, train_block, BlockApOptions};
+use eqat::train::block_ap::{eval_block_loss, train_block, BlockApOptions, TensorPairs};
 use eqat::{Rng, Tape, Tensor};
 use std::time::Instant;
 
@@ -106,22 +106,27 @@ fn demo(
     };
     let targets = full_precision(&inputs)?;
     let val_targets = full_precision(&val_inputs)?;
+    let val = TensorPairs {
+        inputs: &val_inputs,
+        targets: &val_targets,
+    };
     let rtn = {
         let mut tape = Tape::new();
         let vars = BlockVars::register(&mut tape, &weights, Some(quant))?;
-        eval_block_loss(
-            &mut tape,
-            &cfg,
-            &vars,
-            &val_inputs,
-            &val_targets,
-            batch_size,
-        )?
+        eval_block_loss(&mut tape, &cfg, &vars, &val, batch_size)?
     };
     println!(
         "Block-AP demo: random SmolLM2-135M block (C {}, F {}, heads {}/{}), w{}g{}, {} samples x {} tokens, \
          {} epochs, batch {}",
-        cfg.hidden, cfg.intermediate, cfg.n_heads, cfg.n_kv_heads, wbits, group_size, samples, seqlen, epochs,
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        wbits,
+        group_size,
+        samples,
+        seqlen,
+        epochs,
         batch_size
     );
     println!("validation MSE with min-max (RTN) initialisation: {rtn:.6e}");
@@ -130,9 +135,11 @@ fn demo(
     let trained = train_block(
         &cfg,
         &weights,
-        &inputs,
-        &targets,
-        Some((&val_inputs, &val_targets)),
+        &TensorPairs {
+            inputs: &inputs,
+            targets: &targets,
+        },
+        Some(&val),
         &opts,
         |s| {
             if s.step % every == 0 || s.step + 1 == s.total_steps {

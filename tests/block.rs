@@ -3,7 +3,7 @@
 use eqat::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use eqat::ops::rope::RopeLayout;
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::block_ap::{train_block, BlockApOptions};
+use eqat::train::block_ap::{train_block, BlockApOptions, TensorPairs};
 use eqat::{Rng, Tape, Tensor};
 
 fn tiny(layout: RopeLayout) -> LlamaConfig {
@@ -171,9 +171,19 @@ fn short_block_ap_run(seed: u64) -> Vec<f32> {
     opts.epochs = 5;
     opts.quant_lr = 1e-3;
     opts.weight_lr = 1e-4;
-    train_block(&cfg, &w, &inputs, &targets, None, &opts, |_| {})
-        .unwrap()
-        .step_losses
+    train_block(
+        &cfg,
+        &w,
+        &TensorPairs {
+            inputs: &inputs,
+            targets: &targets,
+        },
+        None,
+        &opts,
+        |_| {},
+    )
+    .unwrap()
+    .step_losses
 }
 
 #[test]

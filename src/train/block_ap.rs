@@ -12,6 +12,7 @@ use crate::quant::fake_quant::QuantConfig;
 use crate::tensor::Tensor;
 use crate::train::adamw::{AdamW, ParamGroup};
 use crate::train::schedule::CosineSchedule;
+use crate::train::store::{BlockInputStore, Stream};
 
 #[derive(Clone, Debug)]
 pub struct BlockApOptions {
@@ -56,6 +57,45 @@ pub struct StepInfo {
     pub loss: f32,
 }
 
+/// Where a block's training pairs come from: in-memory tensors, or the `BlockInputStore` (inputs from the
+/// quantized stream, targets from the full-precision stream).
+pub trait BlockSamples {
+    fn len(&self) -> usize;
+    /// (inputs, targets) of samples `start..start + count`, each [count, T, C].
+    fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)>;
+}
+
+/// In-memory (inputs, targets), both [N, T, C].
+pub struct TensorPairs<'a> {
+    pub inputs: &'a Tensor,
+    pub targets: &'a Tensor,
+}
+
+impl BlockSamples for TensorPairs<'_> {
+    fn len(&self) -> usize {
+        self.inputs.shape().first().copied().unwrap_or(0)
+    }
+    fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
+        crate::ops::check_same("TensorPairs", self.inputs.shape(), self.targets.shape())?;
+        Ok((
+            take_samples(self.inputs, start, count)?,
+            take_samples(self.targets, start, count)?,
+        ))
+    }
+}
+
+impl BlockSamples for BlockInputStore {
+    fn len(&self) -> usize {
+        self.samples()
+    }
+    fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.read(Stream::Quant, start, count)?,
+            self.read(Stream::Fp, start, count)?,
+        ))
+    }
+}
+
 /// Copies samples `start..start + count` of a [N, T, C] tensor.
 pub fn take_samples(t: &Tensor, start: usize, count: usize) -> Result<Tensor> {
     let s = t.shape();
@@ -70,20 +110,17 @@ pub fn take_samples(t: &Tensor, start: usize, count: usize) -> Result<Tensor> {
     Tensor::from_vec(&[count, s[1], s[2]], data)
 }
 
-/// Trains one block. `inputs` are the quantized predecessors' outputs, `targets` the full-precision block's
-/// outputs on full-precision inputs, both [N, T, C]; `val` is an optional (inputs, targets) pair scored after
-/// every epoch.
+/// Trains one block. `train` pairs the quantized predecessors' outputs (inputs) with the full-precision block's
+/// outputs on full-precision inputs (targets); `val` is scored the same way after every epoch.
 pub fn train_block(
     cfg: &LlamaConfig,
     weights: &BlockWeights,
-    inputs: &Tensor,
-    targets: &Tensor,
-    val: Option<(&Tensor, &Tensor)>,
+    train: &dyn BlockSamples,
+    val: Option<&dyn BlockSamples>,
     opts: &BlockApOptions,
     mut on_step: impl FnMut(StepInfo),
 ) -> Result<TrainedBlock> {
-    crate::ops::check_same("train_block", inputs.shape(), targets.shape())?;
-    let n = inputs.shape()[0];
+    let n = train.len();
     if opts.batch_size == 0 || n < opts.batch_size {
         return Err(Error::invalid(
             "train_block",
@@ -129,8 +166,9 @@ pub fn train_block(
         for i in 0..steps_per_epoch {
             let step = epoch * steps_per_epoch + i;
             tape.reset();
-            let x = tape.input(take_samples(inputs, i * opts.batch_size, opts.batch_size)?);
-            let y = tape.input(take_samples(targets, i * opts.batch_size, opts.batch_size)?);
+            let (xs, ys) = train.pair(i * opts.batch_size, opts.batch_size)?;
+            let x = tape.input(xs);
+            let y = tape.input(ys);
             let out = block_forward(&mut tape, cfg, &vars, x)?;
             let loss = mse(&mut tape, out, y)?;
             let loss_value = tape.value(loss).f32s("train_block")?[0];
@@ -150,13 +188,12 @@ pub fn train_block(
                 loss: loss_value,
             });
         }
-        if let Some((vx, vy)) = val {
+        if let Some(val) = val {
             val_losses.push(eval_block_loss(
                 &mut tape,
                 cfg,
                 &vars,
-                vx,
-                vy,
+                val,
                 opts.batch_size,
             )?);
         }
@@ -176,19 +213,19 @@ pub fn eval_block_loss(
     tape: &mut Tape,
     cfg: &LlamaConfig,
     vars: &BlockVars,
-    inputs: &Tensor,
-    targets: &Tensor,
+    samples: &dyn BlockSamples,
     batch_size: usize,
 ) -> Result<f32> {
-    let n = inputs.shape()[0];
+    let n = samples.len();
     let mut total = 0.0f64;
     let mut start = 0;
     while start < n {
         let count = batch_size.min(n - start);
         tape.reset();
         let l = tape.no_grad(|tape| -> Result<f32> {
-            let x = tape.input(take_samples(inputs, start, count)?);
-            let y = tape.input(take_samples(targets, start, count)?);
+            let (xs, ys) = samples.pair(start, count)?;
+            let x = tape.input(xs);
+            let y = tape.input(ys);
             let out = block_forward(tape, cfg, vars, x)?;
             let loss = mse(tape, out, y)?;
             Ok(tape.value(loss).f32s("eval_block_loss")?[0])

@@ -1,5 +1,7 @@
 //! Training: optimizer, schedules, gradient clipping and the Block-AP block trainer.
 pub mod adamw;
 pub mod block_ap;
+pub mod calib;
 pub mod clip;
 pub mod schedule;
+pub mod store;

@@ -238,7 +238,10 @@ impl AdamW {
                 let Some((p, g)) = slots.get(var.index()) else {
                     return Err(Error::invalid(
                         "AdamW",
-                        format!("group {gi} entry {pi}: var {} is not one of the tape's {n_params} parameters", var.index()),
+                        format!(
+                            "group {gi} entry {pi}: var {} is not one of the tape's {n_params} parameters",
+                            var.index()
+                        ),
                     ));
                 };
                 let st = &self.state.params[k];
