@@ -23,6 +23,8 @@ pub struct LlamaConfig {
     pub rope_base: f32,
     pub rope_layout: RopeLayout,
     pub tie_embeddings: bool,
+    /// q/k/v projections carry a bias (Qwen2).
+    pub attn_bias: bool,
 }
 
 impl LlamaConfig {
@@ -40,6 +42,7 @@ impl LlamaConfig {
             rope_base: 100_000.0,
             rope_layout: RopeLayout::HalfSplit,
             tie_embeddings: true,
+            attn_bias: false,
         }
     }
 
