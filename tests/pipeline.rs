@@ -28,6 +28,7 @@ impl RandomModel {
             rope_base: 10_000.0,
             rope_layout: RopeLayout::HalfSplit,
             tie_embeddings: true,
+            attn_bias: false,
         };
         let mut rng = Rng::new(seed);
         let blocks = (0..cfg.n_layers)
