@@ -3,8 +3,10 @@
 use eqat::model::llama::{BlockWeights, LlamaConfig};
 use eqat::ops::rope::RopeLayout;
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::block_ap::{BlockApOptions, TrainedBlock};
-use eqat::train::pipeline::{run_block_ap, BlockSink, BlockSource, Event, PipelineOptions};
+use eqat::train::block_ap::BlockApOptions;
+use eqat::train::pipeline::{
+    run_block_ap, BlockRecord, BlockSink, BlockSource, Event, PipelineOptions,
+};
 use eqat::train::store::{Offload, StoreDType};
 use eqat::{Error, Result, Rng, Tensor};
 
@@ -62,12 +64,12 @@ impl BlockSource for RandomModel {
 
 #[derive(Default)]
 struct MemorySink {
-    blocks: Vec<TrainedBlock>,
+    blocks: Vec<BlockRecord>,
     fail_at: Option<usize>,
 }
 
 impl BlockSink for MemorySink {
-    fn save_block(&mut self, i: usize, block: &TrainedBlock) -> Result<()> {
+    fn save_block(&mut self, i: usize, block: &BlockRecord) -> Result<()> {
         if self.fail_at == Some(i) {
             return Err(Error::invalid(
                 "MemorySink",
@@ -78,7 +80,7 @@ impl BlockSink for MemorySink {
         self.blocks.push(block.clone());
         Ok(())
     }
-    fn load_block(&self, i: usize) -> Result<TrainedBlock> {
+    fn load_block(&self, i: usize) -> Result<BlockRecord> {
         Ok(self.blocks[i].clone())
     }
     fn blocks_done(&self) -> usize {
@@ -106,14 +108,24 @@ fn windows(seed: u64, n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn bits(b: &TrainedBlock) -> Vec<u32> {
+fn bits(r: &BlockRecord) -> Vec<u32> {
     let mut v: Vec<u32> = Vec::new();
-    for t in b.weights.linears.iter().chain(&b.scales).chain(&b.zeros) {
-        v.extend(t.f32s("t").unwrap().iter().map(|x| x.to_bits()));
+    for l in &r.block.linears {
+        v.extend(l.qweight());
+        v.extend(l.zeros().iter().map(|&z| z as u32));
+        v.extend(l.scales().f32s("t").unwrap().iter().map(|x| x.to_bits()));
     }
     v.extend(
-        b.weights
+        r.block
             .attn_norm
+            .f32s("t")
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits()),
+    );
+    v.extend(
+        r.block
+            .ffn_norm
             .f32s("t")
             .unwrap()
             .iter()

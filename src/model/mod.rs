@@ -1,2 +1,3 @@
 //! The Llama block and model, built from ops.
 pub mod llama;
+pub mod quantized;
