@@ -212,3 +212,111 @@ fn block_ap_trains_every_block_and_resumes_to_identical_bits() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Fails before saving block `fail_at`, like a run killed while training that block.
+struct CrashingSink<'a> {
+    inner: &'a mut eqat::io::checkpoint::CheckpointDir,
+    fail_at: usize,
+}
+
+impl BlockSink for CrashingSink<'_> {
+    fn save_block(&mut self, i: usize, r: &BlockRecord) -> Result<()> {
+        if i == self.fail_at {
+            return Err(Error::invalid("test", "killed"));
+        }
+        self.inner.save_block(i, r)
+    }
+    fn load_block(&self, i: usize) -> Result<BlockRecord> {
+        self.inner.load_block(i)
+    }
+    fn blocks_done(&self) -> usize {
+        self.inner.blocks_done()
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for sub in ["", "blocks"] {
+        let mut names: Vec<_> = std::fs::read_dir(dir.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for p in names.into_iter().filter(|p| p.is_file()) {
+            out.push((
+                p.strip_prefix(dir).unwrap().display().to_string(),
+                std::fs::read(&p).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
+    use eqat::io::checkpoint::{CheckpointDir, RunIdentity};
+    let model = RandomModel::new(5);
+    let (train, val) = (windows(6, 4), windows(7, 2));
+    let root = std::env::temp_dir().join(format!("eqat-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let opts = options(Offload::Ram);
+    let run = RunIdentity {
+        source: "random:5".into(),
+        quant: opts.block_ap.quant,
+        recipe: serde_json::json!({"seed": 7, "train": 4}),
+    };
+    let (a, b) = (root.join("a"), root.join("b"));
+    let mut ck = CheckpointDir::create_or_resume(&a, &model.cfg, &run, false).unwrap();
+    run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
+
+    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, false).unwrap();
+    let e = run_block_ap(
+        &model,
+        &train,
+        &val,
+        &opts,
+        &mut CrashingSink {
+            inner: &mut ck,
+            fail_at: 1,
+        },
+        |_| {},
+    );
+    assert!(e.unwrap_err().to_string().contains("killed"));
+    // A second start without --resume must refuse, and so must a resume with other settings.
+    let e = CheckpointDir::create_or_resume(&b, &model.cfg, &run, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("already holds a checkpoint") && e.contains("--resume"),
+        "{e}"
+    );
+    let other = RunIdentity {
+        quant: eqat::quant::fake_quant::QuantConfig::new(3, 8).unwrap(),
+        ..run.clone()
+    };
+    let e = CheckpointDir::create_or_resume(&b, &model.cfg, &other, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("eqat.json") && e.contains("wbits") && e.contains('2') && e.contains('3'),
+        "{e}"
+    );
+
+    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, true).unwrap();
+    assert_eq!(ck.blocks_done(), 1);
+    run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
+    let (da, db) = (dir_bytes(&a), dir_bytes(&b));
+    assert_eq!(
+        da.len(),
+        5,
+        "eqat.json, config.json and three block files: {:?}",
+        da.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    assert!(
+        da == db,
+        "the resumed checkpoint differs from the uninterrupted one"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
