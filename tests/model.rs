@@ -4,7 +4,6 @@
 //!
 //! SmolLM2 comes from EQAT_SMOLLM2_GGUF or the local cache; tests print "skipped: ..." when it is absent, and
 //! likewise for shared/data.
-#[allow(dead_code)]
 mod gguf_writer;
 
 use eqat::io::gguf::{GgufFile, MetaValue};
@@ -119,7 +118,7 @@ fn stories260k_nll_matches_reference_and_batching_does_not_change_it() {
     let Some(model) = stories260k() else { return };
     let want = fixture("stories260k_logits.json");
     let ids = u32s(&want["ids"]);
-    let (sum, count) = model.nll(&[ids.clone()]).unwrap();
+    let (sum, count) = model.nll(std::slice::from_ref(&ids)).unwrap();
     assert_eq!(count as u64, want["nll_count"].as_u64().unwrap());
     let want_sum = want["nll_sum"].as_f64().unwrap();
     assert!(
@@ -132,7 +131,7 @@ fn stories260k_nll_matches_reference_and_batching_does_not_change_it() {
     let (batched, n) = model.nll(&windows).unwrap();
     let alone: f64 = windows
         .iter()
-        .map(|w| model.nll(&[w.clone()]).unwrap().0)
+        .map(|w| model.nll(std::slice::from_ref(w)).unwrap().0)
         .sum();
     assert_eq!(n, 4 * 15);
     assert!(
@@ -173,7 +172,7 @@ fn tiny_llama(seed: u64, tweak: impl FnOnce(GgufWriter) -> GgufWriter) -> GgufFi
         let data = rng
             .normal_vec(rows * cols, std)
             .iter()
-            .map(|&x| x as f32 + if rows == 1 { 1.0 } else { 0.0 })
+            .map(|&x| x + if rows == 1 { 1.0 } else { 0.0 })
             .collect();
         w.tensor(name, &dims, 0, f32_bytes(data))
     };
