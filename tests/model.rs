@@ -321,3 +321,46 @@ fn smollm2_config_comes_from_gguf_metadata() {
     assert_eq!(w.config(), &want);
     assert!((w.config().rms_eps - 1e-5).abs() < 1e-12);
 }
+
+/// Logits of the first 128 WikiText-2 ids at six positions, against transformers' GGUF loader run in float64
+/// (tests/fixtures/model/smollm2_reference.py): 64 ids per row (the reference's top 32 and 32 fixed ids) and
+/// the row's log-sum-exp, which covers all 49152 logits.
+#[test]
+fn smollm2_logits_match_transformers_reference() {
+    let Some(path) = smollm2_path() else { return };
+    let (model, _) = open_model(&path).unwrap();
+    let want = &fixture("smollm2_logits.json")["logits"];
+    let ids = u32s(&want["ids"]);
+    let logits = model.logits(&ids).unwrap();
+    let v = model.config().vocab;
+    let got = logits.f32s("test").unwrap();
+    // Our f32 forward against float64 on the same dequantized weights: logits up to 23 differ by at most 1.5e-5
+    // here; 2e-4 leaves room for other summation orders (thread counts, SIMD widths).
+    const ATOL: f64 = 2e-4;
+    for row in want["rows"].as_array().unwrap() {
+        let p = row["position"].as_u64().unwrap() as usize;
+        let got_row = &got[p * v..][..v];
+        let picked: Vec<f32> = u32s(&row["ids"])
+            .iter()
+            .map(|&i| got_row[i as usize])
+            .collect();
+        assert_close(
+            &format!("position {p}"),
+            &picked,
+            &f64s(&row["logits"]),
+            ATOL,
+            0.0,
+        );
+        let m = got_row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + got_row
+            .iter()
+            .map(|&x| (x as f64 - m).exp())
+            .sum::<f64>()
+            .ln();
+        let want_lse = row["lse"].as_f64().unwrap();
+        assert!(
+            (lse - want_lse).abs() < ATOL,
+            "position {p}: lse {lse} vs {want_lse}"
+        );
+    }
+}
