@@ -19,6 +19,7 @@ fn tiny(layout: RopeLayout) -> LlamaConfig {
         rope_base: 10_000.0,
         rope_layout: layout,
         tie_embeddings: false,
+        attn_bias: false,
     }
 }
 

@@ -60,13 +60,23 @@ impl Tape {
 
     /// Registers a trainable parameter. Parameters must come before any other entry so that `reset` keeps them.
     pub fn param(&mut self, value: Tensor) -> Result<Var> {
+        self.persistent(value, true)
+    }
+
+    /// Registers a frozen tensor that survives `reset` (a frozen embedding or norm): no gradient is computed for
+    /// it and it is not copied again every step.
+    pub fn frozen(&mut self, value: Tensor) -> Result<Var> {
+        self.persistent(value, false)
+    }
+
+    fn persistent(&mut self, value: Tensor, requires_grad: bool) -> Result<Var> {
         if self.values.len() != self.n_params {
             return Err(Error::Autograd(format!(
                 "param registered after {} non-parameter entries; register parameters first",
                 self.values.len() - self.n_params
             )));
         }
-        let v = self.push_entry(value, true, None);
+        let v = self.push_entry(value, requires_grad, None);
         self.n_params += 1;
         Ok(v)
     }

@@ -1,4 +1,6 @@
 //! Readers and writers for model and checkpoint files.
 pub mod ggml_quants;
 pub mod gguf;
+pub mod hf;
+pub mod safetensors;
 pub mod tokenizer;

@@ -235,6 +235,7 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         rope_base: get_float(file, "llama.rope.freq_base")?.unwrap_or(10_000.0),
         rope_layout: RopeLayout::HalfSplit,
         tie_embeddings: file.tensor_info("output.weight").is_none(),
+        attn_bias: false,
     };
     cfg.validate()
         .map_err(|e| Error::format(path, "llama.*", e.to_string()))?;

@@ -23,6 +23,8 @@ pub struct LlamaConfig {
     pub rope_base: f32,
     pub rope_layout: RopeLayout,
     pub tie_embeddings: bool,
+    /// q/k/v projections carry a bias (Qwen2).
+    pub attn_bias: bool,
 }
 
 impl LlamaConfig {
@@ -40,6 +42,7 @@ impl LlamaConfig {
             rope_base: 100_000.0,
             rope_layout: RopeLayout::HalfSplit,
             tie_embeddings: true,
+            attn_bias: false,
         }
     }
 
@@ -182,6 +185,29 @@ impl BlockVars {
 
 /// The block on x [B, T, C] -> [B, T, C]. Positions start at 0 for every sequence.
 pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Var) -> Result<Var> {
+    block_forward_with(
+        tape,
+        cfg,
+        vars.attn_norm,
+        vars.ffn_norm,
+        x,
+        &mut |tape, i, input| {
+            let w = vars.effective_weight(tape, i)?;
+            linear::linear(tape, input, w, None)
+        },
+    )
+}
+
+/// The block body with its seven linears supplied by `apply_linear(tape, i, input)`, i in
+/// `LlamaConfig::linear_shapes` order: fake-quantized weights in Block-AP, packed real-quant linears in E2E-QP.
+pub fn block_forward_with(
+    tape: &mut Tape,
+    cfg: &LlamaConfig,
+    attn_norm: Var,
+    ffn_norm: Var,
+    x: Var,
+    apply_linear: &mut dyn FnMut(&mut Tape, usize, Var) -> Result<Var>,
+) -> Result<Var> {
     let shape = tape.value(x).shape().to_vec();
     if shape.len() != 3 || shape[2] != cfg.hidden {
         return Err(Error::shape(
@@ -191,16 +217,11 @@ pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Va
     }
     let (b, t) = (shape[0], shape[1]);
     let (h, g, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-    let mut w = [x; 7];
-    for (i, wi) in w.iter_mut().enumerate() {
-        *wi = vars.effective_weight(tape, i)?;
-    }
-    let [wq, wk, wv, wo, wg, wu, wd] = w;
 
-    let hn = rmsnorm::rmsnorm(tape, x, vars.attn_norm, cfg.rms_eps)?;
-    let q = linear::linear(tape, hn, wq, None)?;
-    let k = linear::linear(tape, hn, wk, None)?;
-    let v = linear::linear(tape, hn, wv, None)?;
+    let hn = rmsnorm::rmsnorm(tape, x, attn_norm, cfg.rms_eps)?;
+    let q = apply_linear(tape, 0, hn)?;
+    let k = apply_linear(tape, 1, hn)?;
+    let v = apply_linear(tape, 2, hn)?;
     let q = reshape::reshape(tape, q, &[b, t, h, d])?;
     let k = reshape::reshape(tape, k, &[b, t, g, d])?;
     let v = reshape::reshape(tape, v, &[b, t, g, d])?;
@@ -208,13 +229,13 @@ pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Va
     let k = rope::rope(tape, k, 0, cfg.rope_base, cfg.rope_layout)?;
     let a = attention::attention(tape, q, k, v)?;
     let a = reshape::reshape(tape, a, &[b, t, h * d])?;
-    let o = linear::linear(tape, a, wo, None)?;
+    let o = apply_linear(tape, 3, a)?;
     let x1 = add::add(tape, x, o)?;
 
-    let hn2 = rmsnorm::rmsnorm(tape, x1, vars.ffn_norm, cfg.rms_eps)?;
-    let gate = linear::linear(tape, hn2, wg, None)?;
-    let up = linear::linear(tape, hn2, wu, None)?;
+    let hn2 = rmsnorm::rmsnorm(tape, x1, ffn_norm, cfg.rms_eps)?;
+    let gate = apply_linear(tape, 4, hn2)?;
+    let up = apply_linear(tape, 5, hn2)?;
     let s = swiglu::swiglu(tape, gate, up)?;
-    let down = linear::linear(tape, s, wd, None)?;
+    let down = apply_linear(tape, 6, s)?;
     add::add(tape, x1, down)
 }

@@ -5,15 +5,12 @@
 //! Both come out of one pass that recomputes s. Activation gradients are written (`=`); the tape accumulates.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::Result;
+use crate::ops::silu::sigmoid64;
 use crate::ops::silu::{sigmoid, sigmoid8, CHUNK};
 use crate::ops::{check_same, simd};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use wide::f32x8;
-
-fn sigmoid64(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
 
 pub fn swiglu_fwd_ref(out: &mut [f64], gate: &[f64], up: &[f64]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {

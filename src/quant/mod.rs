@@ -1,2 +1,4 @@
-//! Quantization: fake-quant (training), packers and real-quant linear (later issues).
+//! Quantization: fake-quant (training), bit packers, and the real-quant linear with its GPTQ tensors.
 pub mod fake_quant;
+pub mod pack;
+pub mod real_quant;

@@ -3,5 +3,6 @@ pub mod adamw;
 pub mod block_ap;
 pub mod calib;
 pub mod clip;
+pub mod pipeline;
 pub mod schedule;
 pub mod store;

@@ -195,11 +195,17 @@ fn lanes(s: &[f32]) -> f32x8 {
 }
 
 /// The clamped scale and the rounded, clamped zero of one group.
-fn group_params(scale: f32, zero: f32, qmax: f32) -> (f32, f32) {
+pub fn group_params(scale: f32, zero: f32, qmax: f32) -> (f32, f32) {
     (
         scale.clamp(SCALE_MIN, SCALE_MAX),
         zero.round_ties_even().clamp(0.0, qmax),
     )
+}
+
+/// The integer level q = clamp(round(w / s) + zr, 0, qmax) of one weight, for its group's (s, zr) from
+/// [`group_params`]; the forward's scalar path and the real-quant packer both take q from here.
+pub fn quant_level(w: f32, s: f32, zr: f32, qmax: f32) -> f32 {
+    ((w / s).round_ties_even() + zr).clamp(0.0, qmax)
 }
 
 /// out = fake-quantized w; w and out [N, K], scales and zeros [N, K/g]. Rows in parallel, 8 lanes per group.
@@ -230,8 +236,7 @@ pub fn fake_quant_fwd_cpu(
                 o.copy_from_slice(r.as_array_ref());
             }
             for (o, &w) in o[n8..].iter_mut().zip(&w[n8..]) {
-                let p = (w / s).round_ties_even() + zr;
-                *o = (p.clamp(0.0, qmax) - zr) * s;
+                *o = (quant_level(w, s, zr, qmax) - zr) * s;
             }
         });
 }

@@ -1,0 +1,185 @@
+//! Block-AP over a whole model: walk the blocks in order, train each on the quantized predecessors' outputs
+//! against the full-precision block's outputs, freeze it, and push both activation streams one block further.
+//!
+//! Per block i (streams live in a `BlockInputStore`, updated in place sample batch by sample batch):
+//!   1. Fp stream  <- FP block i (Fp stream)          — the targets, and the next block's FP inputs
+//!   2. train block i on (Quant stream -> Fp stream)   — `train_block`
+//!   3. Quant stream <- frozen quantized block i (Quant stream)
+//!   4. hand the frozen block to the sink (the checkpoint writer), which makes it durable
+//! Resuming at block k replays steps 1 and 3 for blocks < k from the sink's saved blocks, which reproduces the
+//! streams exactly (same ops, same order), so a resumed run ends byte-identical to an uninterrupted one.
+use crate::autograd::Tape;
+use crate::error::{Error, Result};
+use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
+use crate::quant::fake_quant::fake_quant;
+use crate::tensor::Tensor;
+use crate::train::block_ap::{train_block, BlockApOptions, StepInfo, TrainedBlock};
+use crate::train::store::{BlockInputStore, Offload, StoreDType, Stream};
+
+/// A model whose weights are read one block at a time.
+pub trait BlockSource {
+    fn config(&self) -> &LlamaConfig;
+    fn block(&self, i: usize) -> Result<BlockWeights>;
+    /// Token embeddings of `ids` (n sequences of t tokens) as [n, t, C].
+    fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor>;
+}
+
+/// Where frozen blocks go (a checkpoint directory, or memory in tests).
+pub trait BlockSink {
+    /// Makes block `i` durable; called once per block, in order.
+    fn save_block(&mut self, i: usize, block: &TrainedBlock) -> Result<()>;
+    /// A block saved earlier (for resuming).
+    fn load_block(&self, i: usize) -> Result<TrainedBlock>;
+    /// How many leading blocks are already saved.
+    fn blocks_done(&self) -> usize;
+}
+
+/// Progress events for the CLI (progress bars, JSONL log).
+#[derive(Clone, Copy, Debug)]
+pub enum Event {
+    BlockStart {
+        block: usize,
+        blocks: usize,
+    },
+    Step {
+        block: usize,
+        info: StepInfo,
+    },
+    BlockDone {
+        block: usize,
+        train_loss: f32,
+        val_loss: Option<f32>,
+    },
+}
+
+pub struct PipelineOptions {
+    pub block_ap: BlockApOptions,
+    pub offload: Offload,
+    pub offload_val: Offload,
+    pub store_dtype: StoreDType,
+    /// Samples per forward batch when propagating the streams.
+    pub forward_batch: usize,
+}
+
+/// The frozen block's effective weights: norms as trained, each linear replaced by its fake-quantized value
+/// (W_int − z)·s — exactly what the packed checkpoint dequantizes to.
+pub fn frozen_weights(block: &TrainedBlock, opts: &BlockApOptions) -> Result<BlockWeights> {
+    let mut tape = Tape::new();
+    let mut linears = block.weights.linears.clone();
+    tape.no_grad(|tape| -> Result<()> {
+        for (i, l) in linears.iter_mut().enumerate() {
+            let w = tape.input(block.weights.linears[i].clone());
+            let s = tape.input(block.scales[i].clone());
+            let z = tape.input(block.zeros[i].clone());
+            let q = fake_quant(tape, w, s, z, opts.quant)?;
+            *l = tape.value(q).clone();
+        }
+        Ok(())
+    })?;
+    Ok(BlockWeights {
+        attn_norm: block.weights.attn_norm.clone(),
+        ffn_norm: block.weights.ffn_norm.clone(),
+        linears,
+    })
+}
+
+/// Runs one (unquantized) block over every sample of `stream`, in place.
+fn propagate(
+    store: &mut BlockInputStore,
+    stream: Stream,
+    cfg: &LlamaConfig,
+    w: &BlockWeights,
+    batch: usize,
+) -> Result<()> {
+    let mut tape = Tape::new();
+    let vars = BlockVars::register(&mut tape, w, None)?;
+    let mut start = 0;
+    while start < store.samples() {
+        let count = batch.min(store.samples() - start);
+        tape.reset();
+        let out = tape.no_grad(|tape| -> Result<Vec<f32>> {
+            let x = tape.input(store.read(stream, start, count)?);
+            let y = block_forward(tape, cfg, &vars, x)?;
+            Ok(tape.value(y).f32s("propagate")?.to_vec())
+        })?;
+        store.write(stream, start, &out)?;
+        start += count;
+    }
+    Ok(())
+}
+
+fn fill_store(
+    src: &dyn BlockSource,
+    windows: &[Vec<u32>],
+    offload: Offload,
+    opts: &PipelineOptions,
+) -> Result<BlockInputStore> {
+    let cfg = src.config();
+    let t = windows.first().map(|w| w.len()).unwrap_or(0);
+    if let Some(w) = windows.iter().find(|w| w.len() != t) {
+        return Err(Error::invalid(
+            "block_ap",
+            format!("calibration windows of {} and {} tokens", t, w.len()),
+        ));
+    }
+    let mut store = BlockInputStore::new(windows.len(), t, cfg.hidden, opts.store_dtype, offload)?;
+    for (i, chunk) in windows.chunks(opts.forward_batch.max(1)).enumerate() {
+        let ids: Vec<u32> = chunk.concat();
+        let x = src.embed(&ids, chunk.len(), t)?;
+        let start = i * opts.forward_batch.max(1);
+        store.write(Stream::Fp, start, x.f32s("block_ap")?)?;
+        store.write(Stream::Quant, start, x.f32s("block_ap")?)?;
+    }
+    Ok(store)
+}
+
+/// Block-AP over every block of `src`, resuming after the blocks `sink` already holds.
+pub fn run_block_ap(
+    src: &dyn BlockSource,
+    train: &[Vec<u32>],
+    val: &[Vec<u32>],
+    opts: &PipelineOptions,
+    sink: &mut dyn BlockSink,
+    mut on_event: impl FnMut(Event),
+) -> Result<()> {
+    let cfg = src.config().clone();
+    let mut store = fill_store(src, train, opts.offload.clone(), opts)?;
+    let mut val_store = if val.is_empty() {
+        None
+    } else {
+        Some(fill_store(src, val, opts.offload_val.clone(), opts)?)
+    };
+    let fb = opts.forward_batch.max(1);
+    for i in 0..cfg.n_layers {
+        let fp = src.block(i)?;
+        for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
+            propagate(s, Stream::Fp, &cfg, &fp, fb)?;
+        }
+        let trained = if i < sink.blocks_done() {
+            sink.load_block(i)?
+        } else {
+            on_event(Event::BlockStart {
+                block: i,
+                blocks: cfg.n_layers,
+            });
+            let val_ref = val_store
+                .as_ref()
+                .map(|v| v as &dyn crate::train::block_ap::BlockSamples);
+            let t = train_block(&cfg, &fp, &store, val_ref, &opts.block_ap, |info| {
+                on_event(Event::Step { block: i, info })
+            })?;
+            sink.save_block(i, &t)?;
+            on_event(Event::BlockDone {
+                block: i,
+                train_loss: t.step_losses.last().copied().unwrap_or(f32::NAN),
+                val_loss: t.val_losses.last().copied(),
+            });
+            t
+        };
+        let frozen = frozen_weights(&trained, &opts.block_ap)?;
+        for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
+            propagate(s, Stream::Quant, &cfg, &frozen, fb)?;
+        }
+    }
+    Ok(())
+}
