@@ -3,9 +3,9 @@
 mod common;
 
 use common::RandomModel;
-use eqat::model::quantized::QuantizedBlock;
+use eqat::model::quantized::{QuantizedBlock, QuantizedModel};
 use eqat::quant::fake_quant::{init_minmax, QuantConfig};
-use eqat::train::e2e_qp::{train_e2e, E2eOptions, Example, QuantizedModel};
+use eqat::train::e2e_qp::{train_e2e, E2eOptions, Example};
 use eqat::{Rng, Tensor};
 
 /// The random model with every linear at its min-max (RTN) quantization.
@@ -37,6 +37,7 @@ fn rtn_model(seed: u64, quant: QuantConfig) -> QuantizedModel {
         final_norm: Tensor::full(&[c], 1.0),
         lm_head: None,
         blocks,
+        path: "random".into(),
     }
 }
 

@@ -14,7 +14,7 @@
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_safetensors, Dtype, SafetensorsFile};
 use crate::model::llama::LlamaConfig;
-use crate::model::quantized::QuantizedBlock;
+use crate::model::quantized::{QuantizedBlock, QuantizedModel};
 use crate::quant::fake_quant::QuantConfig;
 use crate::quant::pack::{unpack_cols, PackLayout};
 use crate::quant::real_quant::QuantizedLinear;
@@ -124,6 +124,76 @@ impl CheckpointDir {
             &self.dir.join("eqat.json"),
             &serde_json::to_vec_pretty(&self.meta)?,
         )
+    }
+
+    /// Writes the resident tensors (embedding, final norm, untied output head) so the directory is a whole model.
+    pub fn save_head(&self, model: &QuantizedModel) -> Result<()> {
+        let mut owned = vec![
+            ("model.embed_tokens.weight".to_string(), &model.embedding),
+            ("model.norm.weight".to_string(), &model.final_norm),
+        ];
+        if let Some(h) = &model.lm_head {
+            owned.push(("lm_head.weight".to_string(), h));
+        }
+        write_f32_tensors(&self.dir.join("head.safetensors"), &owned, &BTreeMap::new())
+    }
+
+    /// Writes the scales E2E-QP trained (integer weights and zeros are unchanged) and its losses.
+    pub fn save_e2e_scales(&mut self, blocks: &[QuantizedBlock], losses: &[f32]) -> Result<()> {
+        let mut owned = Vec::new();
+        for (i, b) in blocks.iter().enumerate() {
+            for (m, l) in MODULES.iter().zip(&b.linears) {
+                owned.push((format!("model.layers.{i}.{m}.scales"), l.scales()));
+            }
+        }
+        let mut md = BTreeMap::new();
+        md.insert("step_losses".to_string(), serde_json::to_string(losses)?);
+        write_f32_tensors(&self.dir.join("e2e_scales.safetensors"), &owned, &md)?;
+        self.meta["e2e"] = json!({"steps": losses.len(), "final_loss": losses.last()});
+        self.write_meta()
+    }
+
+    /// The quantized model in this directory: every block, the head, and E2E-QP's scales when present.
+    pub fn load_model(&self) -> Result<QuantizedModel> {
+        let n = self.cfg.n_layers;
+        if self.blocks_done() != n {
+            return Err(Error::format(
+                self.dir.join("eqat.json"),
+                "blocks",
+                format!("{} of {n} blocks are finished; resume the run first", self.blocks_done()),
+            ));
+        }
+        let mut blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            blocks.push(self.load_block(i)?.block);
+        }
+        let e2e = self.dir.join("e2e_scales.safetensors");
+        if e2e.exists() {
+            let f = SafetensorsFile::open(&e2e)?;
+            for (i, b) in blocks.iter_mut().enumerate() {
+                for (m, l) in MODULES.iter().zip(b.linears.iter_mut()) {
+                    l.set_scales(f.tensor_f32(&format!("model.layers.{i}.{m}.scales"))?)?;
+                }
+            }
+        }
+        let head = SafetensorsFile::open(self.dir.join("head.safetensors"))?;
+        Ok(QuantizedModel {
+            cfg: self.cfg.clone(),
+            embedding: head.tensor_f32("model.embed_tokens.weight")?,
+            final_norm: head.tensor_f32("model.norm.weight")?,
+            lm_head: if head.tensor_info("lm_head.weight").is_some() {
+                Some(head.tensor_f32("lm_head.weight")?)
+            } else {
+                None
+            },
+            blocks,
+            path: self.dir.clone(),
+        })
+    }
+
+    /// The source model recorded when the run started (its tokenizer serves the checkpoint).
+    pub fn source(&self) -> Option<&str> {
+        self.meta["source"].as_str()
     }
 
     fn block_path(&self, i: usize) -> PathBuf {
@@ -302,6 +372,14 @@ impl BlockSink for CheckpointDir {
     fn blocks_done(&self) -> usize {
         self.meta["blocks"].as_array().map(|a| a.len()).unwrap_or(0)
     }
+}
+
+fn write_f32_tensors(path: &Path, tensors: &[(String, &Tensor)], md: &BTreeMap<String, String>) -> Result<()> {
+    let owned: Vec<(Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|(_, t)| Ok((t.shape().to_vec(), f32_bytes(t)?))).collect::<Result<_>>()?;
+    let refs: Vec<_> =
+        tensors.iter().zip(&owned).map(|((n, _), (s, b))| (n.as_str(), Dtype::F32, s.as_slice(), b.as_slice())).collect();
+    write_safetensors(path, &refs, md)
 }
 
 fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {

@@ -69,6 +69,11 @@ impl LlamaModel {
         self.source.as_ref()
     }
 
+    /// The token embedding [V, C] (resident).
+    pub fn embedding(&self) -> &Tensor {
+        &self.embedding
+    }
+
     /// The output projection [V, C]: the embedding when tied.
     fn head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embedding)

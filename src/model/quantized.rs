@@ -1,9 +1,11 @@
 //! A block after Block-AP: trained norms and seven packed linears (integer weights, zero points, scales).
-use crate::error::Result;
-use crate::model::llama::BlockWeights;
+use crate::error::{Error, Result};
+use crate::model::llama::{BlockWeights, LlamaConfig};
+use crate::model::source::WeightSource;
 use crate::quant::fake_quant::QuantConfig;
 use crate::quant::real_quant::QuantizedLinear;
 use crate::tensor::Tensor;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug)]
 pub struct QuantizedBlock {
@@ -49,5 +51,43 @@ impl QuantizedBlock {
             ffn_norm: self.ffn_norm.clone(),
             linears: linears.try_into().expect("seven linears"),
         })
+    }
+}
+
+/// A quantized model: packed blocks plus the frozen embedding, final norm and output head. As a
+/// [`WeightSource`] it hands out dequantized blocks, so `LlamaModel` evaluates it like any model.
+#[derive(Clone, Debug)]
+pub struct QuantizedModel {
+    pub cfg: LlamaConfig,
+    pub embedding: Tensor,
+    pub final_norm: Tensor,
+    /// None when tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    pub blocks: Vec<QuantizedBlock>,
+    /// Where it came from (a checkpoint directory or the source model), for messages.
+    pub path: PathBuf,
+}
+
+impl WeightSource for QuantizedModel {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    fn block(&self, i: usize) -> Result<BlockWeights> {
+        self.blocks
+            .get(i)
+            .ok_or_else(|| Error::invalid("QuantizedModel", format!("block {i} of {}", self.blocks.len())))?
+            .dequantized()
+    }
+    fn embedding(&self) -> Result<Tensor> {
+        Ok(self.embedding.clone())
+    }
+    fn final_norm(&self) -> Result<Tensor> {
+        Ok(self.final_norm.clone())
+    }
+    fn lm_head(&self) -> Result<Option<Tensor>> {
+        Ok(self.lm_head.clone())
+    }
+    fn path(&self) -> &Path {
+        &self.path
     }
 }

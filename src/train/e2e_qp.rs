@@ -7,30 +7,18 @@
 //! embeddings and the output head are frozen tensors on the tape, so no model-sized gradient buffer exists.
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
-use crate::model::llama::{block_forward_with, LlamaConfig};
-use crate::model::quantized::QuantizedBlock;
+use crate::model::llama::block_forward_with;
+use crate::model::quantized::QuantizedModel;
 use crate::ops::{
     cross_entropy::cross_entropy, embedding::embedding, linear::linear, rmsnorm::rmsnorm,
 };
 use crate::quant::real_quant::linear::real_quant_linear;
-use crate::tensor::Tensor;
 use crate::train::adamw::{AdamW, ParamGroup};
 use crate::train::clip::clip_grad_norm;
 use crate::train::schedule::CosineSchedule;
 
 /// Label of a position that does not count in the loss (torch's ignore_index).
 pub const IGNORE: i32 = -100;
-
-/// A quantized model: packed blocks plus the frozen embedding, final norm and output head.
-#[derive(Clone, Debug)]
-pub struct QuantizedModel {
-    pub cfg: LlamaConfig,
-    pub embedding: Tensor,
-    pub final_norm: Tensor,
-    /// None when tied to the embedding.
-    pub lm_head: Option<Tensor>,
-    pub blocks: Vec<QuantizedBlock>,
-}
 
 /// One training sequence: `ids` and, per position, the id it must predict or `IGNORE` (instruction data
 /// ignores the prompt; pretraining text predicts every next token).
