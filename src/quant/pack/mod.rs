@@ -333,7 +333,10 @@ pub fn pack_qzeros(
     out: usize,
     what: &str,
 ) -> Result<Vec<u32>> {
+    check_bits(bits, what)?;
     checked_numel(groups, out, zeros.len(), what)?;
+    // Before the offset: V1 must not turn an out-of-range z = 2^bits into a storable 2^bits − 1.
+    check_range(bits, zeros, out, what)?;
     let off = conv.offset();
     if let Some(i) = zeros.iter().position(|&z| z < off) {
         return Err(Error::invalid(

@@ -233,6 +233,11 @@ fn zero_conventions_store_z_minus_one_or_z() {
         e.contains("blk.qzeros") && e.contains("group 1, column 5") && e.contains("gptq_v2"),
         "{e}"
     );
+    // z = 2^bits is out of range in both conventions (v1 would otherwise store it as 2^bits − 1).
+    for conv in [ZeroConvention::V1, ZeroConvention::V2] {
+        let e = pack_qzeros(2, PackLayout::Gptq, conv, &[4; 16], 1, 16, "z").unwrap_err();
+        assert!(e.to_string().contains("value 4 at [0, 0]"), "{e}");
+    }
 }
 
 /// Wrapping add of a cycle of per-word-column constants, as GPTQModel does on the int32 tensor.
