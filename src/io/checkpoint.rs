@@ -115,6 +115,23 @@ impl CheckpointDir {
         Ok(ckpt)
     }
 
+    /// Opens a finished checkpoint for reading, with the model configuration of its source model.
+    pub fn open(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
+        let meta = read_meta(dir)?;
+        let field = |k: &str| {
+            meta[k]
+                .as_i64()
+                .ok_or_else(|| Error::format(dir.join("eqat.json"), k, "missing"))
+        };
+        let quant = QuantConfig::new(field("wbits")? as u32, field("group_size")?)?;
+        Ok(CheckpointDir {
+            dir: dir.to_path_buf(),
+            meta,
+            cfg: cfg.clone(),
+            quant,
+        })
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -160,7 +177,10 @@ impl CheckpointDir {
             return Err(Error::format(
                 self.dir.join("eqat.json"),
                 "blocks",
-                format!("{} of {n} blocks are finished; resume the run first", self.blocks_done()),
+                format!(
+                    "{} of {n} blocks are finished; resume the run first",
+                    self.blocks_done()
+                ),
             ));
         }
         let mut blocks = Vec::with_capacity(n);
@@ -201,6 +221,36 @@ impl CheckpointDir {
             .join("blocks")
             .join(format!("layer_{i:04}.safetensors"))
     }
+}
+
+/// The parsed eqat.json of `dir`, checked to be ours.
+pub fn read_meta(dir: &Path) -> Result<Value> {
+    let path = dir.join("eqat.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let meta: Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(&path, "json", e.to_string()))?;
+    if meta["format"] != FORMAT || meta["format_version"] != FORMAT_VERSION {
+        return Err(Error::format(
+            &path,
+            "format",
+            format!("not an {FORMAT} v{FORMAT_VERSION} file"),
+        ));
+    }
+    Ok(meta)
+}
+
+/// The model and tokenizer of a checkpoint directory (the tokenizer and configuration come from the source
+/// model recorded in eqat.json).
+pub fn open_checkpoint_model(
+    dir: &Path,
+) -> Result<(crate::model::LlamaModel, crate::io::tokenizer::Tokenizer)> {
+    let meta = read_meta(dir)?;
+    let source = meta["source"]
+        .as_str()
+        .ok_or_else(|| Error::format(dir.join("eqat.json"), "source", "missing"))?;
+    let (fp, tokenizer) = crate::model::open_model(Path::new(source))?;
+    let model = CheckpointDir::open(dir, fp.config())?.load_model()?;
+    Ok((crate::model::LlamaModel::new(Box::new(model))?, tokenizer))
 }
 
 fn check_same_run(path: &Path, meta: &Value, run: &RunIdentity, cfg: &LlamaConfig) -> Result<()> {
@@ -374,11 +424,20 @@ impl BlockSink for CheckpointDir {
     }
 }
 
-fn write_f32_tensors(path: &Path, tensors: &[(String, &Tensor)], md: &BTreeMap<String, String>) -> Result<()> {
-    let owned: Vec<(Vec<usize>, Vec<u8>)> =
-        tensors.iter().map(|(_, t)| Ok((t.shape().to_vec(), f32_bytes(t)?))).collect::<Result<_>>()?;
-    let refs: Vec<_> =
-        tensors.iter().zip(&owned).map(|((n, _), (s, b))| (n.as_str(), Dtype::F32, s.as_slice(), b.as_slice())).collect();
+fn write_f32_tensors(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    md: &BTreeMap<String, String>,
+) -> Result<()> {
+    let owned: Vec<(Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(_, t)| Ok((t.shape().to_vec(), f32_bytes(t)?)))
+        .collect::<Result<_>>()?;
+    let refs: Vec<_> = tensors
+        .iter()
+        .zip(&owned)
+        .map(|((n, _), (s, b))| (n.as_str(), Dtype::F32, s.as_slice(), b.as_slice()))
+        .collect();
     write_safetensors(path, &refs, md)
 }
 

@@ -75,7 +75,12 @@ impl WeightSource for QuantizedModel {
     fn block(&self, i: usize) -> Result<BlockWeights> {
         self.blocks
             .get(i)
-            .ok_or_else(|| Error::invalid("QuantizedModel", format!("block {i} of {}", self.blocks.len())))?
+            .ok_or_else(|| {
+                Error::invalid(
+                    "QuantizedModel",
+                    format!("block {i} of {}", self.blocks.len()),
+                )
+            })?
             .dequantized()
     }
     fn embedding(&self) -> Result<Tensor> {

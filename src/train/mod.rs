@@ -4,6 +4,7 @@ pub mod block_ap;
 pub mod calib;
 pub mod clip;
 pub mod e2e_qp;
+pub mod job;
 pub mod pipeline;
 pub mod schedule;
 pub mod store;

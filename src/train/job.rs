@@ -1,0 +1,335 @@
+//! The `engine train` job: calibration data, Block-AP over every block into a resumable checkpoint, E2E-QP of the
+//! scales, and perplexity before and after, with a JSONL log of every step. The CLI only parses flags into
+//! [`TrainArgs`] and prints what [`run_train`] reports.
+use crate::error::{Error, Result};
+use crate::eval::{eval_ids, eval_windows, perplexity_of_windows, EvalOptions};
+use crate::io::checkpoint::{CheckpointDir, RunIdentity};
+use crate::io::tokenizer::Tokenizer;
+use crate::model::llama::LlamaConfig;
+use crate::model::quantized::{QuantizedBlock, QuantizedModel};
+use crate::model::LlamaModel;
+use crate::quant::fake_quant::{init_minmax, QuantConfig};
+use crate::tensor::Tensor;
+use crate::train::block_ap::BlockApOptions;
+use crate::train::calib::calibration_windows;
+use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
+use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
+use crate::train::store::{Offload, StoreDType};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Calibration {
+    File(PathBuf),
+    /// Text sampled from the full-precision model itself.
+    SelfGenerated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    BlockAp,
+    All,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainArgs {
+    pub model: PathBuf,
+    pub out: PathBuf,
+    pub quant: QuantConfig,
+    pub calib: Calibration,
+    pub phase: Phase,
+    pub train_size: usize,
+    pub val_size: usize,
+    pub seqlen: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub quant_lr: f32,
+    pub weight_lr: f32,
+    pub e2e: E2eOptions,
+    pub offload_disk: bool,
+    pub resume: bool,
+    pub seed: u64,
+    /// Perplexity text and protocol; None skips evaluation.
+    pub eval: Option<(PathBuf, EvalOptions)>,
+}
+
+/// Perplexities and wall times of a finished job.
+#[derive(Clone, Debug, Default)]
+pub struct TrainSummary {
+    pub ppl_fp: Option<f64>,
+    pub ppl_rtn: Option<f64>,
+    pub ppl_block_ap: Option<f64>,
+    pub ppl_e2e: Option<f64>,
+    pub block_ap_seconds: f64,
+    pub e2e_seconds: f64,
+    pub block_losses: Vec<(usize, f32, Option<f32>)>,
+}
+
+/// Appends one JSON object per line to DIR/train_log.jsonl.
+struct Log(std::fs::File, PathBuf);
+
+impl Log {
+    fn open(dir: &Path) -> Result<Log> {
+        let path = dir.join("train_log.jsonl");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Log(f, path))
+    }
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.0, "{v}").map_err(|e| Error::io(&self.1, e))
+    }
+}
+
+fn ppl(model: &LlamaModel, windows: &[Vec<u32>], opts: &EvalOptions) -> Result<f64> {
+    Ok(perplexity_of_windows(model, windows, 0, opts.batch, |_| {})?.ppl())
+}
+
+/// A quantized model with the resident tensors of `fp` and the given blocks.
+fn quantized_model(fp: &LlamaModel, blocks: Vec<QuantizedBlock>) -> Result<QuantizedModel> {
+    let src = fp.source();
+    Ok(QuantizedModel {
+        cfg: src.config().clone(),
+        embedding: src.embedding()?,
+        final_norm: src.final_norm()?,
+        lm_head: src.lm_head()?,
+        blocks,
+        path: src.path().to_path_buf(),
+    })
+}
+
+/// Runs the job; `say` hears progress lines.
+pub fn run_train(
+    args: &TrainArgs,
+    tokenizer: &Tokenizer,
+    fp: &LlamaModel,
+    mut say: impl FnMut(&str),
+) -> Result<TrainSummary> {
+    let cfg: LlamaConfig = fp.config().clone();
+    let mut summary = TrainSummary::default();
+    let eval_windows_ids = match &args.eval {
+        Some((path, opts)) => {
+            let text = crate::eval::data::read_eval_text(path)?;
+            Some((
+                eval_windows(&eval_ids(tokenizer, &text), opts.ctx, opts.max_windows)?,
+                *opts,
+            ))
+        }
+        None => None,
+    };
+
+    // Calibration windows.
+    let n = args.train_size + args.val_size;
+    let (train, val) = match &args.calib {
+        Calibration::File(path) => {
+            let text = crate::eval::data::read_eval_text(path)?;
+            let ids = tokenizer.encode(&text);
+            say(&format!(
+                "calibration: {} tokens from {}",
+                ids.len(),
+                path.display()
+            ));
+            calibration_windows(&ids, args.seqlen, args.train_size, args.val_size, args.seed)?
+        }
+        Calibration::SelfGenerated => {
+            return Err(Error::invalid(
+                "train",
+                "--calib self is not wired yet; pass --calib FILE",
+            ));
+        }
+    };
+
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let recipe = json!({
+        "calib": format!("{:?}", args.calib), "train_size": args.train_size, "val_size": args.val_size,
+        "seqlen": args.seqlen, "epochs": args.epochs, "batch_size": args.batch_size,
+        "quant_lr": args.quant_lr, "weight_lr": args.weight_lr, "seed": args.seed,
+    });
+    let run = RunIdentity {
+        source: fp.source().path().display().to_string(),
+        quant: args.quant,
+        recipe,
+    };
+    let mut ckpt = CheckpointDir::create_or_resume(&args.out, &cfg, &run, args.resume)?;
+    let mut log = Log::open(&args.out)?;
+
+    if let Some((w, o)) = &eval_windows_ids {
+        let p = ppl(fp, w, o)?;
+        say(&format!("perplexity FP: {p:.3}"));
+        log.write(json!({"event": "eval", "model": "fp", "ppl": p}))?;
+        summary.ppl_fp = Some(p);
+        let rtn = rtn_model(fp, args.quant)?;
+        let p = ppl(&LlamaModel::new(Box::new(rtn))?, w, o)?;
+        say(&format!(
+            "perplexity RTN w{}g{}: {p:.3}",
+            args.quant.wbits, args.quant.group_size
+        ));
+        log.write(json!({"event": "eval", "model": "rtn", "ppl": p}))?;
+        summary.ppl_rtn = Some(p);
+    }
+
+    // Block-AP.
+    let mut block_ap = BlockApOptions::recipe(args.quant);
+    block_ap.epochs = args.epochs;
+    block_ap.batch_size = args.batch_size;
+    block_ap.quant_lr = args.quant_lr;
+    block_ap.weight_lr = args.weight_lr;
+    let bytes = crate::train::store::BlockInputStore::bytes_needed(
+        n,
+        args.seqlen,
+        cfg.hidden,
+        StoreDType::F16,
+    )?;
+    let (offload, offload_val) = if args.offload_disk {
+        (
+            Offload::Disk(args.out.join("block_inputs.train.bin")),
+            Offload::Disk(args.out.join("block_inputs.val.bin")),
+        )
+    } else {
+        (Offload::Ram, Offload::Ram)
+    };
+    say(&format!(
+        "block inputs: {:.1} MiB for {} samples x {} tokens (FP and quantized streams, f16) in {}",
+        bytes as f64 / (1 << 20) as f64,
+        n,
+        args.seqlen,
+        if args.offload_disk {
+            "files beside the checkpoint"
+        } else {
+            "RAM"
+        }
+    ));
+    let popts = PipelineOptions {
+        block_ap,
+        offload,
+        offload_val,
+        store_dtype: StoreDType::F16,
+        forward_batch: 4,
+    };
+    let start = Instant::now();
+    let mut block_start = Instant::now();
+    let mut log_err = None;
+    run_block_ap(fp, &train, &val, &popts, &mut ckpt, |e| {
+        let line = match e {
+            Event::BlockStart { block, blocks } => {
+                block_start = Instant::now();
+                say(&format!("block {}/{blocks}", block + 1));
+                json!({"event": "block_start", "block": block})
+            }
+            Event::Step { block, info } => {
+                let done = info.step + 1;
+                if done % 16 == 0 || done == info.total_steps {
+                    let per = block_start.elapsed().as_secs_f64() / done as f64;
+                    say(&format!(
+                        "  block {} step {done}/{} epoch {} loss {:.4e} ({:.0} s left in this block)",
+                        block + 1,
+                        info.total_steps,
+                        info.epoch + 1,
+                        info.loss,
+                        per * (info.total_steps - done) as f64
+                    ));
+                }
+                json!({"event": "step", "phase": "block-ap", "block": block, "step": info.step, "epoch": info.epoch, "loss": info.loss})
+            }
+            Event::BlockDone {
+                block,
+                train_loss,
+                val_loss,
+            } => {
+                say(&format!(
+                    "block {} done: train loss {train_loss:.4e}, val loss {} ({:.1} s)",
+                    block + 1,
+                    val_loss.map(|v| format!("{v:.4e}")).unwrap_or("-".into()),
+                    block_start.elapsed().as_secs_f64()
+                ));
+                json!({"event": "block_done", "block": block, "train_loss": train_loss, "val_loss": val_loss})
+            }
+        };
+        if let Err(e) = log.write(line) {
+            log_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = log_err {
+        return Err(e);
+    }
+    summary.block_ap_seconds = start.elapsed().as_secs_f64();
+    let mut blocks = Vec::with_capacity(cfg.n_layers);
+    for i in 0..cfg.n_layers {
+        let r = ckpt.load_block(i)?;
+        summary.block_losses.push((
+            i,
+            r.step_losses.last().copied().unwrap_or(f32::NAN),
+            r.val_losses.last().copied(),
+        ));
+        blocks.push(r.block);
+    }
+    let mut qm = quantized_model(fp, blocks)?;
+    ckpt.save_head(&qm)?;
+    if let Some((w, o)) = &eval_windows_ids {
+        let p = ppl(&LlamaModel::new(Box::new(qm.clone()))?, w, o)?;
+        say(&format!("perplexity Block-AP: {p:.3}"));
+        log.write(json!({"event": "eval", "model": "block-ap", "ppl": p}))?;
+        summary.ppl_block_ap = Some(p);
+    }
+    if args.phase == Phase::BlockAp {
+        return Ok(summary);
+    }
+
+    // E2E-QP on the training windows.
+    let data: Vec<Example> = train.iter().map(|w| Example::causal(w.clone())).collect();
+    let start = Instant::now();
+    let mut log_err = None;
+    let e2e_losses = train_e2e(&mut qm, &data, &args.e2e, |s| {
+        if (s.step + 1) % 4 == 0 || s.step + 1 == s.total_steps {
+            say(&format!(
+                "E2E-QP step {}/{} loss {:.4} grad norm {:.3}",
+                s.step + 1,
+                s.total_steps,
+                s.loss,
+                s.grad_norm
+            ));
+        }
+        if let Err(e) = log.write(json!({"event": "step", "phase": "e2e-qp", "step": s.step, "loss": s.loss, "grad_norm": s.grad_norm})) {
+            log_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = log_err {
+        return Err(e);
+    }
+    summary.e2e_seconds = start.elapsed().as_secs_f64();
+    ckpt.save_e2e_scales(&qm.blocks, &e2e_losses)?;
+    if let Some((w, o)) = &eval_windows_ids {
+        let p = ppl(&LlamaModel::new(Box::new(qm.clone()))?, w, o)?;
+        say(&format!("perplexity Block-AP + E2E-QP: {p:.3}"));
+        log.write(json!({"event": "eval", "model": "e2e-qp", "ppl": p}))?;
+        summary.ppl_e2e = Some(p);
+    }
+    Ok(summary)
+}
+
+/// Every linear at its min-max initialisation, no training: the RTN baseline.
+pub fn rtn_model(fp: &LlamaModel, quant: QuantConfig) -> Result<QuantizedModel> {
+    let src = fp.source();
+    let mut blocks = Vec::with_capacity(src.config().n_layers);
+    for i in 0..src.config().n_layers {
+        let w = src.block(i)?;
+        let mut scales: Vec<Tensor> = Vec::new();
+        let mut zeros: Vec<Tensor> = Vec::new();
+        for l in &w.linears {
+            let (s, z) = init_minmax(l, quant)?;
+            scales.push(s);
+            zeros.push(z);
+        }
+        blocks.push(QuantizedBlock::freeze(
+            &w,
+            &scales.try_into().expect("7"),
+            &zeros.try_into().expect("7"),
+            quant,
+        )?);
+    }
+    quantized_model(fp, blocks)
+}
