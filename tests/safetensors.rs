@@ -288,15 +288,20 @@ fn writer_refuses_bad_tensors_and_replaces_files_atomically() {
     let four = [0u8; 4];
     write_safetensors(&path, &[("old", Dtype::F32, &[1], &four)], &meta(&[])).unwrap();
     let before = std::fs::read(&path).unwrap();
-    let huge = [usize::MAX, 2];
+    let (huge, empty_huge) = ([usize::MAX, 2], [0, usize::MAX, 2]);
     for (tensors, said) in [
         (
             vec![("t", Dtype::F32, &[2][..], &four[..])],
-            "tensor t: shape [2] of F32 needs Some(8) bytes, got 4",
+            "tensor t: shape [2] of F32 needs 8 bytes, got 4",
         ),
         (
             vec![("t", Dtype::U8, &huge[..], &four[..])],
-            "needs None bytes",
+            "needs more than usize::MAX bytes",
+        ),
+        // Empty, but the reader refuses it (its non-zero dims overflow), so the writer does too.
+        (
+            vec![("t", Dtype::U8, &empty_huge[..], &[][..])],
+            "needs more than usize::MAX bytes",
         ),
         (
             vec![

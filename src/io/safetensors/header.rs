@@ -70,9 +70,9 @@ fn check_entries(
         let bad = |msg: String| Error::format(path, format!("tensor {name}"), msg);
         let dtype = Dtype::from_name(&e.dtype).ok_or_else(|| {
             let known: Vec<&str> = Dtype::ALL.iter().map(|d| d.name()).collect();
+            let shown: String = e.dtype.chars().take(40).collect();
             bad(format!(
-                "unknown dtype {:?} (known: {})",
-                e.dtype,
+                "unknown dtype {shown:?} (known: {})",
                 known.join(", ")
             ))
         })?;
@@ -82,15 +82,8 @@ fn check_entries(
             .map(|&d| usize::try_from(d).ok())
             .collect::<Option<Vec<usize>>>()
             .ok_or_else(|| bad(format!("shape {:?} has a dim over usize", e.shape)))?;
-        // The product of the non-zero dims must fit too (stricter than the reference), so that
-        // no stride or partial product of an empty tensor's shape can overflow later.
-        let nonzero = shape
-            .iter()
-            .filter(|&&d| d != 0)
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let numel = nonzero.map(|p| if shape.contains(&0) { 0 } else { p });
-        let n_bytes = numel
-            .and_then(|numel| numel.checked_mul(dtype.size_bytes()))
+        let n_bytes = dtype
+            .byte_size(&shape)
             .ok_or_else(|| bad(format!("shape {shape:?} of {} overflows", dtype.name())))?;
         let [begin, end] = e.data_offsets;
         let in_data = |x: u64| usize::try_from(x).ok().filter(|&x| x <= data_len);

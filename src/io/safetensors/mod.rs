@@ -114,6 +114,18 @@ impl Dtype {
         }
     }
 
+    /// Bytes of a tensor of `shape`, or None when that overflows. The product of the non-zero
+    /// dims must fit too (stricter than the reference), so that no stride or partial product of
+    /// an empty tensor's shape can overflow later.
+    pub fn byte_size(self, shape: &[usize]) -> Option<usize> {
+        let nonzero = shape
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+        let numel = if shape.contains(&0) { 0 } else { nonzero };
+        numel.checked_mul(self.size_bytes())
+    }
+
     /// The dequantizer that widens this dtype to f32, for the three float types `tensor_f32` reads.
     fn as_f32_source(self) -> Option<GgmlType> {
         match self {

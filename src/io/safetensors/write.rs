@@ -1,6 +1,6 @@
-//! The writer. Layout as the reference writer lays it out: tensors by descending element size,
-//! then by name, and the header padded with spaces to a multiple of 8 bytes, so that in a mapping
-//! every tensor starts aligned to its element size. Files are written to a temporary file beside
+//! The writer. Layout as the reference writer lays it out: tensors in descending `Dtype` order
+//! (wider types first), then by name, and the header padded with spaces to a multiple of 8 bytes,
+//! so that in a mapping every tensor starts aligned to its element size. Files are written to a temporary file beside
 //! the target, synced, then renamed over it: a crash leaves the old file or the new one, never half.
 use super::Dtype;
 use crate::error::{Error, Result};
@@ -63,19 +63,14 @@ fn plan<'a>(
         if !seen.insert(name) {
             return Err(bad(name, "duplicate name".into()));
         }
-        let need = shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .and_then(|n| n.checked_mul(dtype.size_bytes()));
-        if need != Some(bytes.len()) {
-            return Err(bad(
-                name,
-                format!(
-                    "shape {shape:?} of {} needs {need:?} bytes, got {}",
-                    dtype.name(),
-                    bytes.len()
-                ),
-            ));
+        match dtype.byte_size(shape) {
+            Some(need) if need == bytes.len() => {}
+            need => {
+                let need = need.map_or("more than usize::MAX".into(), |n| n.to_string());
+                let (dtype, got) = (dtype.name(), bytes.len());
+                let msg = format!("shape {shape:?} of {dtype} needs {need} bytes, got {got}");
+                return Err(bad(name, msg));
+            }
         }
     }
     let mut order: Vec<&TensorRef> = tensors.iter().collect();
