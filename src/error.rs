@@ -67,3 +67,9 @@ impl Error {
         }
     }
 }
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::invalid("json", e.to_string())
+    }
+}

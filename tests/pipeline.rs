@@ -1,72 +1,22 @@
 //! Block-AP over a small random model: every block trains, and a run interrupted after a block resumes to the
 //! same bits as an uninterrupted one.
-use eqat::model::llama::{BlockWeights, LlamaConfig};
-use eqat::ops::rope::RopeLayout;
+mod common;
+
+use common::RandomModel;
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::block_ap::{BlockApOptions, TrainedBlock};
-use eqat::train::pipeline::{run_block_ap, BlockSink, BlockSource, Event, PipelineOptions};
+use eqat::train::block_ap::BlockApOptions;
+use eqat::train::pipeline::{run_block_ap, BlockRecord, BlockSink, Event, PipelineOptions};
 use eqat::train::store::{Offload, StoreDType};
-use eqat::{Error, Result, Rng, Tensor};
-
-struct RandomModel {
-    cfg: LlamaConfig,
-    blocks: Vec<BlockWeights>,
-    embedding: Vec<f32>,
-}
-
-impl RandomModel {
-    fn new(seed: u64) -> Self {
-        let cfg = LlamaConfig {
-            hidden: 32,
-            intermediate: 48,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
-            n_layers: 3,
-            vocab: 50,
-            rms_eps: 1e-5,
-            rope_base: 10_000.0,
-            rope_layout: RopeLayout::HalfSplit,
-            tie_embeddings: true,
-        };
-        let mut rng = Rng::new(seed);
-        let blocks = (0..cfg.n_layers)
-            .map(|_| BlockWeights::random(&cfg, &mut rng))
-            .collect();
-        let embedding = rng.normal_vec(cfg.vocab * cfg.hidden, 1.0);
-        RandomModel {
-            cfg,
-            blocks,
-            embedding,
-        }
-    }
-}
-
-impl BlockSource for RandomModel {
-    fn config(&self) -> &LlamaConfig {
-        &self.cfg
-    }
-    fn block(&self, i: usize) -> Result<BlockWeights> {
-        Ok(self.blocks[i].clone())
-    }
-    fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor> {
-        let c = self.cfg.hidden;
-        let data = ids
-            .iter()
-            .flat_map(|&id| self.embedding[id as usize * c..(id as usize + 1) * c].to_vec())
-            .collect();
-        Tensor::from_vec(&[n, t, c], data)
-    }
-}
+use eqat::{Error, Result, Rng};
 
 #[derive(Default)]
 struct MemorySink {
-    blocks: Vec<TrainedBlock>,
+    blocks: Vec<BlockRecord>,
     fail_at: Option<usize>,
 }
 
 impl BlockSink for MemorySink {
-    fn save_block(&mut self, i: usize, block: &TrainedBlock) -> Result<()> {
+    fn save_block(&mut self, i: usize, block: &BlockRecord) -> Result<()> {
         if self.fail_at == Some(i) {
             return Err(Error::invalid(
                 "MemorySink",
@@ -77,7 +27,7 @@ impl BlockSink for MemorySink {
         self.blocks.push(block.clone());
         Ok(())
     }
-    fn load_block(&self, i: usize) -> Result<TrainedBlock> {
+    fn load_block(&self, i: usize) -> Result<BlockRecord> {
         Ok(self.blocks[i].clone())
     }
     fn blocks_done(&self) -> usize {
@@ -105,14 +55,24 @@ fn windows(seed: u64, n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn bits(b: &TrainedBlock) -> Vec<u32> {
+fn bits(r: &BlockRecord) -> Vec<u32> {
     let mut v: Vec<u32> = Vec::new();
-    for t in b.weights.linears.iter().chain(&b.scales).chain(&b.zeros) {
-        v.extend(t.f32s("t").unwrap().iter().map(|x| x.to_bits()));
+    for l in &r.block.linears {
+        v.extend(l.qweight());
+        v.extend(l.zeros().iter().map(|&z| z as u32));
+        v.extend(l.scales().f32s("t").unwrap().iter().map(|x| x.to_bits()));
     }
     v.extend(
-        b.weights
+        r.block
             .attn_norm
+            .f32s("t")
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits()),
+    );
+    v.extend(
+        r.block
+            .ffn_norm
             .f32s("t")
             .unwrap()
             .iter()
@@ -198,4 +158,112 @@ fn block_ap_trains_every_block_and_resumes_to_identical_bits() {
         assert_eq!(sink.blocks[i].step_losses, full.blocks[i].step_losses);
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Fails before saving block `fail_at`, like a run killed while training that block.
+struct CrashingSink<'a> {
+    inner: &'a mut eqat::io::checkpoint::CheckpointDir,
+    fail_at: usize,
+}
+
+impl BlockSink for CrashingSink<'_> {
+    fn save_block(&mut self, i: usize, r: &BlockRecord) -> Result<()> {
+        if i == self.fail_at {
+            return Err(Error::invalid("test", "killed"));
+        }
+        self.inner.save_block(i, r)
+    }
+    fn load_block(&self, i: usize) -> Result<BlockRecord> {
+        self.inner.load_block(i)
+    }
+    fn blocks_done(&self) -> usize {
+        self.inner.blocks_done()
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for sub in ["", "blocks"] {
+        let mut names: Vec<_> = std::fs::read_dir(dir.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for p in names.into_iter().filter(|p| p.is_file()) {
+            out.push((
+                p.strip_prefix(dir).unwrap().display().to_string(),
+                std::fs::read(&p).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
+    use eqat::io::checkpoint::{CheckpointDir, RunIdentity};
+    let model = RandomModel::new(5);
+    let (train, val) = (windows(6, 4), windows(7, 2));
+    let root = std::env::temp_dir().join(format!("eqat-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let opts = options(Offload::Ram);
+    let run = RunIdentity {
+        source: "random:5".into(),
+        quant: opts.block_ap.quant,
+        recipe: serde_json::json!({"seed": 7, "train": 4}),
+    };
+    let (a, b) = (root.join("a"), root.join("b"));
+    let mut ck = CheckpointDir::create_or_resume(&a, &model.cfg, &run, false).unwrap();
+    run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
+
+    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, false).unwrap();
+    let e = run_block_ap(
+        &model,
+        &train,
+        &val,
+        &opts,
+        &mut CrashingSink {
+            inner: &mut ck,
+            fail_at: 1,
+        },
+        |_| {},
+    );
+    assert!(e.unwrap_err().to_string().contains("killed"));
+    // A second start without --resume must refuse, and so must a resume with other settings.
+    let e = CheckpointDir::create_or_resume(&b, &model.cfg, &run, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("already holds a checkpoint") && e.contains("--resume"),
+        "{e}"
+    );
+    let other = RunIdentity {
+        quant: eqat::quant::fake_quant::QuantConfig::new(3, 8).unwrap(),
+        ..run.clone()
+    };
+    let e = CheckpointDir::create_or_resume(&b, &model.cfg, &other, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("eqat.json") && e.contains("wbits") && e.contains('2') && e.contains('3'),
+        "{e}"
+    );
+
+    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, true).unwrap();
+    assert_eq!(ck.blocks_done(), 1);
+    run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
+    let (da, db) = (dir_bytes(&a), dir_bytes(&b));
+    assert_eq!(
+        da.len(),
+        5,
+        "eqat.json, config.json and three block files: {:?}",
+        da.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    assert!(
+        da == db,
+        "the resumed checkpoint differs from the uninterrupted one"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
 }

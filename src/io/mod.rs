@@ -1,4 +1,5 @@
 //! Readers and writers for model and checkpoint files.
+pub mod checkpoint;
 pub mod ggml_quants;
 pub mod gguf;
 pub mod hf;

@@ -2,6 +2,7 @@
 pub mod forward;
 pub mod gguf;
 pub mod llama;
+pub mod quantized;
 pub mod source;
 
 pub use forward::LlamaModel;

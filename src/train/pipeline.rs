@@ -11,9 +11,9 @@
 use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
-use crate::quant::fake_quant::fake_quant;
+use crate::model::quantized::QuantizedBlock;
 use crate::tensor::Tensor;
-use crate::train::block_ap::{train_block, BlockApOptions, StepInfo, TrainedBlock};
+use crate::train::block_ap::{train_block, BlockApOptions, StepInfo};
 use crate::train::store::{BlockInputStore, Offload, StoreDType, Stream};
 
 /// A model whose weights are read one block at a time.
@@ -24,12 +24,20 @@ pub trait BlockSource {
     fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor>;
 }
 
+/// A frozen block and the losses of its training.
+#[derive(Clone, Debug)]
+pub struct BlockRecord {
+    pub block: QuantizedBlock,
+    pub step_losses: Vec<f32>,
+    pub val_losses: Vec<f32>,
+}
+
 /// Where frozen blocks go (a checkpoint directory, or memory in tests).
 pub trait BlockSink {
     /// Makes block `i` durable; called once per block, in order.
-    fn save_block(&mut self, i: usize, block: &TrainedBlock) -> Result<()>;
+    fn save_block(&mut self, i: usize, record: &BlockRecord) -> Result<()>;
     /// A block saved earlier (for resuming).
-    fn load_block(&self, i: usize) -> Result<TrainedBlock>;
+    fn load_block(&self, i: usize) -> Result<BlockRecord>;
     /// How many leading blocks are already saved.
     fn blocks_done(&self) -> usize;
 }
@@ -59,28 +67,6 @@ pub struct PipelineOptions {
     pub store_dtype: StoreDType,
     /// Samples per forward batch when propagating the streams.
     pub forward_batch: usize,
-}
-
-/// The frozen block's effective weights: norms as trained, each linear replaced by its fake-quantized value
-/// (W_int − z)·s — exactly what the packed checkpoint dequantizes to.
-pub fn frozen_weights(block: &TrainedBlock, opts: &BlockApOptions) -> Result<BlockWeights> {
-    let mut tape = Tape::new();
-    let mut linears = block.weights.linears.clone();
-    tape.no_grad(|tape| -> Result<()> {
-        for (i, l) in linears.iter_mut().enumerate() {
-            let w = tape.input(block.weights.linears[i].clone());
-            let s = tape.input(block.scales[i].clone());
-            let z = tape.input(block.zeros[i].clone());
-            let q = fake_quant(tape, w, s, z, opts.quant)?;
-            *l = tape.value(q).clone();
-        }
-        Ok(())
-    })?;
-    Ok(BlockWeights {
-        attn_norm: block.weights.attn_norm.clone(),
-        ffn_norm: block.weights.ffn_norm.clone(),
-        linears,
-    })
 }
 
 /// Runs one (unquantized) block over every sample of `stream`, in place.
@@ -168,15 +154,25 @@ pub fn run_block_ap(
             let t = train_block(&cfg, &fp, &store, val_ref, &opts.block_ap, |info| {
                 on_event(Event::Step { block: i, info })
             })?;
-            sink.save_block(i, &t)?;
+            let record = BlockRecord {
+                block: QuantizedBlock::freeze(
+                    &t.weights,
+                    &t.scales,
+                    &t.zeros,
+                    opts.block_ap.quant,
+                )?,
+                step_losses: t.step_losses,
+                val_losses: t.val_losses,
+            };
+            sink.save_block(i, &record)?;
             on_event(Event::BlockDone {
                 block: i,
-                train_loss: t.step_losses.last().copied().unwrap_or(f32::NAN),
-                val_loss: t.val_losses.last().copied(),
+                train_loss: record.step_losses.last().copied().unwrap_or(f32::NAN),
+                val_loss: record.val_losses.last().copied(),
             });
-            t
+            record
         };
-        let frozen = frozen_weights(&trained, &opts.block_ap)?;
+        let frozen = trained.block.dequantized()?;
         for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
             propagate(s, Stream::Quant, &cfg, &frozen, fb)?;
         }

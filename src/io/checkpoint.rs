@@ -1,0 +1,350 @@
+//! Our checkpoint: a directory written block by block, so an interrupted run resumes after its last finished
+//! block and ends with the same bytes as an uninterrupted one.
+//!
+//! ```text
+//! DIR/eqat.json                 {"format": "eqat-checkpoint", "format_version": 1, source, wbits, group_size,
+//!                                 n_layers, recipe, blocks: [{index, train_loss, val_losses}]} — rewritten
+//!                                 atomically after each block; `blocks` says how many block files are complete
+//! DIR/config.json               the model's HF-style config with a `quantization_config`
+//! DIR/blocks/layer_NNNN.safetensors   one block: norms (F32) and, per linear `model.layers.N.<module>`,
+//!                                 qweight (U32 [out, ⌈in/per-word⌉], EQAT ten-per-word at 3 bits),
+//!                                 qzeros (U8 [out, groups]), scales (F32 [out, groups]); step losses in metadata
+//! ```
+//! Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+use crate::error::{Error, Result};
+use crate::io::safetensors::{write_safetensors, Dtype, SafetensorsFile};
+use crate::model::llama::LlamaConfig;
+use crate::model::quantized::QuantizedBlock;
+use crate::quant::fake_quant::QuantConfig;
+use crate::quant::pack::{unpack_cols, PackLayout};
+use crate::quant::real_quant::QuantizedLinear;
+use crate::tensor::Tensor;
+use crate::train::pipeline::{BlockRecord, BlockSink};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: &str = "eqat-checkpoint";
+pub const FORMAT_VERSION: u64 = 1;
+const MODULES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+pub struct CheckpointDir {
+    dir: PathBuf,
+    meta: Value,
+    cfg: LlamaConfig,
+    quant: QuantConfig,
+}
+
+/// What identifies a run: resuming refuses a checkpoint whose run differs.
+#[derive(Clone, Debug)]
+pub struct RunIdentity {
+    pub source: String,
+    pub quant: QuantConfig,
+    /// Every setting that changes the result (learning rates, samples, seed, ...), as JSON.
+    pub recipe: Value,
+}
+
+impl CheckpointDir {
+    /// Starts a new checkpoint in `dir` (created if needed). Refuses a directory that already holds one, unless
+    /// `resume` is set and the stored run matches `run`; then continues after its finished blocks.
+    pub fn create_or_resume(
+        dir: &Path,
+        cfg: &LlamaConfig,
+        run: &RunIdentity,
+        resume: bool,
+    ) -> Result<Self> {
+        let meta_path = dir.join("eqat.json");
+        if meta_path.exists() {
+            if !resume {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!("{} already holds a checkpoint; pass --resume to continue it or choose another --out", dir.display()),
+                ));
+            }
+            let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+            let meta: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::format(&meta_path, "json", e.to_string()))?;
+            check_same_run(&meta_path, &meta, run, cfg)?;
+            return Ok(CheckpointDir {
+                dir: dir.to_path_buf(),
+                meta,
+                cfg: cfg.clone(),
+                quant: run.quant,
+            });
+        }
+        if resume {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!(
+                    "--resume: {} holds no checkpoint (no eqat.json)",
+                    dir.display()
+                ),
+            ));
+        }
+        std::fs::create_dir_all(dir.join("blocks")).map_err(|e| Error::io(dir, e))?;
+        let meta = json!({
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "eqat_version": env!("CARGO_PKG_VERSION"),
+            "source": run.source,
+            "wbits": run.quant.wbits,
+            "group_size": run.quant.group_size,
+            "n_layers": cfg.n_layers,
+            "recipe": run.recipe,
+            "blocks": [],
+        });
+        write_atomic(
+            &dir.join("config.json"),
+            &serde_json::to_vec_pretty(&hf_config(cfg, run.quant))?,
+        )?;
+        let ckpt = CheckpointDir {
+            dir: dir.to_path_buf(),
+            meta,
+            cfg: cfg.clone(),
+            quant: run.quant,
+        };
+        ckpt.write_meta()?;
+        Ok(ckpt)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn write_meta(&self) -> Result<()> {
+        write_atomic(
+            &self.dir.join("eqat.json"),
+            &serde_json::to_vec_pretty(&self.meta)?,
+        )
+    }
+
+    fn block_path(&self, i: usize) -> PathBuf {
+        self.dir
+            .join("blocks")
+            .join(format!("layer_{i:04}.safetensors"))
+    }
+}
+
+fn check_same_run(path: &Path, meta: &Value, run: &RunIdentity, cfg: &LlamaConfig) -> Result<()> {
+    if meta["format"] != FORMAT || meta["format_version"] != FORMAT_VERSION {
+        return Err(Error::format(
+            path,
+            "format",
+            format!("not an {FORMAT} v{FORMAT_VERSION} file"),
+        ));
+    }
+    let checks = [
+        (
+            "wbits (--wbits)",
+            meta["wbits"].clone(),
+            json!(run.quant.wbits),
+        ),
+        (
+            "group_size (--group-size)",
+            meta["group_size"].clone(),
+            json!(run.quant.group_size),
+        ),
+        ("n_layers", meta["n_layers"].clone(), json!(cfg.n_layers)),
+        (
+            "source (--model)",
+            meta["source"].clone(),
+            json!(run.source),
+        ),
+        ("recipe", meta["recipe"].clone(), run.recipe.clone()),
+    ];
+    for (field, stored, now) in checks {
+        if stored != now {
+            return Err(Error::format(
+                path,
+                field,
+                format!("the checkpoint was made with {stored}, this run asks for {now}; resume with the same settings"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl BlockSink for CheckpointDir {
+    fn save_block(&mut self, i: usize, record: &BlockRecord) -> Result<()> {
+        if i != self.blocks_done() {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("block {i} saved out of order"),
+            ));
+        }
+        let b = &record.block;
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![
+            (
+                format!("model.layers.{i}.input_layernorm.weight"),
+                Dtype::F32,
+                b.attn_norm.shape().to_vec(),
+                f32_bytes(&b.attn_norm)?,
+            ),
+            (
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                Dtype::F32,
+                b.ffn_norm.shape().to_vec(),
+                f32_bytes(&b.ffn_norm)?,
+            ),
+        ];
+        for (m, l) in MODULES.iter().zip(&b.linears) {
+            let p = format!("model.layers.{i}.{m}");
+            let words = l.qweight();
+            owned.push((
+                format!("{p}.qweight"),
+                Dtype::U32,
+                vec![l.out_features(), words.len() / l.out_features()],
+                bytemuck::cast_slice(words).to_vec(),
+            ));
+            owned.push((
+                format!("{p}.qzeros"),
+                Dtype::U8,
+                vec![l.out_features(), l.groups()],
+                l.zeros().to_vec(),
+            ));
+            owned.push((
+                format!("{p}.scales"),
+                Dtype::F32,
+                l.scales().shape().to_vec(),
+                f32_bytes(l.scales())?,
+            ));
+        }
+        let refs: Vec<_> = owned
+            .iter()
+            .map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice()))
+            .collect();
+        let mut md = BTreeMap::new();
+        md.insert(
+            "step_losses".to_string(),
+            serde_json::to_string(&record.step_losses)?,
+        );
+        md.insert(
+            "val_losses".to_string(),
+            serde_json::to_string(&record.val_losses)?,
+        );
+        write_safetensors(self.block_path(i), &refs, &md)?;
+        let entry = json!({
+            "index": i,
+            "train_loss": record.step_losses.last(),
+            "val_losses": record.val_losses,
+        });
+        self.meta["blocks"]
+            .as_array_mut()
+            .expect("blocks is an array")
+            .push(entry);
+        self.write_meta()
+    }
+
+    fn load_block(&self, i: usize) -> Result<BlockRecord> {
+        let path = self.block_path(i);
+        let f = SafetensorsFile::open(&path)?;
+        let shapes = self.cfg.linear_shapes();
+        let mut linears = Vec::with_capacity(7);
+        for (m, (_, n, k)) in MODULES.iter().zip(shapes) {
+            let p = format!("model.layers.{i}.{m}");
+            let words: Vec<u32> = f
+                .tensor_bytes(&format!("{p}.qweight"))?
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let ints = unpack_cols(
+                self.quant.wbits,
+                PackLayout::EqatTenPerWord,
+                &words,
+                n,
+                k,
+                &p,
+            )?;
+            let zeros: Vec<u32> = f
+                .tensor_bytes(&format!("{p}.qzeros"))?
+                .iter()
+                .map(|&z| z as u32)
+                .collect();
+            let scales = f.tensor_f32(&format!("{p}.scales"))?;
+            let g = self.quant.group_len(k)?;
+            linears.push(QuantizedLinear::from_ints(
+                self.quant.wbits,
+                g,
+                k,
+                n,
+                &ints,
+                &zeros,
+                scales,
+            )?);
+        }
+        let losses = |key: &str| -> Result<Vec<f32>> {
+            let text = f
+                .metadata()
+                .get(key)
+                .ok_or_else(|| Error::format(&path, key, "missing"))?;
+            serde_json::from_str(text).map_err(|e| Error::format(&path, key, e.to_string()))
+        };
+        Ok(BlockRecord {
+            block: QuantizedBlock {
+                attn_norm: f.tensor_f32(&format!("model.layers.{i}.input_layernorm.weight"))?,
+                ffn_norm: f
+                    .tensor_f32(&format!("model.layers.{i}.post_attention_layernorm.weight"))?,
+                linears: linears.try_into().expect("seven linears"),
+            },
+            step_losses: losses("step_losses")?,
+            val_losses: losses("val_losses")?,
+        })
+    }
+
+    fn blocks_done(&self) -> usize {
+        self.meta["blocks"].as_array().map(|a| a.len()).unwrap_or(0)
+    }
+}
+
+fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    Ok(bytemuck::cast_slice(t.f32s("checkpoint")?).to_vec())
+}
+
+/// HF-style config.json of the quantized model.
+pub fn hf_config(cfg: &LlamaConfig, quant: QuantConfig) -> Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.intermediate,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "vocab_size": cfg.vocab,
+        "rms_norm_eps": cfg.rms_eps,
+        "rope_theta": cfg.rope_base,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "quantization_config": {
+            "quant_method": "eqat",
+            "bits": quant.wbits,
+            "group_size": quant.group_size,
+            "sym": false,
+        },
+    })
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    res.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
