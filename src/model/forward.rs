@@ -8,13 +8,15 @@
 //! reduced to NLL at once, never as a [B·T, V] buffer (4 GiB at B·T = 16384 and SmolLM2's V = 49152).
 use crate::autograd::Tape;
 use crate::error::{Error, Result};
-use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
+use crate::model::llama::{block_forward_with, BlockVars, BlockWeights, LlamaConfig};
 use crate::model::source::WeightSource;
 use crate::ops::cross_entropy::cross_entropy_nll_sum;
 use crate::ops::embedding::embedding_fwd_cpu;
 use crate::ops::gemm::sgemm;
+use crate::ops::linear::linear;
 use crate::ops::rmsnorm::rmsnorm_fwd_cpu;
 use crate::tensor::Tensor;
+use crate::train::pipeline::BlockSource;
 
 const OP: &str = "LlamaModel";
 
@@ -86,6 +88,13 @@ impl LlamaModel {
             Some(w) if !w.is_empty() => w.len(),
             _ => return Err(Error::invalid(OP, "needs at least one non-empty sequence")),
         };
+        if let Some(span) = self.source.attention_window().filter(|&s| t > s) {
+            let msg = format!(
+                "sequences of {t} tokens exceed the model's sliding attention window of {span}, which \
+                 is not implemented (attention here is full causal); use at most {span} tokens"
+            );
+            return Err(Error::invalid(OP, msg));
+        }
         let v = self.config().vocab;
         for (i, w) in windows.iter().enumerate() {
             if w.len() != t {
@@ -113,7 +122,8 @@ impl LlamaModel {
         let mut x = Tensor::from_vec(&[b, t, c], x)?;
         for i in 0..cfg.n_layers {
             let weights = self.source.block(i)?;
-            x = run_block(cfg, &weights, x)?;
+            let bias = self.source.qkv_bias(i)?;
+            x = run_block(cfg, &weights, bias.as_ref(), x)?;
         }
         let mut out = vec![0.0; b * t * c];
         let mut rstd = vec![0.0; b * t];
@@ -180,13 +190,63 @@ impl LlamaModel {
     }
 }
 
-/// One block on hidden states x [B, T, C], no-grad.
-fn run_block(cfg: &LlamaConfig, weights: &BlockWeights, x: Tensor) -> Result<Tensor> {
+/// One block on hidden states x [B, T, C], no-grad; `qkv_bias` adds to the q, k and v projections.
+fn run_block(
+    cfg: &LlamaConfig,
+    weights: &BlockWeights,
+    qkv_bias: Option<&[Tensor; 3]>,
+    x: Tensor,
+) -> Result<Tensor> {
     let mut tape = Tape::new();
     let vars = BlockVars::register(&mut tape, weights, None)?;
+    let mut bias = [None; 7];
+    if let Some(b) = qkv_bias {
+        for (slot, t) in bias.iter_mut().zip(b) {
+            *slot = Some(tape.param(t.clone())?);
+        }
+    }
     tape.no_grad(|tape| {
         let xv = tape.input(x);
-        let y = block_forward(tape, cfg, &vars, xv)?;
+        let y = block_forward_with(
+            tape,
+            cfg,
+            vars.attn_norm,
+            vars.ffn_norm,
+            xv,
+            &mut |tape, i, input| linear(tape, input, vars.linears[i].weight, bias[i]),
+        )?;
         Ok(std::mem::replace(tape.value_mut(y), Tensor::scalar(0.0)))
     })
+}
+
+/// Block-AP reads a real model through this: blocks on demand, embeddings from the resident table.
+impl BlockSource for LlamaModel {
+    fn config(&self) -> &LlamaConfig {
+        self.source.config()
+    }
+
+    /// Refuses blocks with q/k/v biases: the Block-AP block has no bias to train or apply.
+    fn block(&self, i: usize) -> Result<BlockWeights> {
+        if self.source.qkv_bias(i)?.is_some() {
+            let msg = format!(
+                "{}: block {i} has q/k/v biases (Qwen2), which Block-AP does not support yet",
+                self.source.path().display()
+            );
+            return Err(Error::invalid(OP, msg));
+        }
+        self.source.block(i)
+    }
+
+    fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor> {
+        let windows: Vec<Vec<u32>> = ids.chunks(t.max(1)).map(<[u32]>::to_vec).collect();
+        if ids.len() != n * t {
+            let msg = format!("{} ids for {n} sequences of {t} tokens", ids.len());
+            return Err(Error::shape(OP, msg));
+        }
+        self.check_windows(&windows)?;
+        let c = self.config().hidden;
+        let mut x = vec![0.0; n * t * c];
+        embedding_fwd_cpu(&mut x, self.embedding.f32s(OP)?, ids, c);
+        Tensor::from_vec(&[n, t, c], x)
+    }
 }

@@ -1,6 +1,7 @@
 //! The Llama block and model, built from ops, and the sources of their weights.
 pub mod forward;
 pub mod gguf;
+pub mod hf;
 pub mod llama;
 pub mod quantized;
 pub mod source;
