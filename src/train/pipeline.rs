@@ -179,31 +179,3 @@ pub fn run_block_ap(
     }
     Ok(())
 }
-
-impl BlockSource for crate::model::LlamaModel {
-    fn config(&self) -> &LlamaConfig {
-        crate::model::LlamaModel::config(self)
-    }
-    fn block(&self, i: usize) -> Result<BlockWeights> {
-        self.source().block(i)
-    }
-    fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor> {
-        let c = self.config().hidden;
-        if ids.len() != n * t {
-            return Err(Error::shape(
-                "embed",
-                format!("{} ids for {n} sequences of {t}", ids.len()),
-            ));
-        }
-        let v = self.config().vocab;
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
-            return Err(Error::invalid(
-                "embed",
-                format!("token id {bad} is outside the vocabulary of {v}"),
-            ));
-        }
-        let mut out = vec![0.0f32; ids.len() * c];
-        crate::ops::embedding::embedding_fwd_cpu(&mut out, self.embedding().f32s("embed")?, ids, c);
-        Tensor::from_vec(&[n, t, c], out)
-    }
-}
