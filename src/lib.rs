@@ -5,6 +5,8 @@
 //! group along K, `wbits` bits per weight.
 pub mod autograd;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod ops;

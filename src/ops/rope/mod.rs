@@ -13,8 +13,11 @@
 //! f32, whose rounding reaches ~2e-4 rad by position 4096; ours are the f64 values.)
 //!
 //! Backward is the rotation by -theta (the transpose of a rotation). Activation gradients are written (`=`).
+//! On the GPU (`cuda/rope.cu`) the same host-built table is uploaded, so both paths rotate by the same f32 cos/sin.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::gpu::{Arg, GpuBuf, KernelSource};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -177,6 +180,85 @@ pub fn rope_bwd_cpu(
     rotate_cpu(dx, dout, shape, table, layout, -1.0);
 }
 
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "rope",
+    code: include_str!("../../../cuda/rope.cu"),
+};
+
+/// `RopeTable`'s cos and sin, uploaded.
+#[cfg(feature = "cuda")]
+pub struct RopeTableCuda {
+    cos: GpuBuf,
+    sin: GpuBuf,
+}
+
+#[cfg(feature = "cuda")]
+impl RopeTable {
+    pub fn to_device(&self, ctx: &std::sync::Arc<crate::gpu::GpuContext>) -> Result<RopeTableCuda> {
+        Ok(RopeTableCuda {
+            cos: ctx.upload(&self.cos)?,
+            sin: ctx.upload(&self.sin)?,
+        })
+    }
+}
+
+/// One thread per (row, head, pair); `kernel` is rope_fwd_f32 or rope_bwd_f32 (rotation by -theta).
+#[cfg(feature = "cuda")]
+fn rotate_cuda(
+    kernel: &'static str,
+    y: &mut GpuBuf,
+    x: &GpuBuf,
+    dims: [usize; 4],
+    table: &RopeTableCuda,
+    layout: RopeLayout,
+) -> Result<()> {
+    let [_, t, h, d] = dims;
+    let n_pairs = y.len() / 2;
+    let layout = match layout {
+        RopeLayout::HalfSplit => 0,
+        RopeLayout::Interleaved => 1,
+    };
+    y.ctx().launch_1d(
+        &CUDA,
+        kernel,
+        n_pairs,
+        &[
+            y.arg(),
+            x.arg(),
+            table.cos.arg(),
+            table.sin.arg(),
+            Arg::I64(n_pairs as i64),
+            Arg::I32(t as i32),
+            Arg::I32(h as i32),
+            Arg::I32(d as i32),
+            Arg::I32(layout),
+        ],
+    )
+}
+
+#[cfg(feature = "cuda")]
+pub fn rope_fwd_cuda(
+    out: &mut GpuBuf,
+    x: &GpuBuf,
+    shape: [usize; 4],
+    table: &RopeTableCuda,
+    layout: RopeLayout,
+) -> Result<()> {
+    rotate_cuda("rope_fwd_f32", out, x, shape, table, layout)
+}
+
+#[cfg(feature = "cuda")]
+pub fn rope_bwd_cuda(
+    dx: &mut GpuBuf,
+    dout: &GpuBuf,
+    shape: [usize; 4],
+    table: &RopeTableCuda,
+    layout: RopeLayout,
+) -> Result<()> {
+    rotate_cuda("rope_bwd_f32", dx, dout, shape, table, layout)
+}
+
 pub fn rope(tape: &mut Tape, x: Var, pos0: usize, base: f32, layout: RopeLayout) -> Result<Var> {
     let sx = tape.value(x).shape().to_vec();
     let shape: [usize; 4] = match sx[..] {
@@ -195,6 +277,24 @@ pub fn rope(tape: &mut Tape, x: Var, pos0: usize, base: f32, layout: RopeLayout)
         ));
     }
     let table = RopeTable::new(shape[1], shape[3], pos0, base);
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("rope", &[tape.value(x)])? {
+        if shape[1..].iter().any(|&v| v > i32::MAX as usize) {
+            return Err(Error::shape(
+                "rope",
+                format!("x {sx:?}: the kernel needs T, H, D < 2^31"),
+            ));
+        }
+        let table = table.to_device(&ctx)?;
+        let mut out = ctx.alloc(tape.value(x).numel())?;
+        rope_fwd_cuda(&mut out, tape.value(x).gpu("rope")?, shape, &table, layout)?;
+        let backward = RopeBackward {
+            table: SavedTable::Device(table),
+            shape,
+            layout,
+        };
+        return Ok(tape.push_op(Tensor::from_gpu(&sx, out)?, &[x], Box::new(backward)));
+    }
     let mut out = tape.alloc(&sx);
     rope_fwd_cpu(
         out.f32s_mut("rope")?,
@@ -204,15 +304,22 @@ pub fn rope(tape: &mut Tape, x: Var, pos0: usize, base: f32, layout: RopeLayout)
         layout,
     );
     let backward = RopeBackward {
-        table,
+        table: SavedTable::Host(table),
         shape,
         layout,
     };
     Ok(tape.push_op(out, &[x], Box::new(backward)))
 }
 
+/// The cos/sin table, where the forward ran.
+enum SavedTable {
+    Host(RopeTable),
+    #[cfg(feature = "cuda")]
+    Device(RopeTableCuda),
+}
+
 struct RopeBackward {
-    table: RopeTable,
+    table: SavedTable,
     shape: [usize; 4],
     layout: RopeLayout,
 }
@@ -228,14 +335,20 @@ impl Backward for RopeBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
-        if let Some(dx) = &mut d[0] {
-            rope_bwd_cpu(
-                dx.f32s_mut("rope_bwd")?,
-                dout.f32s("rope_bwd")?,
-                self.shape,
-                &self.table,
-                self.layout,
-            );
+        let Some(dx) = &mut d[0] else {
+            return Ok(());
+        };
+        let op = "rope_bwd";
+        match &self.table {
+            SavedTable::Host(table) => {
+                let dx = dx.f32s_mut(op)?;
+                rope_bwd_cpu(dx, dout.f32s(op)?, self.shape, table, self.layout);
+            }
+            #[cfg(feature = "cuda")]
+            SavedTable::Device(table) => {
+                let dx = dx.gpu_mut(op)?;
+                rope_bwd_cuda(dx, dout.gpu(op)?, self.shape, table, self.layout)?;
+            }
         }
         Ok(())
     }
