@@ -29,6 +29,10 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A CUDA driver, NVRTC or cuBLAS failure: no device, a kernel that does not compile (with the full NVRTC
+    /// log), a launch or copy the driver refused. The message names the op or kernel.
+    #[error("{0}")]
+    Gpu(String),
     /// Anything the autograd tape refuses (backward of a non-scalar, a missing backward, ...).
     #[error("autograd: {0}")]
     Autograd(String),

@@ -6,6 +6,8 @@
 pub mod autograd;
 pub mod error;
 pub mod eval;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod ops;

@@ -210,6 +210,12 @@ impl Tape {
             if let Ok(s) = g.f32s_mut("zero_grad") {
                 s.fill(0.0);
             }
+            #[cfg(feature = "cuda")]
+            if let Ok(b) = g.gpu_mut("zero_grad") {
+                // A memset fails only on a broken context, whose error is sticky: the next launch or copy
+                // reports it, so there is nothing to do with it here.
+                let _ = b.zero();
+            }
         }
     }
 
@@ -243,6 +249,10 @@ impl Tape {
         let loss_shape = self.values[loss.0].shape().to_vec();
         let mut seed = self.alloc(&loss_shape);
         seed.f32s_mut("backward")?.fill(1.0);
+        #[cfg(feature = "cuda")]
+        if let Some(ctx) = crate::gpu::device_of("backward", &[&self.values[loss.0]])? {
+            seed = seed.to_device(&ctx)?;
+        }
         accumulate(&mut self.grads[loss.0], seed, &mut self.pool)?;
         for i in (0..=loss.0).rev() {
             let Some(node) = self.nodes[i].as_ref() else {
@@ -252,17 +262,13 @@ impl Tape {
                 continue;
             };
             let inputs: Vec<&Tensor> = node.inputs.iter().map(|v| &self.values[v.0]).collect();
-            let mut dinputs: Vec<Option<Tensor>> = node
-                .inputs
-                .iter()
-                .map(|v| {
-                    self.requires_grad[v.0].then(|| {
-                        let shape = self.values[v.0].shape().to_vec();
-                        let buf = self.pool.take_zeroed(crate::tensor::numel(&shape));
-                        Tensor::from_vec(&shape, buf).expect("pool buffer has the requested length")
-                    })
-                })
-                .collect();
+            let mut dinputs: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs.len());
+            for v in &node.inputs {
+                dinputs.push(match self.requires_grad[v.0] {
+                    true => Some(zeroed_like(&self.values[v.0], &mut self.pool)?),
+                    false => None,
+                });
+            }
             node.backward
                 .backward(&inputs, &self.values[i], &dout, &mut dinputs)?;
             let name = node.backward.name();
@@ -293,9 +299,22 @@ impl Tape {
     }
 }
 
+/// A zeroed gradient buffer shaped like `t`, where `t` lives (the host pool or t's GPU).
+fn zeroed_like(t: &Tensor, pool: &mut BufferPool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let crate::tensor::Storage::Cuda(b) = t.storage() {
+        return Tensor::from_gpu(t.shape(), b.ctx().zeros(t.numel())?);
+    }
+    Tensor::from_vec(t.shape(), pool.take_zeroed(t.numel()))
+}
+
 fn accumulate(slot: &mut Option<Tensor>, d: Tensor, pool: &mut BufferPool) -> Result<()> {
     match slot {
         None => *slot = Some(d),
+        #[cfg(feature = "cuda")]
+        Some(g) if crate::gpu::device_of("backward", &[g, &d])?.is_some() => {
+            crate::ops::add::add_assign_cuda(g.gpu_mut("backward")?, d.gpu("backward")?)?;
+        }
         Some(g) => {
             let dst = g.f32s_mut("backward")?;
             let src = d.f32s("backward")?;

@@ -2,10 +2,17 @@
 //!
 //! Backward: da = dout; db = dout summed over the broadcast rows (`ops::reduce_rows`, the one place that
 //! reduces broadcast gradients). This file is the pattern every op follows: f64 `_ref` loops, the f32
-//! SIMD/rayon `_cpu` version, the tape wrapper with its `Backward`, and tests of all three.
+//! SIMD/rayon `_cpu` version, the `_cuda` launches of `cuda/add.cu` (the `cuda` feature), the tape wrapper with
+//! its `Backward` (which runs where the inputs are), and tests (the GPU ones in tests/cuda_equivalence.rs).
 use crate::autograd::{Backward, Tape, Var};
+#[cfg(feature = "cuda")]
+use crate::error::Error;
 use crate::error::Result;
+#[cfg(feature = "cuda")]
+use crate::gpu::{Arg, GpuBuf, KernelSource};
 use crate::ops::{check_suffix, reduce_rows, simd};
+#[cfg(feature = "cuda")]
+use crate::tensor::numel;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -37,12 +44,92 @@ pub fn add_bwd_ref(da: Option<&mut [f64]>, db: Option<&mut [f64]>, dout: &[f64])
     }
 }
 
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "add",
+    code: include_str!("../../cuda/add.cu"),
+};
+
+/// out = a + b broadcast; out and a have the same length, a multiple of b's.
+#[cfg(feature = "cuda")]
+pub fn add_fwd_cuda(out: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf) -> Result<()> {
+    let n = out.len();
+    out.ctx().launch_1d(
+        &CUDA,
+        "add_fwd_f32",
+        n,
+        &[
+            out.arg(),
+            a.arg(),
+            b.arg(),
+            Arg::I64(n as i64),
+            Arg::I64(b.len() as i64),
+        ],
+    )
+}
+
+/// db[j] = sum over rows of dout[r, j], rows = dout.len() / db.len(): the column sums every broadcast gradient
+/// and every per-block partial (rmsnorm's dw, linear's db) reduces with.
+#[cfg(feature = "cuda")]
+pub fn add_bwd_cuda(db: &mut GpuBuf, dout: &GpuBuf) -> Result<()> {
+    let nb = db.len();
+    if nb == 0 || !dout.len().is_multiple_of(nb) {
+        return Err(Error::shape(
+            "add_bwd_cuda",
+            format!("{} values do not split into rows of {nb}", dout.len()),
+        ));
+    }
+    let rows = dout.len() / nb;
+    db.ctx().launch(
+        &CUDA,
+        "add_bwd_f32",
+        (nb.div_ceil(32) as u32, 1, 1),
+        (32, 8, 1),
+        0,
+        &[
+            db.arg(),
+            dout.arg(),
+            Arg::I64(rows as i64),
+            Arg::I64(nb as i64),
+        ],
+    )
+}
+
+/// dst += src (the tape's gradient accumulation on the device).
+#[cfg(feature = "cuda")]
+pub fn add_assign_cuda(dst: &mut GpuBuf, src: &GpuBuf) -> Result<()> {
+    if dst.len() != src.len() {
+        return Err(Error::shape(
+            "add_assign_cuda",
+            format!("{} values += {} values", dst.len(), src.len()),
+        ));
+    }
+    let n = dst.len();
+    dst.ctx().launch_1d(
+        &CUDA,
+        "add_assign_f32",
+        n,
+        &[dst.arg(), src.arg(), Arg::I64(n as i64)],
+    )
+}
+
 pub fn add(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
     let (sa, sb) = (
         tape.value(a).shape().to_vec(),
         tape.value(b).shape().to_vec(),
     );
     check_suffix("add", &sa, &sb)?;
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("add", &[tape.value(a), tape.value(b)])? {
+        let mut out = ctx.alloc(numel(&sa))?;
+        add_fwd_cuda(
+            &mut out,
+            tape.value(a).gpu("add")?,
+            tape.value(b).gpu("add")?,
+        )?;
+        let out = Tensor::from_gpu(&sa, out)?;
+        return Ok(tape.push_op(out, &[a, b], Box::new(AddBackward)));
+    }
     let mut out = tape.alloc(&sa);
     add_fwd_cpu(
         out.f32s_mut("add")?,
@@ -65,6 +152,17 @@ impl Backward for AddBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            let dout = dout.gpu("add_bwd")?;
+            if let Some(da) = &mut d[0] {
+                da.gpu_mut("add_bwd")?.copy_from(dout)?;
+            }
+            if let Some(db) = &mut d[1] {
+                add_bwd_cuda(db.gpu_mut("add_bwd")?, dout)?;
+            }
+            return Ok(());
+        }
         let dout = dout.f32s("add_bwd")?;
         if let Some(da) = &mut d[0] {
             da.f32s_mut("add_bwd")?.copy_from_slice(dout);

@@ -5,6 +5,8 @@
 //! a gradient (activation grads `=`, the tape does the `+=`, so mse(x, x) correctly gets zero).
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::gpu::{opt_arg, Arg, GpuBuf, KernelSource};
 use crate::ops::check_same;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -114,6 +116,69 @@ pub fn mse_bwd_cpu(
     }
 }
 
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "mse",
+    code: include_str!("../../cuda/mse.cu"),
+};
+
+/// Blocks of the forward's first pass, each leaving one f64 partial sum (at most one block of the second pass).
+#[cfg(feature = "cuda")]
+const CUDA_PARTIALS: usize = 1024;
+
+/// loss[0] = mean((pred - target)²), summed in f64 in a fixed order (deterministic). `pred` must not be empty.
+#[cfg(feature = "cuda")]
+pub fn mse_fwd_cuda(loss: &mut GpuBuf, pred: &GpuBuf, target: &GpuBuf) -> Result<()> {
+    let n = pred.len();
+    let ctx = pred.ctx().clone();
+    let blocks = n.div_ceil(crate::gpu::BLOCK as usize).min(CUDA_PARTIALS);
+    // f64 partials, two f32 slots each (device allocations are 256-byte aligned).
+    let partial = ctx.alloc(2 * blocks)?;
+    let n64 = Arg::I64(n as i64);
+    let block = (crate::gpu::BLOCK, 1, 1);
+    ctx.launch(
+        &CUDA,
+        "mse_fwd_f32",
+        (blocks as u32, 1, 1),
+        block,
+        0,
+        &[partial.arg(), pred.arg(), target.arg(), n64],
+    )?;
+    ctx.launch(
+        &CUDA,
+        "mse_fwd_sum_f32",
+        (1, 1, 1),
+        (CUDA_PARTIALS as u32, 1, 1),
+        0,
+        &[loss.arg(), partial.arg(), Arg::I32(blocks as i32), n64],
+    )
+}
+
+/// dpred = 2 (pred - target) dout / n and dtarget = its negative, dout read from the device scalar.
+#[cfg(feature = "cuda")]
+pub fn mse_bwd_cuda(
+    dpred: Option<&mut GpuBuf>,
+    dtarget: Option<&mut GpuBuf>,
+    pred: &GpuBuf,
+    target: &GpuBuf,
+    dout: &GpuBuf,
+) -> Result<()> {
+    let n = pred.len();
+    pred.ctx().launch_1d(
+        &CUDA,
+        "mse_bwd_f32",
+        n,
+        &[
+            opt_arg(&dpred),
+            opt_arg(&dtarget),
+            pred.arg(),
+            target.arg(),
+            dout.arg(),
+            Arg::I64(n as i64),
+        ],
+    )
+}
+
 pub fn mse(tape: &mut Tape, pred: Var, target: Var) -> Result<Var> {
     let (sp, st) = (tape.value(pred).shape(), tape.value(target).shape());
     check_same("mse", sp, st)?;
@@ -122,6 +187,17 @@ pub fn mse(tape: &mut Tape, pred: Var, target: Var) -> Result<Var> {
             "mse",
             format!("empty tensors {sp:?}: the mean is undefined"),
         ));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("mse", &[tape.value(pred), tape.value(target)])? {
+        let mut loss = ctx.alloc(1)?;
+        mse_fwd_cuda(
+            &mut loss,
+            tape.value(pred).gpu("mse")?,
+            tape.value(target).gpu("mse")?,
+        )?;
+        let loss = Tensor::from_gpu(&[], loss)?;
+        return Ok(tape.push_op(loss, &[pred, target], Box::new(MseBackward)));
     }
     let loss = mse_fwd_cpu(
         tape.value(pred).f32s("mse")?,
@@ -144,6 +220,18 @@ impl Backward for MseBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            let op = "mse_bwd";
+            let (dp, dt) = d.split_at_mut(1);
+            return mse_bwd_cuda(
+                dp[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dt[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                x[0].gpu(op)?,
+                x[1].gpu(op)?,
+                dout.gpu(op)?,
+            );
+        }
         let (pred, target) = (x[0].f32s("mse_bwd")?, x[1].f32s("mse_bwd")?);
         let dout = dout.f32s("mse_bwd")?[0];
         let (dp, dt) = d.split_at_mut(1);

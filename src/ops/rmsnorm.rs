@@ -7,6 +7,8 @@
 //! dw is reduced over fixed blocks of rows and then in block order, so it is the same for any thread count.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::gpu::{opt_arg, Arg, GpuBuf, KernelSource};
 use crate::ops::simd;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -141,6 +143,80 @@ pub fn rmsnorm_bwd_cpu(
     }
 }
 
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "rmsnorm",
+    code: include_str!("../../cuda/rmsnorm.cu"),
+};
+
+/// One block per row of C = w.len() values.
+#[cfg(feature = "cuda")]
+pub fn rmsnorm_fwd_cuda(
+    out: &mut GpuBuf,
+    rstd: &mut GpuBuf,
+    x: &GpuBuf,
+    w: &GpuBuf,
+    eps: f32,
+) -> Result<()> {
+    let c = w.len();
+    out.ctx().launch(
+        &CUDA,
+        "rmsnorm_fwd_f32",
+        (rstd.len() as u32, 1, 1),
+        (crate::gpu::BLOCK, 1, 1),
+        0,
+        &[
+            out.arg(),
+            rstd.arg(),
+            x.arg(),
+            w.arg(),
+            Arg::I32(c as i32),
+            Arg::F32(eps),
+        ],
+    )
+}
+
+/// dx and dw as `rmsnorm_bwd_cpu`; dw goes through per-block partials of BWD_ROWS rows, summed by add_bwd_cuda.
+#[cfg(feature = "cuda")]
+pub fn rmsnorm_bwd_cuda(
+    dx: Option<&mut GpuBuf>,
+    dw: Option<&mut GpuBuf>,
+    dout: &GpuBuf,
+    x: &GpuBuf,
+    w: &GpuBuf,
+    rstd: &GpuBuf,
+) -> Result<()> {
+    let (c, rows) = (w.len(), rstd.len());
+    let ctx = dout.ctx().clone();
+    let blocks = rows.div_ceil(BWD_ROWS);
+    let mut partial = match dw.is_some() {
+        true => Some(ctx.alloc(blocks * c)?),
+        false => None,
+    };
+    ctx.launch(
+        &CUDA,
+        "rmsnorm_bwd_f32",
+        (blocks as u32, 1, 1),
+        (crate::gpu::BLOCK, 1, 1),
+        0,
+        &[
+            opt_arg(&dx),
+            opt_arg(&partial.as_mut()),
+            dout.arg(),
+            x.arg(),
+            w.arg(),
+            rstd.arg(),
+            Arg::I64(rows as i64),
+            Arg::I32(c as i32),
+            Arg::I32(BWD_ROWS as i32),
+        ],
+    )?;
+    match (dw, &partial) {
+        (Some(dw), Some(p)) => crate::ops::add::add_bwd_cuda(dw, p),
+        _ => Ok(()),
+    }
+}
+
 pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
     let (sx, sw) = (
         tape.value(x).shape().to_vec(),
@@ -160,8 +236,23 @@ pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
             format!("eps must be finite and >= 0, got {eps}"),
         ));
     }
+    let rows = tape.value(x).numel() / sw[0];
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("rmsnorm", &[tape.value(x), tape.value(w)])? {
+        let (mut out, mut rstd) = (ctx.alloc(rows * sw[0])?, ctx.alloc(rows)?);
+        rmsnorm_fwd_cuda(
+            &mut out,
+            &mut rstd,
+            tape.value(x).gpu("rmsnorm")?,
+            tape.value(w).gpu("rmsnorm")?,
+            eps,
+        )?;
+        let rstd = Tensor::from_gpu(&[rows], rstd)?;
+        let out = Tensor::from_gpu(&sx, out)?;
+        return Ok(tape.push_op(out, &[x, w], Box::new(RmsnormBackward { rstd })));
+    }
     let mut out = tape.alloc(&sx);
-    let mut rstd = vec![0.0; tape.value(x).numel() / sw[0]];
+    let mut rstd = vec![0.0; rows];
     rmsnorm_fwd_cpu(
         out.f32s_mut("rmsnorm")?,
         &mut rstd,
@@ -169,11 +260,13 @@ pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
         tape.value(w).f32s("rmsnorm")?,
         eps,
     );
+    let rstd = Tensor::from_vec(&[rows], rstd)?;
     Ok(tape.push_op(out, &[x, w], Box::new(RmsnormBackward { rstd })))
 }
 
 struct RmsnormBackward {
-    rstd: Vec<f32>,
+    /// 1/rms per row, where the forward ran (host or device).
+    rstd: Tensor,
 }
 
 impl Backward for RmsnormBackward {
@@ -188,6 +281,18 @@ impl Backward for RmsnormBackward {
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
         let (dx, dw) = d.split_at_mut(1);
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            let op = "rmsnorm_bwd";
+            return rmsnorm_bwd_cuda(
+                dx[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dw[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dout.gpu(op)?,
+                inputs[0].gpu(op)?,
+                inputs[1].gpu(op)?,
+                self.rstd.gpu(op)?,
+            );
+        }
         rmsnorm_bwd_cpu(
             dx[0]
                 .as_mut()
@@ -200,7 +305,7 @@ impl Backward for RmsnormBackward {
             dout.f32s("rmsnorm_bwd")?,
             inputs[0].f32s("rmsnorm_bwd")?,
             inputs[1].f32s("rmsnorm_bwd")?,
-            &self.rstd,
+            self.rstd.f32s("rmsnorm_bwd")?,
         );
         Ok(())
     }

@@ -6,6 +6,8 @@
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::Result;
 use crate::ops::silu::sigmoid64;
+#[cfg(feature = "cuda")]
+use crate::gpu::{opt_arg, Arg, GpuBuf, KernelSource};
 use crate::ops::silu::{sigmoid, sigmoid8, CHUNK};
 use crate::ops::{check_same, simd};
 use crate::tensor::Tensor;
@@ -108,9 +110,62 @@ pub fn swiglu_bwd_cpu(
         });
 }
 
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "swiglu",
+    code: include_str!("../../cuda/swiglu.cu"),
+};
+
+#[cfg(feature = "cuda")]
+pub fn swiglu_fwd_cuda(out: &mut GpuBuf, gate: &GpuBuf, up: &GpuBuf) -> Result<()> {
+    let n = out.len();
+    out.ctx().launch_1d(
+        &CUDA,
+        "swiglu_fwd_f32",
+        n,
+        &[out.arg(), gate.arg(), up.arg(), Arg::I64(n as i64)],
+    )
+}
+
+/// Writes whichever of dgate and dup is given, in one pass.
+#[cfg(feature = "cuda")]
+pub fn swiglu_bwd_cuda(
+    dgate: Option<&mut GpuBuf>,
+    dup: Option<&mut GpuBuf>,
+    dout: &GpuBuf,
+    gate: &GpuBuf,
+    up: &GpuBuf,
+) -> Result<()> {
+    let n = dout.len();
+    dout.ctx().launch_1d(
+        &CUDA,
+        "swiglu_bwd_f32",
+        n,
+        &[
+            opt_arg(&dgate),
+            opt_arg(&dup),
+            dout.arg(),
+            gate.arg(),
+            up.arg(),
+            Arg::I64(n as i64),
+        ],
+    )
+}
+
 pub fn swiglu(tape: &mut Tape, gate: Var, up: Var) -> Result<Var> {
     let shape = tape.value(gate).shape().to_vec();
     check_same("swiglu", &shape, tape.value(up).shape())?;
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("swiglu", &[tape.value(gate), tape.value(up)])? {
+        let mut out = ctx.alloc(tape.value(gate).numel())?;
+        swiglu_fwd_cuda(
+            &mut out,
+            tape.value(gate).gpu("swiglu")?,
+            tape.value(up).gpu("swiglu")?,
+        )?;
+        let out = Tensor::from_gpu(&shape, out)?;
+        return Ok(tape.push_op(out, &[gate, up], Box::new(SwigluBackward)));
+    }
     let mut out = tape.alloc(&shape);
     swiglu_fwd_cpu(
         out.f32s_mut("swiglu")?,
@@ -134,6 +189,17 @@ impl Backward for SwigluBackward {
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
         let (dgate, dup) = d.split_at_mut(1);
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            let op = "swiglu_bwd";
+            return swiglu_bwd_cuda(
+                dgate[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dup[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dout.gpu(op)?,
+                inputs[0].gpu(op)?,
+                inputs[1].gpu(op)?,
+            );
+        }
         swiglu_bwd_cpu(
             dgate[0]
                 .as_mut()

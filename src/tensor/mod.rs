@@ -1,7 +1,8 @@
 //! Contiguous row-major tensors. Compute is f32; f16 and bf16 are storage formats with conversions.
 //!
-//! `Storage` is the op boundary: every op matches on it, so a CUDA variant plugs in beside `Cpu*`
-//! without touching callers (style.md: organise by op, not by backend).
+//! `Storage` is the op boundary: every op matches on it, so the CUDA variant (the `cuda` feature) sits beside
+//! `Cpu*` without touching callers (style.md: organise by op, not by backend). An op runs where its inputs are
+//! (`gpu::device_of`); `to_device` and `to_host` move values between the two.
 pub mod rng;
 
 use crate::error::{Error, Result};
@@ -28,6 +29,9 @@ pub enum Storage {
     Cpu(Vec<f32>),
     CpuF16(Vec<f16>),
     CpuBF16(Vec<bf16>),
+    /// f32 values in GPU memory, from the device's caching allocator.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::gpu::GpuBuf),
 }
 
 #[derive(Clone, Debug)]
@@ -127,7 +131,32 @@ impl Tensor {
             Storage::Cpu(_) => DType::F32,
             Storage::CpuF16(_) => DType::F16,
             Storage::CpuBF16(_) => DType::BF16,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => DType::F32,
         }
+    }
+
+    /// Whether the values live on a GPU (always false without the `cuda` feature).
+    pub fn is_cuda(&self) -> bool {
+        match &self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Where the values live: `host` or `cuda:N`.
+    pub fn device_name(&self) -> String {
+        match &self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => format!("cuda:{}", b.ctx().ordinal()),
+            _ => "host".into(),
+        }
+    }
+
+    /// The dtype and device, for error messages (`F32 on cuda:0`).
+    fn storage_name(&self) -> String {
+        format!("{:?} on {}", self.dtype(), self.device_name())
     }
 
     pub fn storage(&self) -> &Storage {
@@ -140,32 +169,103 @@ impl Tensor {
             Storage::Cpu(v) => Ok(v),
             _ => Err(Error::Storage {
                 op,
-                msg: format!("needs f32 host storage, got {:?}", self.dtype()),
+                msg: format!("needs f32 host storage, got {}", self.storage_name()),
             }),
         }
     }
 
     pub fn f32s_mut(&mut self, op: &'static str) -> Result<&mut [f32]> {
-        let dtype = self.dtype();
+        let name = self.storage_name();
         match &mut self.storage {
             Storage::Cpu(v) => Ok(v),
             _ => Err(Error::Storage {
                 op,
-                msg: format!("needs f32 host storage, got {dtype:?}"),
+                msg: format!("needs f32 host storage, got {name}"),
             }),
         }
     }
 
-    /// Host f32 values, converting from f16/bf16 storage where needed.
+    /// Host f32 values, converting from f16/bf16 storage where needed. Device values are copied to the host;
+    /// that copy panics only if the CUDA context is broken (use [`Tensor::to_host`] to get the error instead).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &self.storage {
             Storage::Cpu(v) => v.clone(),
             Storage::CpuF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::CpuBF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.to_vec().unwrap_or_else(|e| panic!("to_f32_vec: {e}")),
         }
     }
 
-    /// Converts storage to `dtype` (round to nearest even for the 16-bit formats).
+    /// An f32 host copy (a device tensor is downloaded, 16-bit host storage widened).
+    pub fn to_host(&self) -> Result<Tensor> {
+        let data = match &self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.to_vec()?,
+            _ => self.to_f32_vec(),
+        };
+        Tensor::from_vec(&self.shape, data)
+    }
+
+    /// An f32 copy on the GPU of `ctx` (16-bit host storage is widened first).
+    #[cfg(feature = "cuda")]
+    pub fn to_device(&self, ctx: &std::sync::Arc<crate::gpu::GpuContext>) -> Result<Tensor> {
+        let buf = match &self.storage {
+            Storage::Cpu(v) => ctx.upload(v)?,
+            Storage::Cuda(b) if std::sync::Arc::ptr_eq(b.ctx(), ctx) => b.try_clone()?,
+            Storage::Cuda(b) => ctx.upload(&b.to_vec()?)?,
+            _ => ctx.upload(&self.to_f32_vec())?,
+        };
+        Ok(Tensor {
+            shape: self.shape.clone(),
+            storage: Storage::Cuda(buf),
+        })
+    }
+
+    /// Wraps a device buffer; errors when its length is not the product of `shape`.
+    #[cfg(feature = "cuda")]
+    pub fn from_gpu(shape: &[usize], buf: crate::gpu::GpuBuf) -> Result<Tensor> {
+        if buf.len() != numel(shape) {
+            return Err(Error::shape(
+                "Tensor::from_gpu",
+                format!(
+                    "shape {shape:?} needs {} values, got {}",
+                    numel(shape),
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cuda(buf),
+        })
+    }
+
+    /// The device buffer; `op` names the caller in the error for host storage.
+    #[cfg(feature = "cuda")]
+    pub fn gpu(&self, op: &'static str) -> Result<&crate::gpu::GpuBuf> {
+        match &self.storage {
+            Storage::Cuda(b) => Ok(b),
+            _ => Err(Error::Storage {
+                op,
+                msg: format!("needs GPU storage, got {}", self.storage_name()),
+            }),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn gpu_mut(&mut self, op: &'static str) -> Result<&mut crate::gpu::GpuBuf> {
+        let name = self.storage_name();
+        match &mut self.storage {
+            Storage::Cuda(b) => Ok(b),
+            _ => Err(Error::Storage {
+                op,
+                msg: format!("needs GPU storage, got {name}"),
+            }),
+        }
+    }
+
+    /// A host copy in `dtype` (round to nearest even for the 16-bit formats; device values are downloaded).
     pub fn to_dtype(&self, dtype: DType) -> Tensor {
         let storage = match dtype {
             DType::F32 => Storage::Cpu(self.to_f32_vec()),

@@ -32,8 +32,13 @@ use crate::tensor::Tensor;
 use rayon::prelude::*;
 use wide::{f32x8, CmpGe, CmpLe};
 
+#[cfg(feature = "cuda")]
+mod cuda;
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "cuda")]
+pub use cuda::{fake_quant_bwd_cuda, fake_quant_fwd_cuda, CUDA};
 
 /// Bounds of the scale clamp (official `CLIPMIN` and its 1e4 ceiling), applied in the forward and at init.
 pub const SCALE_MIN: f32 = 1e-4;
@@ -354,6 +359,28 @@ pub fn fake_quant(
         }
     }
     let qmax = cfg.qmax();
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of(
+        "fake_quant",
+        &[tape.value(w), tape.value(scales), tape.value(zeros)],
+    )? {
+        let op = "fake_quant";
+        let values = [tape.value(w), tape.value(scales), tape.value(zeros)];
+        let mut out = ctx.alloc(n * k)?;
+        fake_quant_fwd_cuda(
+            &mut out,
+            values[0].gpu(op)?,
+            values[1].gpu(op)?,
+            values[2].gpu(op)?,
+            g,
+            qmax,
+        )?;
+        return Ok(tape.push_op(
+            Tensor::from_gpu(&ws, out)?,
+            &[w, scales, zeros],
+            Box::new(FakeQuantBackward { g, qmax }),
+        ));
+    }
     let mut out = tape.alloc(&ws);
     fake_quant_fwd_cpu(
         out.f32s_mut("fake_quant")?,
@@ -393,6 +420,20 @@ impl Backward for FakeQuantBackward {
                 d.len()
             )));
         };
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            return fake_quant_bwd_cuda(
+                dw.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                ds.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dz.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dout.gpu(op)?,
+                x[0].gpu(op)?,
+                x[1].gpu(op)?,
+                x[2].gpu(op)?,
+                self.g,
+                self.qmax,
+            );
+        }
         fake_quant_bwd_cpu(
             dw.as_mut().map(|t| t.f32s_mut(op)).transpose()?,
             ds.as_mut().map(|t| t.f32s_mut(op)).transpose()?,

@@ -8,14 +8,23 @@
 //! is skipped and its count does not move. The scalars (bias corrections, lr·wd) are computed in f64 and the
 //! elementwise update in f32, as torch does with Python floats and fp32 tensors. m and v are f32, allocated on a
 //! parameter's first update.
+//!
+//! A parameter on a GPU (the `cuda` feature) is updated there (`cuda/adamw.cu`, one launch per parameter) with
+//! its m and v in device memory; `sync_state_to_host` copies them into `state()` for a checkpoint, and
+//! `load_state` puts saved moments back on the device at the next step.
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use wide::f32x8;
 
+#[cfg(feature = "cuda")]
+mod cuda;
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "cuda")]
+pub use cuda::{adamw_update_cuda, nonfinite_cuda, DeviceMoments, CUDA};
 
 /// Parameters sharing a learning rate and weight decay (Block-AP: one group for scales/zeros, one for weights).
 #[derive(Clone, Debug)]
@@ -47,6 +56,10 @@ pub struct AdamW {
     beta2: f64,
     eps: f64,
     state: AdamWState,
+    /// Moments of parameters that live on a GPU, indexed like `state.params` (None until the first device step,
+    /// and again after `load_state`, so that loaded host moments are uploaded).
+    #[cfg(feature = "cuda")]
+    device: Vec<Option<DeviceMoments>>,
 }
 
 /// The f32 constants of one parameter's update.
@@ -172,6 +185,8 @@ impl AdamW {
                 steps: 0,
                 params: vec![ParamState::default(); n],
             },
+            #[cfg(feature = "cuda")]
+            device: (0..n).map(|_| None).collect(),
         })
     }
 
@@ -184,8 +199,22 @@ impl AdamW {
         self.state.steps
     }
 
+    /// The resumable state. For parameters on a GPU, m and v here are only as recent as the last
+    /// `sync_state_to_host`.
     pub fn state(&self) -> &AdamWState {
         &self.state
+    }
+
+    /// Copies the device moments of GPU parameters into `state()` (before saving a checkpoint).
+    #[cfg(feature = "cuda")]
+    pub fn sync_state_to_host(&mut self) -> Result<()> {
+        for (st, dev) in self.state.params.iter_mut().zip(&self.device) {
+            if let Some(d) = dev {
+                st.m = d.m.to_vec()?;
+                st.v = d.v.to_vec()?;
+            }
+        }
+        Ok(())
     }
 
     /// Restores a saved state. Its parameter count must match; each m/v length is checked against its
@@ -218,6 +247,8 @@ impl AdamW {
             ));
         }
         self.state = state;
+        #[cfg(feature = "cuda")]
+        self.device.iter_mut().for_each(|d| *d = None);
         Ok(())
     }
 
@@ -232,6 +263,9 @@ impl AdamW {
         }
         let n_params = tape.n_params();
         let mut slots: Vec<(&mut Tensor, Option<&Tensor>)> = tape.params_and_grads_mut().collect();
+        // Gradients on a GPU, checked for finiteness together after the loop: (group, entry, var, shape, grad).
+        #[cfg(feature = "cuda")]
+        let mut on_device: Vec<(usize, usize, usize, Vec<usize>, &Tensor)> = Vec::new();
         let mut k = 0;
         for (gi, group) in self.groups.iter().enumerate() {
             for (pi, var) in group.params.iter().enumerate() {
@@ -247,7 +281,13 @@ impl AdamW {
                 let st = &self.state.params[k];
                 k += 1;
                 let Some(g) = g else { continue };
-                p.f32s("AdamW")?;
+                #[cfg(feature = "cuda")]
+                if crate::gpu::device_of("AdamW", &[p, g])?.is_some() {
+                    on_device.push((gi, pi, var.index(), p.shape().to_vec(), *g));
+                }
+                if !p.is_cuda() {
+                    p.f32s("AdamW")?;
+                }
                 if !st.m.is_empty() && st.m.len() != p.numel() {
                     return Err(Error::shape(
                         "AdamW",
@@ -258,7 +298,7 @@ impl AdamW {
                         ),
                     ));
                 }
-                if g.f32s("AdamW")?.par_iter().any(|x| !x.is_finite()) {
+                if !g.is_cuda() && g.f32s("AdamW")?.par_iter().any(|x| !x.is_finite()) {
                     return Err(Error::NonFinite {
                         what: format!(
                             "AdamW gradient of group {gi} entry {pi} (var {}, {:?})",
@@ -269,6 +309,20 @@ impl AdamW {
                 }
             }
         }
+        #[cfg(feature = "cuda")]
+        {
+            let grads: Vec<&crate::gpu::GpuBuf> = on_device
+                .iter()
+                .map(|(.., g)| g.gpu("AdamW"))
+                .collect::<Result<_>>()?;
+            let bad = nonfinite_cuda(&grads)?;
+            if let Some(i) = bad.iter().position(|&b| b) {
+                let (gi, pi, var, shape, _) = &on_device[i];
+                return Err(Error::NonFinite {
+                    what: format!("AdamW gradient of group {gi} entry {pi} (var {var}, {shape:?})"),
+                });
+            }
+        }
         let mut k = 0;
         for group in &self.groups {
             let lr = group.lr as f64 * lr_factor as f64;
@@ -277,6 +331,33 @@ impl AdamW {
                 k += 1;
                 let (p, g) = &mut slots[var.index()];
                 let Some(g) = g else { continue };
+                #[cfg(feature = "cuda")]
+                if p.is_cuda() {
+                    st.step += 1;
+                    let c = AdamWCoefs::new(
+                        lr,
+                        group.weight_decay as f64,
+                        self.beta1,
+                        self.beta2,
+                        self.eps,
+                        st.step,
+                    );
+                    let p = p.gpu_mut("AdamW")?;
+                    let moments = match &mut self.device[k - 1] {
+                        Some(d) => d,
+                        slot => {
+                            let ctx = p.ctx();
+                            // Moments loaded by `load_state` go up once; a fresh parameter starts at zero.
+                            let (m, v) = match st.m.is_empty() {
+                                true => (ctx.zeros(p.len())?, ctx.zeros(p.len())?),
+                                false => (ctx.upload(&st.m)?, ctx.upload(&st.v)?),
+                            };
+                            slot.insert(DeviceMoments { m, v })
+                        }
+                    };
+                    adamw_update_cuda(p, g.gpu("AdamW")?, &mut moments.m, &mut moments.v, &c)?;
+                    continue;
+                }
                 let p = p.f32s_mut("AdamW")?;
                 if st.m.is_empty() {
                     st.m = vec![0.0; p.len()];

@@ -1,0 +1,24 @@
+// AdamW, torch.optim.AdamW's single-tensor update in its operation order (src/train/adamw/mod.rs):
+//   p *= decay;  m += (1 - b1) (g - m);  v = b2 v + (1 - b2) g^2;  p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
+// The f64 scalars are computed on the host per parameter (AdamWCoefs). adamw_check_f32 flags a non-finite
+// gradient before any parameter moves (flags[k] = 1 for parameter k).
+
+extern "C" __global__ void adamw_update_f32(float* p, const float* g, float* m, float* v, i64 n, float decay,
+                                            float beta2, float one_minus_beta1, float one_minus_beta2,
+                                            float step_size, float bias_correction2_sqrt, float eps) {
+    for (i64 i = global_index(); i < n; i += grid_stride()) {
+        const float gi = g[i];
+        float mi = m[i];
+        mi += one_minus_beta1 * (gi - mi);
+        const float vi = v[i] * beta2 + one_minus_beta2 * gi * gi;
+        const float denom = sqrtf(vi) / bias_correction2_sqrt + eps;
+        p[i] = p[i] * decay + -step_size * (mi / denom);
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+extern "C" __global__ void adamw_check_f32(float* flags, int k, const float* g, i64 n) {
+    for (i64 i = global_index(); i < n; i += grid_stride())
+        if (!isfinite(g[i])) flags[k] = 1.0f;  // every writer stores the same value: the race is benign
+}

@@ -1,0 +1,51 @@
+// fake_quant: EfficientQAT's asymmetric uniform quantizer per group of g consecutive weights (one row of w
+// [N, K] holds K/g groups; group j has scales[j], zeros[j]). See src/quant/fake_quant/mod.rs for the formulas:
+//   s = clamp(scale, SCALE_MIN, SCALE_MAX), zr = clamp(rint(zero), 0, qmax), x = w / s, p = rint(x) + zr,
+//   q = clamp(p, 0, qmax), out = (q - zr) * s;  m = [0 <= p <= qmax]
+//   dw = dout * m,  ds = sum_group dout * (q - zr - m * x),  dz = -s * sum_{group, !m} dout
+// rintf rounds half to even (torch.round); w / s is IEEE division (NVRTC's default --prec-div=true), so the
+// forward equals the CPU path's f32 values exactly.
+
+#define SCALE_MIN 1e-4f
+#define SCALE_MAX 1e4f
+
+extern "C" __global__ void fake_quant_fwd_f32(float* out, const float* w, const float* scales, const float* zeros,
+                                              i64 n, i64 g, float qmax) {
+    for (i64 i = global_index(); i < n; i += grid_stride()) {
+        const i64 j = i / g;
+        const float s = fminf(fmaxf(scales[j], SCALE_MIN), SCALE_MAX);
+        const float zr = fminf(fmaxf(rintf(zeros[j]), 0.0f), qmax);
+        const float p = rintf(w[i] / s) + zr;
+        out[i] = (fminf(fmaxf(p, 0.0f), qmax) - zr) * s;
+    }
+}
+
+// One warp per group: lanes stride over the group's g elements, then a warp sum gives ds and dz. dw, ds and dz
+// may each be null.
+extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, const float* dout, const float* w,
+                                              const float* scales, const float* zeros, i64 n_groups, i64 g,
+                                              float qmax) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
+    for (i64 j = global_index() >> 5; j < n_groups; j += warps) {
+        const float s = fminf(fmaxf(scales[j], SCALE_MIN), SCALE_MAX);
+        const float zr = fminf(fmaxf(rintf(zeros[j]), 0.0f), qmax);
+        float ds_acc = 0.0f, clamped = 0.0f;
+        for (i64 e = lane; e < g; e += 32) {
+            const i64 i = j * g + e;
+            const float gv = dout[i], x = w[i] / s;
+            const float p = rintf(x) + zr;
+            const bool m = p >= 0.0f && p <= qmax;
+            const float q = fminf(fmaxf(p, 0.0f), qmax);
+            ds_acc += gv * (q - zr - (m ? x : 0.0f));
+            if (!m) clamped += gv;
+            if (dw) dw[i] = m ? gv : 0.0f;
+        }
+        ds_acc = warp_sum(ds_acc);
+        clamped = warp_sum(clamped);
+        if (lane == 0) {
+            if (ds) ds[j] = ds_acc;
+            if (dz) dz[j] = -s * clamped;
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! cuBLAS SGEMM with the CPU `ops::gemm::sgemm` contract: row-major C[m, n] = alpha·op(A)·op(B) + beta·C.
+//!
+//! cuBLAS is column-major, and a row-major X[r, c] buffer read column-major is Xᵀ. So C = op(A)·op(B) is
+//! computed as Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS gets B first, then A, with m and n swapped and the same transposes.
+//! The handle keeps cuBLAS's default math mode: true f32 (no TF32), which the equivalence tests rely on.
+use super::{GpuBuf, GpuContext};
+use crate::error::{Error, Result};
+use cudarc::cublas::sys::cublasOperation_t;
+
+impl GpuContext {
+    /// Row-major C[m, n] = alpha·op(A)·op(B) + beta·C, A [m, k] (or [k, m] with `transa`), B [k, n] (or [n, k]
+    /// with `transb`). beta = 0 means C is not read. Errors when a buffer is shorter than its matrix.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm(
+        &self,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &GpuBuf,
+        b: &GpuBuf,
+        beta: f32,
+        c: &mut GpuBuf,
+    ) -> Result<()> {
+        if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+            return Err(Error::shape(
+                "sgemm_cuda",
+                format!(
+                    "m {m} n {n} k {k} need A {} B {} C {} values, got {} {} {}",
+                    m * k,
+                    k * n,
+                    m * n,
+                    a.len(),
+                    b.len(),
+                    c.len()
+                ),
+            ));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            // An empty sum: C = beta·C, and with beta = 0 C must be written without being read.
+            return if beta == 0.0 {
+                c.zero()
+            } else {
+                self.sscal(m * n, beta, c)
+            };
+        }
+        self.sgemm_raw(transa, transb, m, n, k, alpha, a, b, beta, c)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm_raw(
+        &self,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &GpuBuf,
+        b: &GpuBuf,
+        beta: f32,
+        c: &mut GpuBuf,
+    ) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // Leading dimensions of the row-major buffers: the length of one stored row.
+        let lda = if transa { m } else { k };
+        let ldb = if transb { k } else { n };
+        let dim = |x: usize| {
+            i32::try_from(x.max(1))
+                .map_err(|_| Error::invalid("sgemm_cuda", format!("dimension {x} exceeds i32")))
+        };
+        let (mi, ni, ki, ldai, ldbi) = (dim(m)?, dim(n)?, dim(k)?, dim(lda)?, dim(ldb)?);
+        let (ap, bp, cp) = (a.ptr(), b.ptr(), c.ptr());
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::Gpu(format!("sgemm: binding the context: {e}")))?;
+        // SAFETY: the length checks above keep every access inside A, B and C; the handle is bound to the
+        // context's stream, so the GEMM is ordered after the kernels that wrote A and B. alpha and beta are read
+        // at call time (host pointer mode).
+        unsafe {
+            cudarc::cublas::result::sgemm(
+                *self.blas.handle(),
+                op(transb),
+                op(transa),
+                ni,
+                mi,
+                ki,
+                &alpha,
+                bp as *const f32,
+                ldbi,
+                ap as *const f32,
+                ldai,
+                &beta,
+                cp as *mut f32,
+                ni,
+            )
+        }
+        .map_err(|e| Error::Gpu(format!("cuBLAS sgemm m {m} n {n} k {k}: {e}")))
+    }
+
+    /// x[..n] *= alpha.
+    fn sscal(&self, n: usize, alpha: f32, x: &mut GpuBuf) -> Result<()> {
+        let n = i32::try_from(n)
+            .map_err(|_| Error::invalid("sgemm_cuda", format!("{n} values exceed i32")))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::Gpu(format!("sscal: binding the context: {e}")))?;
+        // SAFETY: x holds at least n values (checked by the caller); the handle is on the context's stream.
+        unsafe {
+            cudarc::cublas::sys::cublasSscal_v2(
+                *self.blas.handle(),
+                n,
+                &alpha,
+                x.ptr() as *mut f32,
+                1,
+            )
+        }
+        .result()
+        .map_err(|e| Error::Gpu(format!("cuBLAS sscal n {n}: {e}")))
+    }
+}
