@@ -71,13 +71,18 @@ impl LlamaModel {
         self.source.as_ref()
     }
 
-    /// The token embedding [V, C] (resident).
+    /// The token embedding [V, C].
     pub fn embedding(&self) -> &Tensor {
         &self.embedding
     }
 
+    /// The weight of the final RMSNorm [C].
+    pub fn final_norm(&self) -> &Tensor {
+        &self.final_norm
+    }
+
     /// The output projection [V, C]: the embedding when tied.
-    fn head(&self) -> &Tensor {
+    pub fn head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embedding)
     }
 

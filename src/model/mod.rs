@@ -1,5 +1,6 @@
 //! The Llama block and model, built from ops, and the sources of their weights.
 pub mod forward;
+pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
