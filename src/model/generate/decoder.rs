@@ -147,6 +147,10 @@ impl<'m> Decoder<'m> {
             );
             return Err(Error::shape(OP, msg));
         }
+        let size = cache.n * cache.capacity * cfg.n_kv_heads * cfg.head_dim;
+        if cache.keys.len() != cfg.n_layers || cache.keys.iter().any(|k| k.len() != size) {
+            return Err(Error::invalid(OP, "the cache was made for another model"));
+        }
         if cache.len == cache.capacity {
             let msg = format!("the cache is full ({} positions)", cache.capacity);
             return Err(Error::invalid(OP, msg));
