@@ -10,12 +10,11 @@ use crate::error::{Error, Result};
 use crate::model::forward::LlamaModel;
 use crate::model::llama::BlockWeights;
 use crate::ops::embedding::embedding_fwd_cpu;
-use crate::ops::gemm::sgemm;
+use crate::ops::gemm::{sgemm_packed, PackedB};
 use crate::ops::rmsnorm::rmsnorm_fwd_cpu;
 use crate::ops::rope::{rope_fwd_cpu, RopeTable};
 use crate::ops::simd;
 use crate::ops::swiglu::swiglu_fwd_cpu;
-use crate::ops::transpose::transpose_fwd_cpu;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -40,61 +39,55 @@ impl KvCache {
     }
 }
 
-/// A model with every block dequantized to f32 and resident, and every projection stored transposed, [in, out]
-/// (module doc: 425 MB for SmolLM2-135M's blocks, 113 MB for its transposed output projection).
+/// A model with every block dequantized to f32 and resident, every projection packed for the GEMM once
+/// ([`PackedB`], the same size: module doc, 425 MB for SmolLM2-135M's blocks, plus 113 MB for its output
+/// projection, a packed copy of the tied embedding).
 ///
-/// Why transposed: with few rows (N sequences), sgemm's time goes into packing B, the weight, on every call.
-/// From [out, in] (transb) packing scatters each weight row across 16 strided slivers (it was 46% of the time
-/// at N = 64 on SmolLM2); from [in, out] it copies runs of 16 contiguous values.
+/// Why packed: with few rows (N sequences) sgemm spends most of its time packing B, the weight, on every
+/// call (46% of the time at N = 64 on SmolLM2, still 34% from weights transposed to [in, out]); packed once,
+/// a step only streams the weights through the microkernel.
 pub struct Decoder<'m> {
     model: &'m LlamaModel,
     blocks: Vec<ResidentBlock>,
-    head_t: Vec<f32>,
+    head: PackedB,
 }
 
-/// One block's weights: the norms, and the seven linears transposed to [in, out], in `linear_shapes` order.
+/// One block's weights: the norms, and the seven linears ([out, in]) packed, in `linear_shapes` order.
 struct ResidentBlock {
     attn_norm: Tensor,
     ffn_norm: Tensor,
-    linears_t: [Vec<f32>; 7],
+    linears: [PackedB; 7],
 }
 
-/// w [rows, cols] transposed to [cols, rows].
-fn transposed(w: &Tensor) -> Result<Vec<f32>> {
-    let mut out = vec![0.0; w.numel()];
-    transpose_fwd_cpu(&mut out, w.f32s(OP)?, w.shape(), 0, 1);
-    Ok(out)
+/// w [out, in] packed as the B of x · wᵀ.
+fn packed(w: &Tensor) -> Result<PackedB> {
+    let (out, cols) = (w.shape()[0], w.shape()[1]);
+    Ok(PackedB::new(true, out, cols, w.f32s(OP)?))
 }
 
 impl ResidentBlock {
     fn new(w: BlockWeights) -> Result<ResidentBlock> {
-        let mut linears_t: [Vec<f32>; 7] = Default::default();
-        for (t, l) in linears_t.iter_mut().zip(&w.linears) {
-            *t = transposed(l)?;
-        }
+        let [q, k, v, o, g, u, d] = &w.linears;
+        let linears = [
+            packed(q)?,
+            packed(k)?,
+            packed(v)?,
+            packed(o)?,
+            packed(g)?,
+            packed(u)?,
+            packed(d)?,
+        ];
         Ok(ResidentBlock {
             attn_norm: w.attn_norm,
             ffn_norm: w.ffn_norm,
-            linears_t,
+            linears,
         })
     }
 }
 
-/// out [n, rows] = x [n, cols] · w_t (w_t [cols, rows]) + beta · out; n > 0.
-fn linear_rows(out: &mut [f32], x: &[f32], w_t: &[f32], n: usize, beta: f32) {
-    let cols = x.len() / n;
-    sgemm(
-        false,
-        false,
-        n,
-        w_t.len() / cols,
-        cols,
-        1.0,
-        x,
-        w_t,
-        beta,
-        out,
-    );
+/// out [n, out] = x [n, in] · wᵀ + beta · out, w packed.
+fn linear_rows(out: &mut [f32], x: &[f32], w: &PackedB, n: usize, beta: f32) {
+    sgemm_packed(false, n, 1.0, x, w, beta, out);
 }
 
 fn rmsnorm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
@@ -105,16 +98,16 @@ fn rmsnorm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 }
 
 impl<'m> Decoder<'m> {
-    /// Dequantizes and transposes every block of `model` once.
+    /// Dequantizes and packs every block of `model` once.
     pub fn new(model: &'m LlamaModel) -> Result<Decoder<'m>> {
         let blocks = (0..model.config().n_layers)
             .map(|i| ResidentBlock::new(model.source().block(i)?))
             .collect::<Result<Vec<_>>>()?;
-        let head_t = transposed(model.head())?;
+        let head = packed(model.head())?;
         Ok(Decoder {
             model,
             blocks,
-            head_t,
+            head,
         })
     }
 
@@ -154,6 +147,10 @@ impl<'m> Decoder<'m> {
             );
             return Err(Error::shape(OP, msg));
         }
+        let size = cache.n * cache.capacity * cfg.n_kv_heads * cfg.head_dim;
+        if cache.keys.len() != cfg.n_layers || cache.keys.iter().any(|k| k.len() != size) {
+            return Err(Error::invalid(OP, "the cache was made for another model"));
+        }
         if cache.len == cache.capacity {
             let msg = format!("the cache is full ({} positions)", cache.capacity);
             return Err(Error::invalid(OP, msg));
@@ -172,7 +169,7 @@ impl<'m> Decoder<'m> {
         cache.len += 1;
         let h = rmsnorm_rows(&x, self.model.final_norm().f32s(OP)?, cfg.rms_eps);
         let mut logits = vec![0.0; n * v];
-        linear_rows(&mut logits, &h, &self.head_t, n, 0.0);
+        linear_rows(&mut logits, &h, &self.head, n, 0.0);
         Ok(logits)
     }
 
@@ -188,7 +185,7 @@ impl<'m> Decoder<'m> {
         let cfg = self.model.config();
         let (n, eps) = (cache.n, cfg.rms_eps);
         let (h, g, d, f) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate);
-        let [wq, wk, wv, wo, wg, wu, wd] = &w.linears_t;
+        let [wq, wk, wv, wo, wg, wu, wd] = &w.linears;
 
         let hn = rmsnorm_rows(x, w.attn_norm.f32s(OP)?, eps);
         let (mut q, mut k, mut v) = (

@@ -320,6 +320,14 @@ fn bad_requests_are_errors() {
     decoder.step(&mut cache, &[1, 2]).unwrap();
     let e = decoder.step(&mut cache, &[1, 2]).err().unwrap().to_string();
     assert!(e.contains("cache is full (1 positions)"), "{e}");
+    let other = random_model(7, 4, 1, RopeLayout::HalfSplit, true);
+    let mut foreign = Decoder::new(&other).unwrap().cache(2, 4);
+    let e = decoder
+        .step(&mut foreign, &[1, 2])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("made for another model"), "{e}");
 
     assert!(sample_token(&[], 1.0, &mut Rng::new(1)).is_err());
     let e = sample_token(&[0.0, f32::NAN], 1.0, &mut Rng::new(1))

@@ -69,27 +69,99 @@ impl CPtr {
     }
 }
 
+/// The B operand of [`run`]: raw (packed again on every call) or packed once by [`PackedB::new`].
+#[derive(Clone, Copy)]
+pub enum BOperand<'a> {
+    Raw { data: &'a [f32], transb: bool },
+    Packed(&'a PackedB),
+}
+
+/// B (k×n, or n×k when `transb`) packed once in [`run`]'s order: per NC column block, per k slice, its NR-wide
+/// slivers. Repeated products against the same B (a decoder's weights, step after step) then skip packing,
+/// which dominates when A has few rows: from an [out, in] weight (transb) packing scatters every row across
+/// NR strided slivers.
+pub struct PackedB {
+    n: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs B; `b` must hold k·n values (checked by the caller, `super::PackedB::new`).
+    pub(super) fn pack(transb: bool, n: usize, k: usize, b: &[f32]) -> PackedB {
+        let mut data = Vec::new();
+        if n == 0 || k == 0 {
+            return PackedB { n, k, data }; // sgemm_packed handles these products without B
+        }
+        let bv = b_view(b, transb, n, k);
+        let kc = slice_depth(k);
+        for j0 in (0..n).step_by(NC) {
+            let nc = NC.min(n - j0);
+            for p0 in (0..k).step_by(kc) {
+                let kcur = kc.min(k - p0);
+                let start = data.len();
+                data.resize(start + nc.div_ceil(NR) * NR * kcur, 0.0);
+                pack_b_slice(&mut data[start..], bv, j0, nc, p0, kcur, true);
+            }
+        }
+        PackedB { n, k, data }
+    }
+
+    /// (n, k): B is k×n.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+}
+
+/// B transposed as (j, p), so that it packs through the same routine as A.
+fn b_view(b: &[f32], transb: bool, n: usize, k: usize) -> View<'_> {
+    let (rs, cs) = if transb { (k, 1) } else { (1, n) };
+    View { data: b, rs, cs }
+}
+
+/// Depth of the k slices: equal slices, so that k = 576 runs as 2 × 288 rather than 384 + 192.
+fn slice_depth(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC))
+}
+
+/// Packs columns j0..j0+nc, rows p0..p0+kcur of B into NR-wide slivers, one task per sliver when `parallel`.
+fn pack_b_slice(
+    out: &mut [f32],
+    bv: View,
+    j0: usize,
+    nc: usize,
+    p0: usize,
+    kcur: usize,
+    parallel: bool,
+) {
+    if parallel {
+        out.par_chunks_mut(NR * kcur)
+            .enumerate()
+            .for_each(|(t, s)| pack(s, bv, j0 + t * NR, nc - t * NR, p0, kcur, NR));
+    } else {
+        pack(out, bv, j0, nc, p0, kcur, NR);
+    }
+}
+
 /// C[m×n] = alpha · op(A) · op(B) + beta · C with the given microkernel; the shapes are checked and the
-/// trivial cases done by the caller (`super::sgemm`).
+/// trivial cases done by the caller (`super::sgemm`, `super::sgemm_packed`). A packed B gives the same
+/// products, bit for bit, as the raw one.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     kernel: Kernel,
     transa: bool,
-    transb: bool,
     m: usize,
     n: usize,
     k: usize,
     alpha: f32,
     a: &[f32],
-    b: &[f32],
+    b: BOperand,
     beta: f32,
     c: &mut [f32],
 ) {
     // A as (i, p); B transposed as (j, p), so both pack through the same routine.
     let (rs, cs) = if transa { (1, m) } else { (k, 1) };
     let av = View { data: a, rs, cs };
-    let (rs, cs) = if transb { (k, 1) } else { (1, n) };
-    let bv = View { data: b, rs, cs };
     let threads = if m * n * k < 64 * 64 * 64 {
         1
     } else {
@@ -101,10 +173,13 @@ pub fn run(
     let n_ic = n_ic.min(m.div_ceil(MR));
     let mc = m.div_ceil(n_ic).div_ceil(MR) * MR;
     let n_ic = m.div_ceil(mc);
-    // Equal k slices, so that k = 576 runs as 2 × 288 rather than 384 + 192.
-    let kc = k.div_ceil(k.div_ceil(KC));
+    let kc = slice_depth(k);
     let cptr = CPtr(c.as_mut_ptr());
-    let mut bp = vec![0.0f32; NC.min(n.div_ceil(NR) * NR) * kc];
+    let mut bp = match b {
+        BOperand::Raw { .. } => vec![0.0f32; NC.min(n.div_ceil(NR) * NR) * kc],
+        BOperand::Packed(_) => Vec::new(),
+    };
+    let mut packed_at = 0;
     for j0 in (0..n).step_by(NC) {
         let nc = NC.min(n - j0);
         let n_jr = nc.div_ceil(NR);
@@ -112,16 +187,18 @@ pub fn run(
         let n_split = (2 * threads).div_ceil(n_ic).clamp(1, n_jr);
         for p0 in (0..k).step_by(kc) {
             let kcur = kc.min(k - p0);
-            let bp = &mut bp[..n_jr * NR * kcur];
+            let len = n_jr * NR * kcur;
             let beta = if p0 == 0 { beta } else { 1.0 };
-            if threads > 1 {
-                bp.par_chunks_mut(NR * kcur)
-                    .enumerate()
-                    .for_each(|(t, s)| pack(s, bv, j0 + t * NR, nc - t * NR, p0, kcur, NR));
-            } else {
-                pack(bp, bv, j0, nc, p0, kcur, NR);
-            }
-            let bp = &*bp;
+            let bp: &[f32] = match b {
+                BOperand::Raw { data, transb } => {
+                    let bp = &mut bp[..len];
+                    let bv = b_view(data, transb, n, k);
+                    pack_b_slice(bp, bv, j0, nc, p0, kcur, threads > 1);
+                    bp
+                }
+                BOperand::Packed(packed) => &packed.data[packed_at..][..len],
+            };
+            packed_at += len;
             let task = |ap: &mut Vec<f32>, idx: usize| {
                 let (ic, part) = (idx / n_split, idx % n_split);
                 let (i0, mcur) = (ic * mc, mc.min(m - ic * mc));
@@ -186,7 +263,11 @@ mod tests {
                 super::super::sgemm_ref(ta, tb, m, n, k, 0.5, &a64, &b64, -1.5, &mut want);
                 for (name, kernel) in [("best", best_kernel()), ("portable", portable_kernel())] {
                     let mut c = c0.clone();
-                    run(kernel, ta, tb, m, n, k, 0.5, &a, &b, -1.5, &mut c);
+                    let b = BOperand::Raw {
+                        data: &b,
+                        transb: tb,
+                    };
+                    run(kernel, ta, m, n, k, 0.5, &a, b, -1.5, &mut c);
                     // f32 sums of up to 577 unit-variance products: error ~ sqrt(k)·eps·|terms|, far below 1e-4.
                     assert_close(
                         &format!("{name} {m}x{n}x{k} ta={ta} tb={tb}"),

@@ -7,6 +7,9 @@
 mod blocked;
 mod kernel;
 
+use blocked::BOperand;
+pub use blocked::PackedB;
+
 /// Checks the slice lengths (panics: callers check shapes and return errors first) and does the work when it
 /// is trivial: nothing for an empty C, C = beta·C for k == 0. Returns true when C is done.
 #[allow(clippy::too_many_arguments)]
@@ -15,12 +18,12 @@ fn check_and_handle_trivial(
     n: usize,
     k: usize,
     a: &[f32],
-    b: &[f32],
+    b_len: usize,
     beta: f32,
     c: &mut [f32],
 ) -> bool {
     assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        a.len() >= m * k && b_len >= k * n && c.len() >= m * n,
         "sgemm: slice shorter than m×k, k×n or m×n"
     );
     if m == 0 || n == 0 {
@@ -84,20 +87,36 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) {
-    if !check_and_handle_trivial(m, n, k, a, b, beta, c) {
-        blocked::run(
-            kernel::best_kernel(),
-            transa,
-            transb,
-            m,
-            n,
-            k,
-            alpha,
-            a,
-            b,
-            beta,
-            c,
-        );
+    if !check_and_handle_trivial(m, n, k, a, b.len(), beta, c) {
+        let b = BOperand::Raw { data: b, transb };
+        blocked::run(kernel::best_kernel(), transa, m, n, k, alpha, a, b, beta, c);
+    }
+}
+
+impl PackedB {
+    /// B (k×n, or n×k when `transb`) packed for [`sgemm_packed`]. Panics if `b` is shorter than k·n.
+    pub fn new(transb: bool, n: usize, k: usize, b: &[f32]) -> PackedB {
+        assert!(b.len() >= k * n, "PackedB: slice shorter than k×n");
+        PackedB::pack(transb, n, k, b)
+    }
+}
+
+/// C[m×n] = alpha · op(A) · B + beta · C with B packed once ([`PackedB::new`], which fixes n and k and whether
+/// B was transposed): the same values as [`sgemm`] bit for bit, without packing B on every call.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_packed(
+    transa: bool,
+    m: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &PackedB,
+    beta: f32,
+    c: &mut [f32],
+) {
+    let (n, k) = b.dims();
+    if !check_and_handle_trivial(m, n, k, a, k * n, beta, c) {
+        let b = BOperand::Packed(b);
+        blocked::run(kernel::best_kernel(), transa, m, n, k, alpha, a, b, beta, c);
     }
 }
 
@@ -145,6 +164,34 @@ mod tests {
                         1e-4,
                         1e-4,
                     );
+                }
+            }
+        }
+    }
+
+    /// A packed B runs the same arithmetic as a raw one: equal bit for bit, across NC blocks (n = 3100), several
+    /// k slices (k = 577), partial tiles, one thread (small m·n·k) and several, both transposes, beta 0 and 1.
+    #[test]
+    fn sgemm_packed_equals_sgemm_bit_for_bit() {
+        let mut rng = Rng::new(8);
+        for &(m, n, k) in &[
+            (1, 3100, 577),
+            (7, 33, 65),
+            (64, 576, 576),
+            (13, 5, 1),
+            (4, 0, 3),
+            (3, 4, 0),
+        ] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = rng.normal_vec(m * k, 1.0);
+                let b = rng.normal_vec(k * n, 1.0);
+                let packed = PackedB::new(tb, n, k, &b);
+                for beta in [0.0, 1.0] {
+                    let c0 = rng.normal_vec(m * n, 1.0);
+                    let (mut want, mut got) = (c0.clone(), c0);
+                    sgemm(ta, tb, m, n, k, 0.5, &a, &b, beta, &mut want);
+                    sgemm_packed(ta, m, 0.5, &a, &packed, beta, &mut got);
+                    assert!(got == want, "{m}x{n}x{k} ta={ta} tb={tb} beta={beta}");
                 }
             }
         }
