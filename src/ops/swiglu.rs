@@ -5,9 +5,9 @@
 //! Both come out of one pass that recomputes s. Activation gradients are written (`=`); the tape accumulates.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::Result;
-use crate::ops::silu::sigmoid64;
 #[cfg(feature = "cuda")]
 use crate::gpu::{opt_arg, Arg, GpuBuf, KernelSource};
+use crate::ops::silu::sigmoid64;
 use crate::ops::silu::{sigmoid, sigmoid8, CHUNK};
 use crate::ops::{check_same, simd};
 use crate::tensor::Tensor;

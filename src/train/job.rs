@@ -136,10 +136,21 @@ pub fn run_train(
             calibration_windows(&ids, args.seqlen, args.train_size, args.val_size, args.seed)?
         }
         Calibration::SelfGenerated => {
-            return Err(Error::invalid(
-                "train",
-                "--calib self is not wired yet; pass --calib FILE",
+            say(&format!(
+                "calibration: sampling {n} sequences of {} tokens from the model itself (temperature 1, seed {})",
+                args.seqlen, args.seed
             ));
+            let start = crate::model::generate::StartTokens::for_tokenizer(tokenizer);
+            let mut all = crate::model::generate::sample_sequences(
+                fp,
+                n,
+                args.seqlen,
+                1.0,
+                args.seed,
+                start,
+            )?;
+            let val = all.split_off(args.train_size);
+            (all, val)
         }
     };
 
