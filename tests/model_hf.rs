@@ -1,12 +1,14 @@
 //! The whole-model forward from Hugging Face directories: tiny Qwen2 and sharded Llama directories against a
 //! NumPy forward (tests/fixtures/model/hf_tiny_reference.py), stories260K rewritten as an HF directory against
 //! llama2.c's logits, errors on broken directories, and the model as Block-AP's block source.
+mod shared_data;
 use eqat::model::gguf::GgufWeights;
 use eqat::model::hf::HfWeights;
 use eqat::model::{open_model, LlamaModel, WeightSource};
 use eqat::testing::assert_close;
 use eqat::train::pipeline::BlockSource;
 use serde_json::Value;
+use shared_data::shared_data;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> Value {
@@ -28,20 +30,6 @@ fn f64s(v: &Value) -> Vec<f64> {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect()
-}
-
-/// A file under shared/data: beside the repository (CI) or at /work/shared.
-fn shared_data(rel: &str) -> Option<PathBuf> {
-    let beside = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
-        .join(rel);
-    let found = [beside, Path::new("/work/shared/data").join(rel)]
-        .into_iter()
-        .find(|p| p.exists());
-    if found.is_none() {
-        println!("skipped: shared/data/{rel} not found");
-    }
-    found
 }
 
 fn fixture_dir(name: &str) -> PathBuf {

@@ -2,6 +2,8 @@
 //! tests/fixtures/tokenizer/, made by make_fixtures.py there (its first lines give the command).
 //! Tests on the SmolLM2 GGUF look for it at $EQAT_SMOLLM2_GGUF, then in the local cache, and print
 //! "skipped: ..." when it is absent; stories260K comes from shared/data.
+mod shared_data;
+use shared_data::shared_data;
 mod gguf_writer;
 
 use std::path::{Path, PathBuf};
@@ -101,20 +103,6 @@ fn smollm2_path() -> Option<PathBuf> {
         );
         None
     }
-}
-
-/// A file under shared/data: beside the repository (CI) or at /work/shared.
-fn shared_data(rel: &str) -> Option<PathBuf> {
-    let beside = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
-        .join(rel);
-    let found = [beside, Path::new("/work/shared/data").join(rel)]
-        .into_iter()
-        .find(|p| p.exists());
-    if found.is_none() {
-        println!("skipped: shared/data/{rel} not found");
-    }
-    found
 }
 
 #[test]

@@ -1,25 +1,13 @@
 //! The `engine train` job end to end on stories260K: self-sampled and file calibration, both phases, a
 //! checkpoint that `eval` reads back to the same perplexity, and a resume that refuses other settings.
+mod shared_data;
 use eqat::eval::EvalOptions;
 use eqat::io::checkpoint::open_checkpoint_model;
 use eqat::model::open_model;
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::e2e_qp::E2eOptions;
 use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
-use std::path::{Path, PathBuf};
-
-fn shared_data(rel: &str) -> Option<PathBuf> {
-    let beside = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
-        .join(rel);
-    let found = [beside, Path::new("/work/shared/data").join(rel)]
-        .into_iter()
-        .find(|p| p.exists());
-    if found.is_none() {
-        println!("skipped: shared/data/{rel} not found");
-    }
-    found
-}
+use shared_data::shared_data;
 
 #[test]
 fn train_job_quantizes_stories260k_and_its_checkpoint_evaluates_the_same() {
