@@ -184,6 +184,12 @@ impl GpuContext {
         Ok(b)
     }
 
+    /// A buffer holding the bits of `words` (token ids, targets, packed integers): kernels read it as
+    /// `unsigned int*` or `int*`. The bytes are copied unchanged, never converted.
+    pub fn upload_bits(self: &Arc<Self>, words: &[u32]) -> Result<GpuBuf> {
+        self.upload(bytemuck::cast_slice(words))
+    }
+
     pub fn memory_stats(&self) -> MemoryStats {
         self.pool().stats
     }

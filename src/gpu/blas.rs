@@ -109,6 +109,101 @@ impl GpuContext {
         .map_err(|e| Error::Gpu(format!("cuBLAS sgemm m {m} n {n} k {k}: {e}")))
     }
 
+    /// `batch` products at once: row-major C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i], where A[i], B[i] and C[i]
+    /// are the i-th of `batch` consecutive matrices (m·k, k·n and m·n values apart). One
+    /// cublasSgemmStridedBatched call, with the same row-major-as-transposed trick as [`GpuContext::sgemm`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm_strided_batched(
+        &self,
+        transa: bool,
+        transb: bool,
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &GpuBuf,
+        b: &GpuBuf,
+        beta: f32,
+        c: &mut GpuBuf,
+    ) -> Result<()> {
+        let (sa, sb, sc) = (m * k, k * n, m * n);
+        if a.len() < batch * sa || b.len() < batch * sb || c.len() < batch * sc {
+            return Err(Error::shape(
+                "sgemm_strided_batched_cuda",
+                format!(
+                    "batch {batch} m {m} n {n} k {k} need A {} B {} C {} values, got {} {} {}",
+                    batch * sa,
+                    batch * sb,
+                    batch * sc,
+                    a.len(),
+                    b.len(),
+                    c.len()
+                ),
+            ));
+        }
+        if batch == 0 || m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return if beta == 0.0 {
+                c.zero()
+            } else {
+                self.sscal(batch * sc, beta, c)
+            };
+        }
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let dim = |x: usize| {
+            i32::try_from(x).map_err(|_| {
+                Error::invalid("sgemm_strided_batched_cuda", format!("{x} exceeds i32"))
+            })
+        };
+        let lda = if transa { m } else { k };
+        let ldb = if transb { k } else { n };
+        let (mi, ni, ki, ldai, ldbi, bi) =
+            (dim(m)?, dim(n)?, dim(k)?, dim(lda)?, dim(ldb)?, dim(batch)?);
+        let (ap, bp, cp) = (a.ptr(), b.ptr(), c.ptr());
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::Gpu(format!("sgemm_strided_batched: binding the context: {e}")))?;
+        // SAFETY: the length checks above keep all `batch` matrices inside A, B and C; the handle is bound to
+        // the context's stream (ordered after the kernels that wrote A and B); alpha and beta are host values
+        // read at call time.
+        unsafe {
+            cudarc::cublas::result::sgemm_strided_batched(
+                *self.blas.handle(),
+                op(transb),
+                op(transa),
+                ni,
+                mi,
+                ki,
+                &alpha,
+                bp as *const f32,
+                ldbi,
+                sb as i64,
+                ap as *const f32,
+                ldai,
+                sa as i64,
+                &beta,
+                cp as *mut f32,
+                ni,
+                sc as i64,
+                bi,
+            )
+        }
+        .map_err(|e| {
+            Error::Gpu(format!(
+                "cuBLAS sgemm_strided_batched batch {batch} m {m} n {n} k {k}: {e}"
+            ))
+        })
+    }
+
     /// x[..n] *= alpha.
     fn sscal(&self, n: usize, alpha: f32, x: &mut GpuBuf) -> Result<()> {
         let n = i32::try_from(n)

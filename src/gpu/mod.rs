@@ -69,14 +69,23 @@ impl Arg {
 }
 
 /// Every `cuda/<op>.cu` of the crate (for warming the compile cache and for compile checks).
-pub fn kernel_sources() -> [KernelSource; 7] {
+pub fn kernel_sources() -> [KernelSource; 16] {
     [
         crate::ops::add::CUDA,
+        crate::ops::cross_entropy::cuda::CUDA,
+        crate::ops::embedding::CUDA,
         crate::ops::mse::CUDA,
+        crate::ops::mul::CUDA,
         crate::ops::rmsnorm::CUDA,
         crate::ops::rope::CUDA,
+        crate::ops::scale::CUDA,
+        crate::ops::silu::CUDA,
+        crate::ops::softmax::CUDA,
+        crate::ops::sum::CUDA,
         crate::ops::swiglu::CUDA,
+        crate::ops::transpose::CUDA,
         crate::quant::fake_quant::CUDA,
+        crate::quant::real_quant::cuda::CUDA,
         crate::train::adamw::CUDA,
     ]
 }

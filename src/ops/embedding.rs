@@ -6,8 +6,14 @@
 //! for any thread count. Unlike the other ops' `=`, the backward kernels ADD into dweight (llm.c's rule for
 //! parameter grads): rows of ids absent from the batch are never touched, which for V = 49152 saves a pass
 //! over V * C values; the tape's buffer arrives zeroed, so the tape still gets the plain gradient.
+//!
+//! On the GPU (`cuda/embedding.cu`) the forward is a gather. The backward is deterministic without atomics:
+//! the host groups the positions by id with the same counting sort (the ids are host data the op keeps), and one
+//! block per distinct id adds its dout rows in increasing position order, so dweight equals the CPU's bit for bit.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::gpu::{Arg, GpuBuf, KernelSource};
 use crate::ops::simd;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -36,10 +42,9 @@ pub fn embedding_fwd_cpu(out: &mut [f32], weight: &[f32], ids: &[u32], c: usize)
         });
 }
 
-/// Adds into `dweight`; rows of ids that do not occur are left as they are.
-pub fn embedding_bwd_cpu(dweight: &mut [f32], dout: &[f32], ids: &[u32], c: usize) {
-    let v = dweight.len() / c;
-    // start[id]..start[id + 1] indexes `positions`, which lists each id's positions in increasing order.
+/// Positions grouped by id (a counting sort, ids below `v`): `start[id]..start[id + 1]` indexes `positions`,
+/// which lists each id's positions in increasing order.
+fn group_positions(ids: &[u32], v: usize) -> (Vec<usize>, Vec<usize>) {
     let mut start = vec![0usize; v + 1];
     for &id in ids {
         start[id as usize + 1] += 1;
@@ -53,11 +58,90 @@ pub fn embedding_bwd_cpu(dweight: &mut [f32], dout: &[f32], ids: &[u32], c: usiz
         positions[next[id as usize]] = p;
         next[id as usize] += 1;
     }
+    (start, positions)
+}
+
+/// Adds into `dweight`; rows of ids that do not occur are left as they are.
+pub fn embedding_bwd_cpu(dweight: &mut [f32], dout: &[f32], ids: &[u32], c: usize) {
+    let (start, positions) = group_positions(ids, dweight.len() / c);
     dweight.par_chunks_mut(c).enumerate().for_each(|(id, row)| {
         for &p in &positions[start[id]..start[id + 1]] {
             simd::add_assign(row, &dout[p * c..][..c]);
         }
     });
+}
+
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "embedding",
+    code: include_str!("../../cuda/embedding.cu"),
+};
+
+/// out [P, C] = rows `ids` (a device copy of the P ids, `GpuContext::upload_bits`) of weight [V, C].
+#[cfg(feature = "cuda")]
+pub fn embedding_fwd_cuda(out: &mut GpuBuf, weight: &GpuBuf, ids: &GpuBuf, c: usize) -> Result<()> {
+    let n = out.len();
+    out.ctx().launch_1d(
+        &CUDA,
+        "embedding_fwd_f32",
+        n,
+        &[
+            out.arg(),
+            weight.arg(),
+            ids.arg(),
+            Arg::I64(n as i64),
+            Arg::I64(c as i64),
+        ],
+    )
+}
+
+/// Adds dout [P, C] into the rows `ids` (host ids, each below V) of dweight [V, C], deterministically: see
+/// the module header.
+#[cfg(feature = "cuda")]
+pub fn embedding_bwd_cuda(
+    dweight: &mut GpuBuf,
+    dout: &GpuBuf,
+    ids: &[u32],
+    c: usize,
+) -> Result<()> {
+    let (start, positions) = group_positions(ids, dweight.len() / c);
+    let mut ids_u = Vec::new();
+    let mut start_u = vec![0u32];
+    for (id, w) in start.windows(2).enumerate() {
+        if w[1] > w[0] {
+            ids_u.push(id as u32);
+            start_u.push(w[1] as u32);
+        }
+    }
+    if ids_u.is_empty() {
+        return Ok(());
+    }
+    let positions: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+    let ctx = dout.ctx().clone();
+    let (ids_u_d, start_d, pos_d) = (
+        ctx.upload_bits(&ids_u)?,
+        ctx.upload_bits(&start_u)?,
+        ctx.upload_bits(&positions)?,
+    );
+    ctx.launch(
+        &CUDA,
+        "embedding_bwd_f32",
+        (ids_u.len() as u32, 1, 1),
+        (
+            c.div_ceil(32).min(crate::gpu::BLOCK as usize / 32) as u32 * 32,
+            1,
+            1,
+        ),
+        0,
+        &[
+            dweight.arg(),
+            dout.arg(),
+            ids_u_d.arg(),
+            start_d.arg(),
+            pos_d.arg(),
+            Arg::I64(c as i64),
+        ],
+    )
 }
 
 pub fn embedding(tape: &mut Tape, weight: Var, ids: &[u32], shape: &[usize]) -> Result<Var> {
@@ -89,6 +173,21 @@ pub fn embedding(tape: &mut Tape, weight: Var, ids: &[u32], shape: &[usize]) -> 
     }
     let mut out_shape = shape.to_vec();
     out_shape.push(c);
+    // The ids are the only state the backward needs; skip the copy when no gradient will be asked for.
+    let saved = if tape.needs_grad(&[weight]) {
+        ids.to_vec()
+    } else {
+        Vec::new()
+    };
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("embedding", &[tape.value(weight)])? {
+        let mut out = ctx.alloc(positions * c)?;
+        let ids_d = ctx.upload_bits(ids)?;
+        embedding_fwd_cuda(&mut out, tape.value(weight).gpu("embedding")?, &ids_d, c)?;
+        let out = Tensor::from_gpu(&out_shape, out)?;
+        let backward = Box::new(EmbeddingBackward { ids: saved, c });
+        return Ok(tape.push_op(out, &[weight], backward));
+    }
     let mut out = tape.alloc(&out_shape);
     embedding_fwd_cpu(
         out.f32s_mut("embedding")?,
@@ -96,12 +195,6 @@ pub fn embedding(tape: &mut Tape, weight: Var, ids: &[u32], shape: &[usize]) -> 
         ids,
         c,
     );
-    // The ids are the only state the backward needs; skip the copy when no gradient will be asked for.
-    let saved = if tape.needs_grad(&[weight]) {
-        ids.to_vec()
-    } else {
-        Vec::new()
-    };
     Ok(tape.push_op(
         out,
         &[weight],
@@ -125,6 +218,14 @@ impl Backward for EmbeddingBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            if let Some(dw) = &mut d[0] {
+                let op = "embedding_bwd";
+                embedding_bwd_cuda(dw.gpu_mut(op)?, dout.gpu(op)?, &self.ids, self.c)?;
+            }
+            return Ok(());
+        }
         if let Some(dw) = &mut d[0] {
             embedding_bwd_cpu(
                 dw.f32s_mut("embedding_bwd")?,

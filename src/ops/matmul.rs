@@ -3,9 +3,12 @@
 //!
 //! Backward: da[b] = dout[b]·b[b]ᵀ, db[b] = a[b]ᵀ·dout[b], written (`=`; the tape adds). Rayon runs the batch
 //! entries in parallel and each `sgemm` splits its own work too; rayon's work stealing nests the two, so a
-//! single large product and many small ones (attention heads) both fill the cores.
+//! single large product and many small ones (attention heads) both fill the cores. On the GPU each of the
+//! three products is one cuBLAS strided-batched SGEMM over the whole batch (true f32, as `GpuContext::sgemm`).
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::gpu::GpuBuf;
 use crate::ops::gemm::{sgemm, sgemm_ref};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -130,6 +133,34 @@ pub fn matmul_bwd_cpu(
     }
 }
 
+#[cfg(feature = "cuda")]
+pub fn matmul_fwd_cuda(out: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf, d: MatmulDims) -> Result<()> {
+    let MatmulDims { batch, m, k, n } = d;
+    let ctx = a.ctx().clone();
+    ctx.sgemm_strided_batched(false, false, batch, m, n, k, 1.0, a, b, 0.0, out)
+}
+
+/// Gradients of `matmul_fwd_cuda`; each `Some` buffer is overwritten.
+#[cfg(feature = "cuda")]
+pub fn matmul_bwd_cuda(
+    da: Option<&mut GpuBuf>,
+    db: Option<&mut GpuBuf>,
+    dout: &GpuBuf,
+    a: &GpuBuf,
+    b: &GpuBuf,
+    d: MatmulDims,
+) -> Result<()> {
+    let MatmulDims { batch, m, k, n } = d;
+    let ctx = dout.ctx().clone();
+    if let Some(da) = da {
+        ctx.sgemm_strided_batched(false, true, batch, m, k, n, 1.0, dout, b, 0.0, da)?;
+    }
+    if let Some(db) = db {
+        ctx.sgemm_strided_batched(true, false, batch, k, n, m, 1.0, a, dout, 0.0, db)?;
+    }
+    Ok(())
+}
+
 pub fn matmul(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
     let sa = tape.value(a).shape().to_vec();
     let sb = tape.value(b).shape().to_vec();
@@ -148,6 +179,18 @@ pub fn matmul(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
     };
     let mut so = sa.clone();
     so[r - 1] = dims.n;
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("matmul", &[tape.value(a), tape.value(b)])? {
+        let mut out = ctx.alloc(dims.batch * dims.m * dims.n)?;
+        matmul_fwd_cuda(
+            &mut out,
+            tape.value(a).gpu("matmul")?,
+            tape.value(b).gpu("matmul")?,
+            dims,
+        )?;
+        let out = Tensor::from_gpu(&so, out)?;
+        return Ok(tape.push_op(out, &[a, b], Box::new(MatmulBackward { dims })));
+    }
     let mut out = tape.alloc(&so);
     matmul_fwd_cpu(
         out.f32s_mut("matmul")?,
@@ -173,13 +216,25 @@ impl Backward for MatmulBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
-        let (a, b) = (inputs[0].f32s("matmul_bwd")?, inputs[1].f32s("matmul_bwd")?);
         let [da, db] = d else {
             return Err(Error::Autograd(format!(
                 "matmul backward got {} gradient slots, expected 2",
                 d.len()
             )));
         };
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            let op = "matmul_bwd";
+            return matmul_bwd_cuda(
+                da.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                db.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dout.gpu(op)?,
+                inputs[0].gpu(op)?,
+                inputs[1].gpu(op)?,
+                self.dims,
+            );
+        }
+        let (a, b) = (inputs[0].f32s("matmul_bwd")?, inputs[1].f32s("matmul_bwd")?);
         let da = da.as_mut().map(|t| t.f32s_mut("matmul_bwd")).transpose()?;
         let db = db.as_mut().map(|t| t.f32s_mut("matmul_bwd")).transpose()?;
         matmul_bwd_cpu(da, db, dout.f32s("matmul_bwd")?, a, b, self.dims);

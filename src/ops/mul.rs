@@ -1,7 +1,11 @@
 //! mul: out = a * b elementwise, b with a's shape or a suffix of it (broadcast over leading dimensions).
-//! Backward: da = dout * b; db = sum over broadcast rows of dout * a.
+//! Backward: da = dout * b; db = sum over broadcast rows of dout * a. On the GPU: `cuda/mul.cu`.
 use crate::autograd::{Backward, Tape, Var};
+#[cfg(feature = "cuda")]
+use crate::error::Error;
 use crate::error::Result;
+#[cfg(feature = "cuda")]
+use crate::gpu::{Arg, GpuBuf, KernelSource};
 use crate::ops::{check_suffix, reduce_rows};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -22,12 +26,110 @@ pub fn mul_fwd_cpu(out: &mut [f32], a: &[f32], b: &[f32]) {
         });
 }
 
+/// Gradients of `mul_fwd_ref`: da = dout · b (broadcast), db = column sums of dout · a.
+pub fn mul_bwd_ref(
+    da: Option<&mut [f64]>,
+    db: Option<&mut [f64]>,
+    dout: &[f64],
+    a: &[f64],
+    b: &[f64],
+) {
+    if let Some(da) = da {
+        mul_fwd_ref(da, dout, b);
+    }
+    if let Some(db) = db {
+        db.fill(0.0);
+        let nb = db.len();
+        for (i, (g, a)) in dout.iter().zip(a).enumerate() {
+            db[i % nb] += g * a;
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "mul",
+    code: include_str!("../../cuda/mul.cu"),
+};
+
+/// out = a · b broadcast; out and a have the same length, a multiple of b's.
+#[cfg(feature = "cuda")]
+pub fn mul_fwd_cuda(out: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf) -> Result<()> {
+    let n = out.len();
+    out.ctx().launch_1d(
+        &CUDA,
+        "mul_fwd_f32",
+        n,
+        &[
+            out.arg(),
+            a.arg(),
+            b.arg(),
+            Arg::I64(n as i64),
+            Arg::I64(b.len() as i64),
+        ],
+    )
+}
+
+/// da = dout · b (broadcast) and db = column sums of dout · a over the broadcast rows, each when given.
+#[cfg(feature = "cuda")]
+pub fn mul_bwd_cuda(
+    da: Option<&mut GpuBuf>,
+    db: Option<&mut GpuBuf>,
+    dout: &GpuBuf,
+    a: &GpuBuf,
+    b: &GpuBuf,
+) -> Result<()> {
+    let nb = b.len();
+    if nb == 0 || !dout.len().is_multiple_of(nb) || a.len() != dout.len() {
+        return Err(Error::shape(
+            "mul_bwd_cuda",
+            format!(
+                "a {} and dout {} values do not split into rows of {nb}",
+                a.len(),
+                dout.len()
+            ),
+        ));
+    }
+    if let Some(da) = da {
+        mul_fwd_cuda(da, dout, b)?;
+    }
+    if let Some(db) = db {
+        let rows = dout.len() / nb;
+        db.ctx().launch(
+            &CUDA,
+            "mul_bwd_f32",
+            (nb.div_ceil(32) as u32, 1, 1),
+            (32, 8, 1),
+            0,
+            &[
+                db.arg(),
+                a.arg(),
+                dout.arg(),
+                Arg::I64(rows as i64),
+                Arg::I64(nb as i64),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 pub fn mul(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
     let (sa, sb) = (
         tape.value(a).shape().to_vec(),
         tape.value(b).shape().to_vec(),
     );
     check_suffix("mul", &sa, &sb)?;
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("mul", &[tape.value(a), tape.value(b)])? {
+        let mut out = ctx.alloc(tape.value(a).numel())?;
+        mul_fwd_cuda(
+            &mut out,
+            tape.value(a).gpu("mul")?,
+            tape.value(b).gpu("mul")?,
+        )?;
+        let out = Tensor::from_gpu(&sa, out)?;
+        return Ok(tape.push_op(out, &[a, b], Box::new(MulBackward)));
+    }
     let mut out = tape.alloc(&sa);
     mul_fwd_cpu(
         out.f32s_mut("mul")?,
@@ -50,6 +152,18 @@ impl Backward for MulBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            let op = "mul_bwd";
+            let (da, db) = d.split_at_mut(1);
+            return mul_bwd_cuda(
+                da[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                db[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dout.gpu(op)?,
+                x[0].gpu(op)?,
+                x[1].gpu(op)?,
+            );
+        }
         let (a, b, dout) = (
             x[0].f32s("mul_bwd")?,
             x[1].f32s("mul_bwd")?,

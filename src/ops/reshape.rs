@@ -1,5 +1,7 @@
 //! reshape: the same values in the same row-major order under a new shape with the same element count
-//! (e.g. [B, T, H·D] -> [B, T, H, D] before rope). Tape values own their buffers, so the data is copied.
+//! (e.g. [B, T, H·D] -> [B, T, H, D] before rope). Tape values own their buffers, so the data is copied; on
+//! the GPU that copy is one device-to-device memcpy, no kernel (a copy-free view would need tensors that
+//! share one device buffer, which `Storage::Cuda` does not do).
 //!
 //! Backward: dx = dout under x's shape (again a copy in the same order). Activation grads are written (`=`).
 use crate::autograd::{Backward, Tape, Var};
@@ -36,6 +38,11 @@ pub fn reshape(tape: &mut Tape, x: Var, shape: &[usize]) -> Result<Var> {
             ),
         ));
     }
+    #[cfg(feature = "cuda")]
+    if let crate::tensor::Storage::Cuda(b) = tape.value(x).storage() {
+        let out = Tensor::from_gpu(shape, b.try_clone()?)?;
+        return Ok(tape.push_op(out, &[x], Box::new(ReshapeBackward)));
+    }
     let mut out = tape.alloc(shape);
     reshape_fwd_cpu(out.f32s_mut("reshape")?, tape.value(x).f32s("reshape")?);
     Ok(tape.push_op(out, &[x], Box::new(ReshapeBackward)))
@@ -54,6 +61,14 @@ impl Backward for ReshapeBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            if let Some(dx) = &mut d[0] {
+                dx.gpu_mut("reshape_bwd")?
+                    .copy_from(dout.gpu("reshape_bwd")?)?;
+            }
+            return Ok(());
+        }
         if let Some(dx) = &mut d[0] {
             reshape_fwd_cpu(dx.f32s_mut("reshape_bwd")?, dout.f32s("reshape_bwd")?);
         }

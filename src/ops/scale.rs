@@ -2,8 +2,11 @@
 //!
 //! Backward: dx = c · dout. The op is linear and self-adjoint, so the backward is the forward applied to dout;
 //! the finite-difference test checks that claim. Activation grads are written (`=`); the tape does the `+=`.
+//! On the GPU: `cuda/scale.cu` (one kernel, used both ways).
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::Result;
+#[cfg(feature = "cuda")]
+use crate::gpu::{Arg, GpuBuf, KernelSource};
 use crate::ops::simd;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -26,8 +29,33 @@ pub fn scale_fwd_cpu(out: &mut [f32], x: &[f32], c: f32) {
         });
 }
 
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "scale",
+    code: include_str!("../../cuda/scale.cu"),
+};
+
+/// out = c · x; also the backward (dx = c · dout).
+#[cfg(feature = "cuda")]
+pub fn scale_fwd_cuda(out: &mut GpuBuf, x: &GpuBuf, c: f32) -> Result<()> {
+    let n = out.len();
+    out.ctx().launch_1d(
+        &CUDA,
+        "scale_fwd_f32",
+        n,
+        &[out.arg(), x.arg(), Arg::F32(c), Arg::I64(n as i64)],
+    )
+}
+
 pub fn scale(tape: &mut Tape, x: Var, c: f32) -> Result<Var> {
     let shape = tape.value(x).shape().to_vec();
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("scale", &[tape.value(x)])? {
+        let mut out = ctx.alloc(tape.value(x).numel())?;
+        scale_fwd_cuda(&mut out, tape.value(x).gpu("scale")?, c)?;
+        let out = Tensor::from_gpu(&shape, out)?;
+        return Ok(tape.push_op(out, &[x], Box::new(ScaleBackward { c })));
+    }
     let mut out = tape.alloc(&shape);
     scale_fwd_cpu(out.f32s_mut("scale")?, tape.value(x).f32s("scale")?, c);
     Ok(tape.push_op(out, &[x], Box::new(ScaleBackward { c })))
@@ -48,6 +76,13 @@ impl Backward for ScaleBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            if let Some(dx) = &mut d[0] {
+                scale_fwd_cuda(dx.gpu_mut("scale_bwd")?, dout.gpu("scale_bwd")?, self.c)?;
+            }
+            return Ok(());
+        }
         if let Some(dx) = &mut d[0] {
             scale_fwd_cpu(dx.f32s_mut("scale_bwd")?, dout.f32s("scale_bwd")?, self.c);
         }

@@ -1,9 +1,11 @@
 //! silu: y = x * sigmoid(x), elementwise (the Llama MLP activation; `swiglu` fuses it with the up product).
 //!
 //! Backward: dx = dy * s * (1 + x * (1 - s)) with s = sigmoid(x), recomputed from the saved input rather than
-//! stored. Activation gradients are written (`=`); the tape accumulates.
+//! stored. Activation gradients are written (`=`); the tape accumulates. On the GPU: `cuda/silu.cu`.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::Result;
+#[cfg(feature = "cuda")]
+use crate::gpu::{Arg, GpuBuf, KernelSource};
 use crate::ops::simd;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -79,8 +81,43 @@ pub fn silu_bwd_cpu(dx: &mut [f32], dout: &[f32], x: &[f32]) {
         });
 }
 
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "silu",
+    code: include_str!("../../cuda/silu.cu"),
+};
+
+#[cfg(feature = "cuda")]
+pub fn silu_fwd_cuda(out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
+    let n = out.len();
+    out.ctx().launch_1d(
+        &CUDA,
+        "silu_fwd_f32",
+        n,
+        &[out.arg(), x.arg(), Arg::I64(n as i64)],
+    )
+}
+
+#[cfg(feature = "cuda")]
+pub fn silu_bwd_cuda(dx: &mut GpuBuf, dout: &GpuBuf, x: &GpuBuf) -> Result<()> {
+    let n = dx.len();
+    dx.ctx().launch_1d(
+        &CUDA,
+        "silu_bwd_f32",
+        n,
+        &[dx.arg(), dout.arg(), x.arg(), Arg::I64(n as i64)],
+    )
+}
+
 pub fn silu(tape: &mut Tape, x: Var) -> Result<Var> {
     let shape = tape.value(x).shape().to_vec();
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("silu", &[tape.value(x)])? {
+        let mut out = ctx.alloc(tape.value(x).numel())?;
+        silu_fwd_cuda(&mut out, tape.value(x).gpu("silu")?)?;
+        let out = Tensor::from_gpu(&shape, out)?;
+        return Ok(tape.push_op(out, &[x], Box::new(SiluBackward)));
+    }
     let mut out = tape.alloc(&shape);
     silu_fwd_cpu(out.f32s_mut("silu")?, tape.value(x).f32s("silu")?);
     Ok(tape.push_op(out, &[x], Box::new(SiluBackward)))
@@ -99,6 +136,14 @@ impl Backward for SiluBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            if let Some(dx) = &mut d[0] {
+                let op = "silu_bwd";
+                silu_bwd_cuda(dx.gpu_mut(op)?, dout.gpu(op)?, inputs[0].gpu(op)?)?;
+            }
+            return Ok(());
+        }
         if let Some(dx) = &mut d[0] {
             silu_bwd_cpu(
                 dx.f32s_mut("silu_bwd")?,

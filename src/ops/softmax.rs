@@ -2,9 +2,11 @@
 //! max keeps every exponent <= 0, so nothing overflows; -inf entries (masked positions) give exactly 0.
 //!
 //! Backward from the saved output: dx = y * (dy - sum_j dy_j * y_j) per row. Activation gradients are written
-//! (`=`); the tape accumulates.
+//! (`=`); the tape accumulates. On the GPU: `cuda/softmax.cu`, one block per row both ways.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::gpu::{GpuBuf, KernelSource};
 use crate::ops::simd;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -85,6 +87,52 @@ pub fn softmax_bwd_cpu(dx: &mut [f32], dout: &[f32], y: &[f32], c: usize) {
         });
 }
 
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "softmax",
+    code: include_str!("../../cuda/softmax.cu"),
+};
+
+/// Threads per row: the row length rounded up to whole warps, at most `gpu::BLOCK` (short attention rows
+/// should not leave most of a 256-thread block idle).
+#[cfg(feature = "cuda")]
+fn row_threads(c: usize) -> u32 {
+    (c.div_ceil(32) * 32).min(crate::gpu::BLOCK as usize) as u32
+}
+
+/// One block per row of `c` values (c > 0).
+#[cfg(feature = "cuda")]
+pub fn softmax_fwd_cuda(out: &mut GpuBuf, x: &GpuBuf, c: usize) -> Result<()> {
+    let rows = (x.len() / c) as u32;
+    out.ctx().launch(
+        &CUDA,
+        "softmax_fwd_f32",
+        (rows, 1, 1),
+        (row_threads(c), 1, 1),
+        0,
+        &[out.arg(), x.arg(), crate::gpu::Arg::I32(c as i32)],
+    )
+}
+
+/// dx = y · (dy − Σ dy·y) per row, from the saved output y.
+#[cfg(feature = "cuda")]
+pub fn softmax_bwd_cuda(dx: &mut GpuBuf, dout: &GpuBuf, y: &GpuBuf, c: usize) -> Result<()> {
+    let rows = (y.len() / c) as u32;
+    dx.ctx().launch(
+        &CUDA,
+        "softmax_bwd_f32",
+        (rows, 1, 1),
+        (row_threads(c), 1, 1),
+        0,
+        &[
+            dx.arg(),
+            dout.arg(),
+            y.arg(),
+            crate::gpu::Arg::I32(c as i32),
+        ],
+    )
+}
+
 pub fn softmax(tape: &mut Tape, x: Var) -> Result<Var> {
     let shape = tape.value(x).shape().to_vec();
     let c = match shape.last() {
@@ -96,6 +144,13 @@ pub fn softmax(tape: &mut Tape, x: Var) -> Result<Var> {
             ))
         }
     };
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("softmax", &[tape.value(x)])? {
+        let mut out = ctx.alloc(tape.value(x).numel())?;
+        softmax_fwd_cuda(&mut out, tape.value(x).gpu("softmax")?, c)?;
+        let out = Tensor::from_gpu(&shape, out)?;
+        return Ok(tape.push_op(out, &[x], Box::new(SoftmaxBackward { c })));
+    }
     let mut out = tape.alloc(&shape);
     softmax_fwd_cpu(out.f32s_mut("softmax")?, tape.value(x).f32s("softmax")?, c);
     Ok(tape.push_op(out, &[x], Box::new(SoftmaxBackward { c })))
@@ -116,6 +171,14 @@ impl Backward for SoftmaxBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            if let Some(dx) = &mut d[0] {
+                let op = "softmax_bwd";
+                softmax_bwd_cuda(dx.gpu_mut(op)?, dout.gpu(op)?, output.gpu(op)?, self.c)?;
+            }
+            return Ok(());
+        }
         if let Some(dx) = &mut d[0] {
             softmax_bwd_cpu(
                 dx.f32s_mut("softmax_bwd")?,

@@ -3,8 +3,11 @@
 //!
 //! Backward: dx = transpose(dout, dim0, dim1): swapping the same two dims of the output shape gives back the
 //! input shape, so the op is its own inverse and its own adjoint. Activation grads are written (`=`).
+//! On the GPU: `cuda/transpose.cu`, one thread per output value.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::gpu::{Arg, GpuBuf, KernelSource};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -75,6 +78,46 @@ pub fn transpose_fwd_cpu(out: &mut [f32], x: &[f32], shape: &[usize], dim0: usiz
         });
 }
 
+#[cfg(feature = "cuda")]
+pub const CUDA: KernelSource = KernelSource {
+    op: "transpose",
+    code: include_str!("../../cuda/transpose.cu"),
+};
+
+/// `transpose_fwd_cpu` on the GPU: x of `shape` with dims `dim0` and `dim1` swapped into out (the backward
+/// is the same call on dout with the transposed shape). Equal dims are a plain device copy.
+#[cfg(feature = "cuda")]
+pub fn transpose_fwd_cuda(
+    out: &mut GpuBuf,
+    x: &GpuBuf,
+    shape: &[usize],
+    dim0: usize,
+    dim1: usize,
+) -> Result<()> {
+    let (a, b) = (dim0.min(dim1), dim0.max(dim1));
+    if a == b {
+        return out.copy_from(x);
+    }
+    let n = out.len();
+    let (n0, n1) = (shape[a], shape[b]);
+    let mid: usize = shape[a + 1..b].iter().product();
+    let inner: usize = shape[b + 1..].iter().product();
+    out.ctx().launch_1d(
+        &CUDA,
+        "transpose_fwd_f32",
+        n,
+        &[
+            out.arg(),
+            x.arg(),
+            Arg::I64(n as i64),
+            Arg::I64(n0 as i64),
+            Arg::I64(mid as i64),
+            Arg::I64(n1 as i64),
+            Arg::I64(inner as i64),
+        ],
+    )
+}
+
 pub fn transpose(tape: &mut Tape, x: Var, dim0: usize, dim1: usize) -> Result<Var> {
     let shape = tape.value(x).shape().to_vec();
     if dim0 >= shape.len() || dim1 >= shape.len() {
@@ -85,6 +128,19 @@ pub fn transpose(tape: &mut Tape, x: Var, dim0: usize, dim1: usize) -> Result<Va
                 shape.len()
             ),
         ));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("transpose", &[tape.value(x)])? {
+        let mut out = ctx.alloc(tape.value(x).numel())?;
+        transpose_fwd_cuda(
+            &mut out,
+            tape.value(x).gpu("transpose")?,
+            &shape,
+            dim0,
+            dim1,
+        )?;
+        let out = Tensor::from_gpu(&transposed_shape(&shape, dim0, dim1), out)?;
+        return Ok(tape.push_op(out, &[x], Box::new(TransposeBackward { dim0, dim1 })));
     }
     let mut out = tape.alloc(&transposed_shape(&shape, dim0, dim1));
     transpose_fwd_cpu(
@@ -113,6 +169,15 @@ impl Backward for TransposeBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            if let Some(dx) = &mut d[0] {
+                let op = "transpose_bwd";
+                let (gx, g) = (dx.gpu_mut(op)?, dout.gpu(op)?);
+                transpose_fwd_cuda(gx, g, output.shape(), self.dim0, self.dim1)?;
+            }
+            return Ok(());
+        }
         if let Some(dx) = &mut d[0] {
             transpose_fwd_cpu(
                 dx.f32s_mut("transpose_bwd")?,

@@ -9,7 +9,11 @@
 //! Forward keeps per row only the max and log-sum-exp shift (two f32), never a softmax [N, V]: at
 //! N = 8192, V = 49152 (SmolLM2) that buffer would be 1.6 GB. Backward recomputes softmax from the logits:
 //! dlogits[r] = (softmax(logits[r]) - onehot(target)) · dout / count for counted rows, 0 for ignored rows.
-//! Activation grads are written (`=`); the tape does the `+=`.
+//! Activation grads are written (`=`); the tape does the `+=`. On the GPU: [`cuda`] (`cuda/cross_entropy.cu`),
+//! the same two saved f32 per row, the targets uploaded once and kept for the backward.
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -255,14 +259,7 @@ pub fn cross_entropy(
     let shape = tape.value(logits).shape().to_vec();
     let (n, v) = rows_vocab(OP, &shape)?;
     check_targets(OP, &shape, n, v, targets, ignore_index)?;
-    let mut lse = vec![RowLse::default(); n];
-    let (sum, count) = cross_entropy_fwd_cpu(
-        &mut lse,
-        tape.value(logits).f32s(OP)?,
-        v,
-        targets,
-        ignore_index,
-    );
+    let count = targets.iter().filter(|&&t| t != ignore_index).count();
     if count == 0 {
         return Err(Error::invalid(
             OP,
@@ -272,24 +269,84 @@ pub fn cross_entropy(
             ),
         ));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of(OP, &[tape.value(logits)])? {
+        let (mut loss, mut lse_max, mut lse_log_sum) =
+            (ctx.alloc(1)?, ctx.alloc(n)?, ctx.alloc(n)?);
+        let targets_d = ctx.upload_bits(bytemuck::cast_slice(targets))?;
+        cuda::cross_entropy_fwd_cuda(
+            &mut loss,
+            &mut lse_max,
+            &mut lse_log_sum,
+            tape.value(logits).gpu(OP)?,
+            &targets_d,
+            ignore_index,
+            v,
+            count,
+        )?;
+        let out = Tensor::from_gpu(&[], loss)?;
+        let saved = Saved::Cuda {
+            targets: targets_d,
+            lse_max,
+            lse_log_sum,
+        };
+        return Ok(push(tape, out, logits, ignore_index, saved, count, v));
+    }
+    let mut lse = vec![RowLse::default(); n];
+    let (sum, _) = cross_entropy_fwd_cpu(
+        &mut lse,
+        tape.value(logits).f32s(OP)?,
+        v,
+        targets,
+        ignore_index,
+    );
     let out = tape.alloc_scalar((sum / count as f64) as f32);
+    let saved = Saved::Cpu {
+        targets: targets.to_vec(),
+        lse,
+    };
+    Ok(push(tape, out, logits, ignore_index, saved, count, v))
+}
+
+/// Records the loss, with its backward when the logits need a gradient.
+fn push(
+    tape: &mut Tape,
+    out: Tensor,
+    logits: Var,
+    ignore_index: i32,
+    saved: Saved,
+    count: usize,
+    v: usize,
+) -> Var {
     if !tape.needs_grad(&[logits]) {
-        return Ok(tape.push_const(out));
+        return tape.push_const(out);
     }
     let backward = CrossEntropyBackward {
-        targets: targets.to_vec(),
         ignore_index,
-        lse,
+        saved,
         count,
         v,
     };
-    Ok(tape.push_op(out, &[logits], Box::new(backward)))
+    tape.push_op(out, &[logits], Box::new(backward))
+}
+
+/// What the backward needs, where the forward ran.
+enum Saved {
+    Cpu {
+        targets: Vec<i32>,
+        lse: Vec<RowLse>,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda {
+        targets: crate::gpu::GpuBuf,
+        lse_max: crate::gpu::GpuBuf,
+        lse_log_sum: crate::gpu::GpuBuf,
+    },
 }
 
 struct CrossEntropyBackward {
-    targets: Vec<i32>,
     ignore_index: i32,
-    lse: Vec<RowLse>,
+    saved: Saved,
     count: usize,
     v: usize,
 }
@@ -305,19 +362,41 @@ impl Backward for CrossEntropyBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
-        if let Some(dl) = &mut d[0] {
-            let scale = (dout.f32s("cross_entropy_bwd")?[0] as f64 / self.count as f64) as f32;
-            cross_entropy_bwd_cpu(
-                dl.f32s_mut("cross_entropy_bwd")?,
-                x[0].f32s("cross_entropy_bwd")?,
-                self.v,
-                &self.targets,
+        const OP: &str = "cross_entropy_bwd";
+        let Some(dl) = &mut d[0] else {
+            return Ok(());
+        };
+        match &self.saved {
+            Saved::Cpu { targets, lse } => {
+                let scale = (dout.f32s(OP)?[0] as f64 / self.count as f64) as f32;
+                cross_entropy_bwd_cpu(
+                    dl.f32s_mut(OP)?,
+                    x[0].f32s(OP)?,
+                    self.v,
+                    targets,
+                    self.ignore_index,
+                    lse,
+                    scale,
+                );
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Saved::Cuda {
+                targets,
+                lse_max,
+                lse_log_sum,
+            } => cuda::cross_entropy_bwd_cuda(
+                dl.gpu_mut(OP)?,
+                x[0].gpu(OP)?,
+                targets,
                 self.ignore_index,
-                &self.lse,
-                scale,
-            );
+                lse_max,
+                lse_log_sum,
+                dout.gpu(OP)?,
+                self.v,
+                self.count,
+            ),
         }
-        Ok(())
     }
 }
 

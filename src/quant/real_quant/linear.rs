@@ -9,6 +9,7 @@
 //!
 //! Memory: Ŵ exists only while one call runs (a [N, K] scratch, dropped at return); the backward keeps the shared
 //! packed layer, not Ŵ, and dequantizes again. The scratch then holds dW after dx is done.
+//! On the GPU (x and scales on one device) the same steps run there: see `real_quant::cuda`.
 use super::QuantizedLinear;
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
@@ -185,6 +186,27 @@ pub fn real_quant_linear(
     let rows = sx[..sx.len() - 1].iter().product();
     let mut so = sx;
     *so.last_mut().expect("x has a last dim") = n;
+    let backward = RealQuantLinearBackward {
+        qlin: qlin.clone(),
+        rows,
+    };
+    #[cfg(feature = "cuda")]
+    {
+        let (vx, vs) = (tape.value(x), tape.value(scales));
+        if let Some(ctx) = crate::gpu::device_of("real_quant_linear", &[vx, vs])? {
+            let mut out = ctx.alloc(rows * n)?;
+            let op = "real_quant_linear";
+            super::cuda::real_quant_linear_fwd_cuda(
+                &mut out,
+                vx.gpu(op)?,
+                qlin,
+                vs.gpu(op)?,
+                rows,
+            )?;
+            let out = Tensor::from_gpu(&so, out)?;
+            return Ok(tape.push_op(out, &[x, scales], Box::new(backward)));
+        }
+    }
     let mut out = tape.alloc(&so);
     real_quant_linear_fwd_cpu(
         out.f32s_mut("real_quant_linear")?,
@@ -193,10 +215,6 @@ pub fn real_quant_linear(
         tape.value(scales).f32s("real_quant_linear")?,
         rows,
     )?;
-    let backward = RealQuantLinearBackward {
-        qlin: qlin.clone(),
-        rows,
-    };
     Ok(tape.push_op(out, &[x, scales], Box::new(backward)))
 }
 
@@ -224,6 +242,18 @@ impl Backward for RealQuantLinearBackward {
                 d.len()
             )));
         };
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            return super::cuda::real_quant_linear_bwd_cuda(
+                dx.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                ds.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                dout.gpu(op)?,
+                inputs[0].gpu(op)?,
+                &self.qlin,
+                inputs[1].gpu(op)?,
+                self.rows,
+            );
+        }
         real_quant_linear_bwd_cpu(
             dx.as_mut().map(|t| t.f32s_mut(op)).transpose()?,
             ds.as_mut().map(|t| t.f32s_mut(op)).transpose()?,

@@ -11,6 +11,8 @@
 //!
 //! Dequantization: ŵ[n, k] = (q[n, k] − z[n, k/g]) · s[n, k/g] in f32, the fake-quant forward's exact operations,
 //! so [`QuantizedLinear::dequantize`] equals `fake_quant`'s Ŵ bit for bit.
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gptq;
 pub mod linear;
 
@@ -38,6 +40,9 @@ pub struct QuantizedLinear {
     qweight: Arc<[u32]>,
     zeros: Arc<[u8]>,
     scales: Arc<Tensor>,
+    /// `qweight` and `zeros` on a GPU once a device op asked for them (`cuda::DevicePacked`), shared by clones.
+    #[cfg(feature = "cuda")]
+    device: Arc<std::sync::Mutex<Option<Arc<cuda::DevicePacked>>>>,
 }
 
 impl QuantizedLinear {
@@ -168,6 +173,8 @@ impl QuantizedLinear {
             qweight: qweight.into(),
             zeros: zeros.iter().map(|&z| z as u8).collect(),
             scales: Arc::new(Tensor::zeros(&[out_features, ng])),
+            #[cfg(feature = "cuda")]
+            device: Arc::default(),
         };
         layer.set_scales(scales)?;
         Ok(layer)

@@ -1,0 +1,156 @@
+//! E2E-QP's real-quant linear on the GPU (`cuda/real_quant.cu`): the packed integers and zeros of a layer are
+//! uploaded once and kept beside the layer ([`QuantizedLinear::device_packed`]); each call dequantizes Ŵ into a
+//! scratch [N, K] from the caching allocator (dropped at return, so the next layer of that shape gets the same
+//! memory back: no cuMemAlloc after the first step) and runs cuBLAS on it. The backward dequantizes again for
+//! dx, then reuses the scratch for dW = doutᵀ·x, from which the dscales kernel sums each group's dW·(q − z).
+//! The formulas are in linear.rs's header.
+use super::QuantizedLinear;
+use crate::error::{Error, Result};
+use crate::gpu::{Arg, GpuBuf, GpuContext, KernelSource};
+use std::sync::Arc;
+
+pub const CUDA: KernelSource = KernelSource {
+    op: "real_quant",
+    code: include_str!("../../../cuda/real_quant.cu"),
+};
+
+/// One layer's packed integers (`qweight`'s u32 bits) and zero points (as f32 values, exact up to 255) on one GPU.
+#[derive(Debug)]
+pub struct DevicePacked {
+    pub qweight: GpuBuf,
+    pub zeros: GpuBuf,
+}
+
+impl QuantizedLinear {
+    /// The packed integers and zeros on `ctx`: uploaded on first use and kept, shared by every clone of the layer
+    /// (a layer asked for on another GPU is uploaded there and kept instead).
+    pub fn device_packed(&self, ctx: &Arc<GpuContext>) -> Result<Arc<DevicePacked>> {
+        let mut slot = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = slot.as_ref() {
+            if Arc::ptr_eq(p.qweight.ctx(), ctx) {
+                return Ok(p.clone());
+            }
+        }
+        let zeros: Vec<f32> = self.zeros.iter().map(|&z| z as f32).collect();
+        let p = Arc::new(DevicePacked {
+            qweight: ctx.upload_bits(&self.qweight)?,
+            zeros: ctx.upload(&zeros)?,
+        });
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+
+    /// Words per row of `qweight`.
+    fn words_per_row(&self) -> usize {
+        self.qweight.len() / self.out_features.max(1)
+    }
+}
+
+/// Errors unless `len` values are `what` of `want` values.
+fn check_len(what: &str, len: usize, want: usize) -> Result<()> {
+    if len == want {
+        return Ok(());
+    }
+    Err(Error::shape(
+        "real_quant_cuda",
+        format!("{what} has {len} values, need {want}"),
+    ))
+}
+
+/// w [N, K] = (q − z) · scales, bit for bit `QuantizedLinear::dequantize_into`.
+pub fn real_quant_dequant_cuda(
+    w: &mut GpuBuf,
+    qlin: &QuantizedLinear,
+    packed: &DevicePacked,
+    scales: &GpuBuf,
+) -> Result<()> {
+    let (n, k) = (qlin.out_features(), qlin.in_features());
+    check_len("w", w.len(), n * k)?;
+    check_len("scales", scales.len(), n * qlin.groups())?;
+    w.ctx().launch_1d(
+        &CUDA,
+        "real_quant_dequant_f32",
+        n * k,
+        &[
+            w.arg(),
+            packed.qweight.arg(),
+            packed.zeros.arg(),
+            scales.arg(),
+            Arg::I64(n as i64),
+            Arg::I64(k as i64),
+            Arg::I64(qlin.words_per_row() as i64),
+            Arg::I32(qlin.wbits() as i32),
+            Arg::I64(qlin.group_size() as i64),
+        ],
+    )
+}
+
+/// dscales [N, K/g] = per-group Σ dw·(q − z) for dW [N, K], as `real_quant_dscales_cpu`; one warp per group.
+pub fn real_quant_dscales_cuda(
+    dscales: &mut GpuBuf,
+    dw: &GpuBuf,
+    qlin: &QuantizedLinear,
+    packed: &DevicePacked,
+) -> Result<()> {
+    let (n, k) = (qlin.out_features(), qlin.in_features());
+    let n_groups = n * qlin.groups();
+    check_len("dW", dw.len(), n * k)?;
+    check_len("dscales", dscales.len(), n_groups)?;
+    dscales.ctx().launch_1d(
+        &CUDA,
+        "real_quant_dscales_f32",
+        n_groups * 32,
+        &[
+            dscales.arg(),
+            dw.arg(),
+            packed.qweight.arg(),
+            packed.zeros.arg(),
+            Arg::I64(n_groups as i64),
+            Arg::I64(k as i64),
+            Arg::I64(qlin.words_per_row() as i64),
+            Arg::I32(qlin.wbits() as i32),
+            Arg::I64(qlin.group_size() as i64),
+        ],
+    )
+}
+
+/// out [R, N] = x [R, K] · Ŵᵀ, Ŵ dequantized from `qlin` with `scales` into a scratch buffer.
+pub fn real_quant_linear_fwd_cuda(
+    out: &mut GpuBuf,
+    x: &GpuBuf,
+    qlin: &QuantizedLinear,
+    scales: &GpuBuf,
+    rows: usize,
+) -> Result<()> {
+    let (k, n) = (qlin.in_features(), qlin.out_features());
+    let ctx = x.ctx().clone();
+    let packed = qlin.device_packed(&ctx)?;
+    let mut w = ctx.alloc(n * k)?;
+    real_quant_dequant_cuda(&mut w, qlin, &packed, scales)?;
+    ctx.sgemm(false, true, rows, n, k, 1.0, x, &w, 0.0, out)
+}
+
+/// Gradients of [`real_quant_linear_fwd_cuda`]; each `Some` buffer is overwritten.
+pub fn real_quant_linear_bwd_cuda(
+    dx: Option<&mut GpuBuf>,
+    dscales: Option<&mut GpuBuf>,
+    dout: &GpuBuf,
+    x: &GpuBuf,
+    qlin: &QuantizedLinear,
+    scales: &GpuBuf,
+    rows: usize,
+) -> Result<()> {
+    let (k, n) = (qlin.in_features(), qlin.out_features());
+    let ctx = dout.ctx().clone();
+    let packed = qlin.device_packed(&ctx)?;
+    let mut scratch = ctx.alloc(n * k)?;
+    if let Some(dx) = dx {
+        real_quant_dequant_cuda(&mut scratch, qlin, &packed, scales)?;
+        ctx.sgemm(false, false, rows, k, n, 1.0, dout, &scratch, 0.0, dx)?;
+    }
+    if let Some(ds) = dscales {
+        ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, &mut scratch)?;
+        real_quant_dscales_cuda(ds, &scratch, qlin, &packed)?;
+    }
+    Ok(())
+}
