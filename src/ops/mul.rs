@@ -209,6 +209,17 @@ mod tests {
             };
             let fd_a = finite_diff(&a64, 1e-3, |x| f(x, &b64));
             let fd_b = finite_diff(&b64, 1e-3, |x| f(&a64, x));
+            // The f64 reference of the backward (dout = 1 for a plain sum) against the same differences.
+            let (mut ra, mut rb) = (vec![0.0; a.len()], vec![0.0; b.len()]);
+            mul_bwd_ref(
+                Some(&mut ra),
+                Some(&mut rb),
+                &vec![1.0; a.len()],
+                &a64,
+                &b64,
+            );
+            assert_close_f64("mul da ref", &ra, &fd_a, 1e-8, 1e-8);
+            assert_close_f64("mul db ref", &rb, &fd_b, 1e-8, 1e-8);
             // Bilinear: central differences are exact up to rounding; f32 products give ~1e-6 relative error.
             assert_close(
                 "mul da",
