@@ -181,6 +181,14 @@ fn embedding_matches_ref() {
         embedding::embedding_bwd_cpu(&mut cpu, &dout, &ids, c);
         r.expect(&format!("dweight == cpu bitwise {name}"), down(&dw) == cpu);
     }
+    // An id past V is an error naming it, never a write outside dweight.
+    let mut dw = ctx.zeros(5 * 3).unwrap();
+    let e = embedding::embedding_bwd_cuda(&mut dw, &ctx.zeros(2 * 3).unwrap(), &[1, 5], 3)
+        .map_err(|e| e.to_string());
+    r.expect(
+        &format!("id past V: {e:?}"),
+        e.is_err_and(|e| e.contains("token id 5") && e.contains("V = 5")),
+    );
     r.finish();
 }
 

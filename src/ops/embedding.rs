@@ -77,7 +77,8 @@ pub const CUDA: KernelSource = KernelSource {
     code: include_str!("../../cuda/embedding.cu"),
 };
 
-/// out [P, C] = rows `ids` (a device copy of the P ids, `GpuContext::upload_bits`) of weight [V, C].
+/// out [P, C] = rows `ids` (a device copy of the P ids, `GpuContext::upload_bits`, each below V: `embedding`
+/// checks them on the host) of weight [V, C].
 #[cfg(feature = "cuda")]
 pub fn embedding_fwd_cuda(out: &mut GpuBuf, weight: &GpuBuf, ids: &GpuBuf, c: usize) -> Result<()> {
     let n = out.len();
@@ -104,7 +105,25 @@ pub fn embedding_bwd_cuda(
     ids: &[u32],
     c: usize,
 ) -> Result<()> {
-    let (start, positions) = group_positions(ids, dweight.len() / c);
+    let v = dweight.len() / c.max(1);
+    if c == 0 || dweight.len() != v * c || dout.len() != ids.len() * c {
+        return Err(Error::shape(
+            "embedding_bwd_cuda",
+            format!(
+                "dweight {} and dout {} values for {} ids of C = {c}",
+                dweight.len(),
+                dout.len(),
+                ids.len()
+            ),
+        ));
+    }
+    if let Some((p, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+        return Err(Error::invalid(
+            "embedding_bwd_cuda",
+            format!("token id {id} at position {p} is out of range for V = {v}"),
+        ));
+    }
+    let (start, positions) = group_positions(ids, v);
     let mut ids_u = Vec::new();
     let mut start_u = vec![0u32];
     for (id, w) in start.windows(2).enumerate() {

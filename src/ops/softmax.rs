@@ -100,10 +100,21 @@ fn row_threads(c: usize) -> u32 {
     (c.div_ceil(32) * 32).min(crate::gpu::BLOCK as usize) as u32
 }
 
+/// The grid: one block per row of `c` values (c > 0).
+#[cfg(feature = "cuda")]
+fn grid_rows(len: usize, c: usize) -> Result<u32> {
+    u32::try_from(len / c).map_err(|_| {
+        Error::invalid(
+            "softmax_cuda",
+            format!("{} rows exceed one launch", len / c),
+        )
+    })
+}
+
 /// One block per row of `c` values (c > 0).
 #[cfg(feature = "cuda")]
 pub fn softmax_fwd_cuda(out: &mut GpuBuf, x: &GpuBuf, c: usize) -> Result<()> {
-    let rows = (x.len() / c) as u32;
+    let rows = grid_rows(x.len(), c)?;
     out.ctx().launch(
         &CUDA,
         "softmax_fwd_f32",
@@ -117,7 +128,7 @@ pub fn softmax_fwd_cuda(out: &mut GpuBuf, x: &GpuBuf, c: usize) -> Result<()> {
 /// dx = y · (dy − Σ dy·y) per row, from the saved output y.
 #[cfg(feature = "cuda")]
 pub fn softmax_bwd_cuda(dx: &mut GpuBuf, dout: &GpuBuf, y: &GpuBuf, c: usize) -> Result<()> {
-    let rows = (y.len() / c) as u32;
+    let rows = grid_rows(y.len(), c)?;
     dx.ctx().launch(
         &CUDA,
         "softmax_bwd_f32",
