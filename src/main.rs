@@ -246,7 +246,12 @@ fn train(cmd: Command) -> eqat::Result<()> {
             format!("--{name} {value}: expected {allowed}"),
         )
     };
-    let quant = QuantConfig::new(wbits, group_size)?;
+    let quant = QuantConfig::new(wbits, group_size).map_err(|e| {
+        eqat::Error::invalid(
+            "engine train",
+            format!("--wbits {wbits} --group-size {group_size}: {e}"),
+        )
+    })?;
     let phase = match phase.as_str() {
         "block-ap" => Phase::BlockAp,
         "all" => Phase::All,

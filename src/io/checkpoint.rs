@@ -11,6 +11,8 @@
 //!                                 qzeros (U8 [out, groups]), scales (F32 [out, groups]); step losses in metadata
 //! ```
 //! Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+mod validate;
+
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_safetensors, Dtype, SafetensorsFile};
 use crate::model::llama::LlamaConfig;
@@ -23,6 +25,7 @@ use crate::train::pipeline::{BlockRecord, BlockSink};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use validate::{check_meta, check_same_run, tensor_bytes_checked};
 
 pub const FORMAT: &str = "eqat-checkpoint";
 pub const FORMAT_VERSION: u64 = 1;
@@ -118,12 +121,7 @@ impl CheckpointDir {
     /// Opens a finished checkpoint for reading, with the model configuration of its source model.
     pub fn open(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
         let meta = read_meta(dir)?;
-        let field = |k: &str| {
-            meta[k]
-                .as_i64()
-                .ok_or_else(|| Error::format(dir.join("eqat.json"), k, "missing"))
-        };
-        let quant = QuantConfig::new(field("wbits")? as u32, field("group_size")?)?;
+        let quant = check_meta(&dir.join("eqat.json"), &meta, cfg)?;
         Ok(CheckpointDir {
             dir: dir.to_path_buf(),
             meta,
@@ -192,17 +190,27 @@ impl CheckpointDir {
             let f = SafetensorsFile::open(&e2e)?;
             for (i, b) in blocks.iter_mut().enumerate() {
                 for (m, l) in MODULES.iter().zip(b.linears.iter_mut()) {
-                    l.set_scales(f.tensor_f32(&format!("model.layers.{i}.{m}.scales"))?)?;
+                    let name = format!("model.layers.{i}.{m}.scales");
+                    let shape = [l.out_features(), l.groups()];
+                    tensor_bytes_checked(&f, &name, Dtype::F32, &shape)?;
+                    l.set_scales(f.tensor_f32(&name)?).map_err(|e| {
+                        Error::format(&e2e, format!("tensor {name}"), e.to_string())
+                    })?;
                 }
             }
         }
         let head = SafetensorsFile::open(self.dir.join("head.safetensors"))?;
+        let (v, c) = (self.cfg.vocab, self.cfg.hidden);
+        let read = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            tensor_bytes_checked(&head, name, Dtype::F32, shape)?;
+            head.tensor_f32(name)
+        };
         Ok(QuantizedModel {
             cfg: self.cfg.clone(),
-            embedding: head.tensor_f32("model.embed_tokens.weight")?,
-            final_norm: head.tensor_f32("model.norm.weight")?,
+            embedding: read("model.embed_tokens.weight", &[v, c])?,
+            final_norm: read("model.norm.weight", &[c])?,
             lm_head: if head.tensor_info("lm_head.weight").is_some() {
-                Some(head.tensor_f32("lm_head.weight")?)
+                Some(read("lm_head.weight", &[v, c])?)
             } else {
                 None
             },
@@ -251,45 +259,6 @@ pub fn open_checkpoint_model(
     let (fp, tokenizer) = crate::model::open_model(Path::new(source))?;
     let model = CheckpointDir::open(dir, fp.config())?.load_model()?;
     Ok((crate::model::LlamaModel::new(Box::new(model))?, tokenizer))
-}
-
-fn check_same_run(path: &Path, meta: &Value, run: &RunIdentity, cfg: &LlamaConfig) -> Result<()> {
-    if meta["format"] != FORMAT || meta["format_version"] != FORMAT_VERSION {
-        return Err(Error::format(
-            path,
-            "format",
-            format!("not an {FORMAT} v{FORMAT_VERSION} file"),
-        ));
-    }
-    let checks = [
-        (
-            "wbits (--wbits)",
-            meta["wbits"].clone(),
-            json!(run.quant.wbits),
-        ),
-        (
-            "group_size (--group-size)",
-            meta["group_size"].clone(),
-            json!(run.quant.group_size),
-        ),
-        ("n_layers", meta["n_layers"].clone(), json!(cfg.n_layers)),
-        (
-            "source (--model)",
-            meta["source"].clone(),
-            json!(run.source),
-        ),
-        ("recipe", meta["recipe"].clone(), run.recipe.clone()),
-    ];
-    for (field, stored, now) in checks {
-        if stored != now {
-            return Err(Error::format(
-                path,
-                field,
-                format!("the checkpoint was made with {stored}, this run asks for {now}; resume with the same settings"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 impl BlockSink for CheckpointDir {
@@ -358,7 +327,7 @@ impl BlockSink for CheckpointDir {
         });
         self.meta["blocks"]
             .as_array_mut()
-            .expect("blocks is an array")
+            .ok_or_else(|| Error::format(self.dir.join("eqat.json"), "blocks", "not an array"))?
             .push(entry);
         self.write_meta()
     }
@@ -366,40 +335,39 @@ impl BlockSink for CheckpointDir {
     fn load_block(&self, i: usize) -> Result<BlockRecord> {
         let path = self.block_path(i);
         let f = SafetensorsFile::open(&path)?;
-        let shapes = self.cfg.linear_shapes();
+        let wbits = self.quant.wbits;
         let mut linears = Vec::with_capacity(7);
-        for (m, (_, n, k)) in MODULES.iter().zip(shapes) {
+        for (m, (_, n, k)) in MODULES.iter().zip(self.cfg.linear_shapes()) {
             let p = format!("model.layers.{i}.{m}");
-            let words: Vec<u32> = f
-                .tensor_bytes(&format!("{p}.qweight"))?
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            let ints = unpack_cols(
-                self.quant.wbits,
-                PackLayout::EqatTenPerWord,
-                &words,
-                n,
-                k,
-                &p,
-            )?;
-            let zeros: Vec<u32> = f
-                .tensor_bytes(&format!("{p}.qzeros"))?
-                .iter()
-                .map(|&z| z as u32)
-                .collect();
-            let scales = f.tensor_f32(&format!("{p}.scales"))?;
-            let g = self.quant.group_len(k)?;
-            linears.push(QuantizedLinear::from_ints(
-                self.quant.wbits,
-                g,
-                k,
-                n,
-                &ints,
-                &zeros,
-                scales,
-            )?);
+            let in_file = |e: Error| Error::format(&path, format!("tensor {p}"), e.to_string());
+            let g = self.quant.group_len(k).map_err(in_file)?;
+            let wcols = PackLayout::EqatTenPerWord
+                .words_for(wbits, k, &p)
+                .map_err(in_file)?;
+            let words: Vec<u32> =
+                tensor_bytes_checked(&f, &format!("{p}.qweight"), Dtype::U32, &[n, wcols])?
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+            let ints = unpack_cols(wbits, PackLayout::EqatTenPerWord, &words, n, k, &p)
+                .map_err(in_file)?;
+            let zeros: Vec<u32> =
+                tensor_bytes_checked(&f, &format!("{p}.qzeros"), Dtype::U8, &[n, k / g])?
+                    .iter()
+                    .map(|&z| z as u32)
+                    .collect();
+            let name = format!("{p}.scales");
+            tensor_bytes_checked(&f, &name, Dtype::F32, &[n, k / g])?;
+            let scales = f.tensor_f32(&name)?;
+            linears.push(
+                QuantizedLinear::from_ints(wbits, g, k, n, &ints, &zeros, scales)
+                    .map_err(in_file)?,
+            );
         }
+        let norm = |name: String| -> Result<Tensor> {
+            tensor_bytes_checked(&f, &name, Dtype::F32, &[self.cfg.hidden])?;
+            f.tensor_f32(&name)
+        };
         let losses = |key: &str| -> Result<Vec<f32>> {
             let text = f
                 .metadata()
@@ -409,9 +377,8 @@ impl BlockSink for CheckpointDir {
         };
         Ok(BlockRecord {
             block: QuantizedBlock {
-                attn_norm: f.tensor_f32(&format!("model.layers.{i}.input_layernorm.weight"))?,
-                ffn_norm: f
-                    .tensor_f32(&format!("model.layers.{i}.post_attention_layernorm.weight"))?,
+                attn_norm: norm(format!("model.layers.{i}.input_layernorm.weight"))?,
+                ffn_norm: norm(format!("model.layers.{i}.post_attention_layernorm.weight"))?,
                 linears: linears.try_into().expect("seven linears"),
             },
             step_losses: losses("step_losses")?,

@@ -3,5 +3,6 @@ pub mod checkpoint;
 pub mod ggml_quants;
 pub mod gguf;
 pub mod hf;
+pub mod mmap;
 pub mod safetensors;
 pub mod tokenizer;

@@ -9,6 +9,7 @@ use crate::model::llama::LlamaConfig;
 use crate::model::quantized::{QuantizedBlock, QuantizedModel};
 use crate::model::LlamaModel;
 use crate::quant::fake_quant::{init_minmax, QuantConfig};
+use crate::quant::pack::SUPPORTED_BITS;
 use crate::tensor::Tensor;
 use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
@@ -110,6 +111,8 @@ pub fn run_train(
     mut say: impl FnMut(&str),
 ) -> Result<TrainSummary> {
     let cfg: LlamaConfig = fp.config().clone();
+    check_args(args, &cfg)?;
+    let mut pause = PauseHook::from_env();
     let mut summary = TrainSummary::default();
     let eval_windows_ids = match &args.eval {
         Some((path, opts)) => {
@@ -232,6 +235,7 @@ pub fn run_train(
                 json!({"event": "block_start", "block": block})
             }
             Event::Step { block, info } => {
+                pause.step(&mut say);
                 let done = info.step + 1;
                 if done % 16 == 0 || done == info.total_steps {
                     let per = block_start.elapsed().as_secs_f64() / done as f64;
@@ -295,6 +299,7 @@ pub fn run_train(
     let start = Instant::now();
     let mut log_err = None;
     let e2e_losses = train_e2e(&mut qm, &data, &args.e2e, |s| {
+        pause.step(&mut say);
         if (s.step + 1) % 4 == 0 || s.step + 1 == s.total_steps {
             say(&format!(
                 "E2E-QP step {}/{} loss {:.4} grad norm {:.3}",
@@ -320,6 +325,66 @@ pub fn run_train(
         summary.ppl_e2e = Some(p);
     }
     Ok(summary)
+}
+
+/// Refuses settings the run cannot finish with, before anything is read or written; errors name the flag.
+fn check_args(args: &TrainArgs, cfg: &LlamaConfig) -> Result<()> {
+    let bad = |msg: String| Err(Error::invalid("engine train", msg));
+    let wbits = args.quant.wbits;
+    if !SUPPORTED_BITS.contains(&wbits) {
+        return bad(format!(
+            "--wbits {wbits}: the checkpoint packs 2, 3, 4 or 8 bits"
+        ));
+    }
+    for (name, _, k) in cfg.linear_shapes() {
+        if args.quant.group_len(k).is_err() {
+            return bad(format!(
+                "--group-size {} does not divide the {k} in_features of {name} in {}; use a divisor of {k} or -1",
+                args.quant.group_size,
+                args.model.display()
+            ));
+        }
+    }
+    if args.batch_size == 0 || args.train_size < args.batch_size {
+        return bad(format!(
+            "--train-size {} with --batch-size {}: Block-AP needs at least one full batch of training sequences",
+            args.train_size, args.batch_size
+        ));
+    }
+    for (flag, v) in [("seqlen", args.seqlen), ("epochs", args.epochs)] {
+        if v == 0 {
+            return bad(format!("--{flag} 0: must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+/// Test hook for tests/kill_resume.rs: with EQAT_TEST_PAUSE_AT_STEP=N the run prints "paused at step N" and
+/// sleeps for a minute at its N-th training step (Block-AP and E2E-QP steps counted together from 1), so that a
+/// test can SIGKILL it at a known point in the middle of a block.
+struct PauseHook {
+    at: Option<usize>,
+    steps: usize,
+}
+
+impl PauseHook {
+    fn from_env() -> Self {
+        let at = std::env::var("EQAT_TEST_PAUSE_AT_STEP").ok();
+        PauseHook {
+            at: at.and_then(|v| v.parse().ok()),
+            steps: 0,
+        }
+    }
+    fn step(&mut self, say: &mut impl FnMut(&str)) {
+        self.steps += 1;
+        if self.at == Some(self.steps) {
+            say(&format!(
+                "paused at step {} (EQAT_TEST_PAUSE_AT_STEP)",
+                self.steps
+            ));
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+    }
 }
 
 /// Every linear at its min-max initialisation, no training: the RTN baseline.

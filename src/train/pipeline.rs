@@ -153,6 +153,12 @@ pub fn run_block_ap(
                 .map(|v| v as &dyn crate::train::block_ap::BlockSamples);
             let t = train_block(&cfg, &fp, &store, val_ref, &opts.block_ap, |info| {
                 on_event(Event::Step { block: i, info })
+            })
+            .map_err(|e| match e {
+                Error::NonFinite { what } => Error::NonFinite {
+                    what: format!("block {i}: {what} (the {i} blocks before it are saved)"),
+                },
+                e => e,
             })?;
             let record = BlockRecord {
                 block: QuantizedBlock::freeze(
