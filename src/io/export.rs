@@ -192,7 +192,7 @@ enum TokenizerSource {
     /// A directory holding tokenizer.json: the checkpoint, or an HF source model.
     Dir(PathBuf),
     /// A GGUF source model and the tokenizer read from it (checkpoints written before they stored one).
-    Gguf(PathBuf, Tokenizer),
+    Gguf(PathBuf, Box<Tokenizer>),
 }
 
 fn checkpoint_tokenizer_source(checkpoint: &Path, meta: &Value) -> Result<TokenizerSource> {
@@ -205,7 +205,7 @@ fn checkpoint_tokenizer_source(checkpoint: &Path, meta: &Value) -> Result<Tokeni
         Some(s) if s.is_file() => {
             let file = crate::io::gguf::GgufFile::open(&s)?;
             let tok = Tokenizer::from_gguf(&file)?;
-            Ok(TokenizerSource::Gguf(s, tok))
+            Ok(TokenizerSource::Gguf(s, Box::new(tok)))
         }
         _ => Err(Error::format(
             checkpoint.join("tokenizer.json"),
