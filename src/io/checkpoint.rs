@@ -6,6 +6,7 @@
 //!                                 n_layers, recipe, blocks: [{index, train_loss, val_losses}]} — rewritten
 //!                                 atomically after each block; `blocks` says how many block files are complete
 //! DIR/config.json               the model's HF-style config with a `quantization_config`
+//! DIR/tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)   the source model's tokenizer
 //! DIR/blocks/layer_NNNN.safetensors   one block: norms (F32) and, per linear `model.layers.N.<module>`,
 //!                                 qweight (U32 [out, ⌈in/per-word⌉], EQAT ten-per-word at 3 bits),
 //!                                 qzeros (U8 [out, groups]), scales (F32 [out, groups]); step losses in metadata
@@ -199,7 +200,12 @@ impl CheckpointDir {
                 }
             }
         }
-        let head = SafetensorsFile::open(self.dir.join("head.safetensors"))?;
+        let head_path = self.dir.join("head.safetensors");
+        if !head_path.is_file() {
+            let msg = "missing: the run stopped before it finished; resume it first";
+            return Err(Error::format(head_path, "checkpoint", msg));
+        }
+        let head = SafetensorsFile::open(head_path)?;
         let (v, c) = (self.cfg.vocab, self.cfg.hidden);
         let read = |name: &str, shape: &[usize]| -> Result<Tensor> {
             tensor_bytes_checked(&head, name, Dtype::F32, shape)?;
@@ -247,18 +253,42 @@ pub fn read_meta(dir: &Path) -> Result<Value> {
     Ok(meta)
 }
 
-/// The model and tokenizer of a checkpoint directory (the tokenizer and configuration come from the source
-/// model recorded in eqat.json).
+/// The model and tokenizer of a checkpoint directory: its config.json, and its tokenizer.json (checkpoints
+/// written before the tokenizer was stored use the source model's tokenizer recorded in eqat.json).
 pub fn open_checkpoint_model(
     dir: &Path,
 ) -> Result<(crate::model::LlamaModel, crate::io::tokenizer::Tokenizer)> {
-    let meta = read_meta(dir)?;
-    let source = meta["source"]
-        .as_str()
-        .ok_or_else(|| Error::format(dir.join("eqat.json"), "source", "missing"))?;
-    let (fp, tokenizer) = crate::model::open_model(Path::new(source))?;
-    let model = CheckpointDir::open(dir, fp.config())?.load_model()?;
+    let (model, _) = open_checkpoint(dir)?;
+    let tokenizer = checkpoint_tokenizer(dir)?;
     Ok((crate::model::LlamaModel::new(Box::new(model))?, tokenizer))
+}
+
+/// The finished quantized model in `dir` (an error names the directory when it is not a checkpoint or is
+/// unfinished), with the checkpoint's eqat.json.
+pub fn open_checkpoint(dir: &Path) -> Result<(QuantizedModel, Value)> {
+    if !dir.join("eqat.json").is_file() {
+        return Err(Error::invalid(
+            "checkpoint",
+            format!("{} is not an eqat checkpoint (no eqat.json)", dir.display()),
+        ));
+    }
+    let meta = read_meta(dir)?;
+    let cfg = crate::io::hf::HfConfig::open(dir.join("config.json"))?.llama;
+    let model = CheckpointDir::open(dir, &cfg)?.load_model()?;
+    Ok((model, meta))
+}
+
+/// The tokenizer of checkpoint `dir`: DIR/tokenizer.json, else the source model's.
+pub fn checkpoint_tokenizer(dir: &Path) -> Result<crate::io::tokenizer::Tokenizer> {
+    let own = dir.join("tokenizer.json");
+    if own.is_file() {
+        return crate::io::tokenizer::Tokenizer::from_tokenizer_json(own);
+    }
+    let source = read_meta(dir)?["source"]
+        .as_str()
+        .map(String::from)
+        .ok_or_else(|| Error::format(dir.join("eqat.json"), "source", "missing"))?;
+    Ok(crate::model::open_model(Path::new(&source))?.1)
 }
 
 impl BlockSink for CheckpointDir {

@@ -1,5 +1,6 @@
 //! Readers and writers for model and checkpoint files.
 pub mod checkpoint;
+pub mod export;
 pub mod ggml_quants;
 pub mod gguf;
 pub mod hf;

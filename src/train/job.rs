@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::eval::{eval_ids, eval_windows, perplexity_of_windows, EvalOptions};
 use crate::io::checkpoint::{CheckpointDir, RunIdentity};
-use crate::io::tokenizer::Tokenizer;
+use crate::io::tokenizer::{save_tokenizer_files, Tokenizer};
 use crate::model::llama::LlamaConfig;
 use crate::model::quantized::{QuantizedBlock, QuantizedModel};
 use crate::model::LlamaModel;
@@ -169,6 +169,7 @@ pub fn run_train(
         recipe,
     };
     let mut ckpt = CheckpointDir::create_or_resume(&args.out, &cfg, &run, args.resume)?;
+    save_tokenizer_files(fp.source().path(), tokenizer, &args.out)?;
     let mut log = Log::open(&args.out)?;
 
     if let Some((w, o)) = &eval_windows_ids {
