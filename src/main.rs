@@ -11,6 +11,8 @@ use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod plan_cli;
+
 #[derive(Parser)]
 #[command(
     name = "engine",
@@ -112,6 +114,9 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
+    /// The memory plan of a GPU run (Block-AP, block inputs, E2E-QP) against GPU and host budgets, printed
+    /// before anything is loaded; refuses a plan that cannot fit.
+    Plan(plan_cli::PlanArgs),
 }
 
 fn main() {
@@ -125,6 +130,7 @@ fn main() {
             max_windows,
             batch,
         } => eval(model, data, ctx, max_windows, batch),
+        Command::Plan(args) => plan_cli::plan(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
