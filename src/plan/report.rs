@@ -87,22 +87,37 @@ pub fn render(p: &PlanInput, budgets: &Budgets) -> Result<PlanReport> {
          E2E-QP: 1 × {} tokens per micro-step\n",
         p.train_size, p.val_size, p.seqlen, p.batch, p.epochs, p.e2e_seqlen
     );
+    let bf16_hint = match p.dtype {
+        super::ComputeDType::F32 => ", or --dtype bf16",
+        super::ComputeDType::Bf16 => "",
+    };
     let bap = block_ap(p)?;
     phase_table(&mut out, &bap, budgets.gpu_mem);
     if bap.total() > budgets.gpu_mem {
         refusals.push(format!(
-            "Block-AP needs {} of GPU memory, over --gpu-mem {}: use a smaller --batch or --seqlen, or \
-             --dtype bf16",
+            "Block-AP needs {} of GPU memory, over --gpu-mem {}: use a smaller --batch or --seqlen{}",
             human(bap.total()),
-            human(budgets.gpu_mem)
+            human(budgets.gpu_mem),
+            bf16_hint
         ));
     }
     out.push('\n');
     let e2e = e2e_qp(p)?;
     phase_table(&mut out, &e2e, budgets.gpu_mem);
     if e2e.total() > budgets.gpu_mem {
+        // The model's own state (packed weights, zeros, scales with AdamW) does not shrink with the sequence.
+        let model_state: u64 = e2e.terms[..3].iter().map(|t| t.bytes).sum();
+        let hint = if model_state > budgets.gpu_mem {
+            format!(
+                "the packed model and its scales' optimizer state alone take {}: use a larger --group-size \
+                 or a GPU with more memory",
+                human(model_state)
+            )
+        } else {
+            format!("use a smaller --e2e-seqlen{bf16_hint}")
+        };
         refusals.push(format!(
-            "E2E-QP needs {} of GPU memory, over --gpu-mem {}: use a smaller --e2e-seqlen, or --dtype bf16",
+            "E2E-QP needs {} of GPU memory, over --gpu-mem {}: {hint}",
             human(e2e.total()),
             human(budgets.gpu_mem)
         ));
@@ -235,7 +250,21 @@ mod tests {
         };
         let r = render(&llama70b(), &small).unwrap();
         assert_eq!(r.refusals.len(), 2, "{:?}", r.refusals);
-        assert!(r.refusals[0].contains("E2E-QP") && r.refusals[0].contains("--e2e-seqlen"));
+        assert!(r.refusals[0].contains("E2E-QP") && r.refusals[0].contains("larger --group-size"));
         assert!(r.refusals[1].contains("raise --host-mem"));
+        // At 40 GiB the model state (33 GiB) fits and the sequence is what to cut.
+        let r = render(
+            &llama70b(),
+            &Budgets {
+                gpu_mem: 40 << 30,
+                ..b
+            },
+        )
+        .unwrap();
+        assert!(
+            r.refusals[0].contains("smaller --e2e-seqlen"),
+            "{:?}",
+            r.refusals
+        );
     }
 }
