@@ -79,6 +79,10 @@ enum Command {
         /// Where Block-AP keeps its block inputs: ram, or disk (files in --out).
         #[arg(long, default_value = "ram")]
         offload: String,
+        /// Host memory budget (80G = 80 GiB): the run is checked against it before it starts (default: the
+        /// available memory), and with --offload ram the block inputs beyond it go to disk.
+        #[arg(long)]
+        host_mem: Option<String>,
         /// Continue an interrupted run in --out (the settings must match).
         #[arg(long)]
         resume: bool,
@@ -237,6 +241,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         e2e_batch,
         e2e_epochs,
         offload,
+        host_mem,
         resume,
         seed,
         eval_data,
@@ -293,6 +298,10 @@ fn train(cmd: Command) -> eqat::Result<()> {
         weight_lr: weight_lr.unwrap_or(recipe.weight_lr),
         e2e,
         offload_disk,
+        host_mem: host_mem
+            .as_deref()
+            .map(eqat::plan::parse_size)
+            .transpose()?,
         resume,
         seed,
         eval: eval.map(|p| {
