@@ -5,9 +5,6 @@
 //! (model-0000N-of-00003.safetensors, one block straddling two shards) with model.safetensors.index.json.
 //! A counting allocator (this test binary only) measures the heap when each block is asked for: if the
 //! pipeline kept earlier blocks' weights, the heap would grow by about one block per block.
-mod common;
-
-use common::RandomModel;
 use eqat::io::safetensors::{write_safetensors, Dtype};
 use eqat::model::hf::HfWeights;
 use eqat::model::llama::{BlockWeights, LlamaConfig};
@@ -94,14 +91,24 @@ fn write_sharded(dir: &Path, cfg: &LlamaConfig, seed: u64) {
     let (v, c) = (cfg.vocab, cfg.hidden);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let embedding = Tensor::randn(&[v, c], 1.0, &mut rng);
-    tensors.push(("model.embed_tokens.weight".into(), vec![v, c], bf16_bytes(&embedding)));
+    tensors.push((
+        "model.embed_tokens.weight".into(),
+        vec![v, c],
+        bf16_bytes(&embedding),
+    ));
     for i in 0..cfg.n_layers {
         let b = BlockWeights::random(cfg, &mut rng);
         let mut put = |name: String, t: &Tensor| {
             tensors.push((name, t.shape().to_vec(), bf16_bytes(t)));
         };
-        put(format!("model.layers.{i}.input_layernorm.weight"), &b.attn_norm);
-        put(format!("model.layers.{i}.post_attention_layernorm.weight"), &b.ffn_norm);
+        put(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            &b.attn_norm,
+        );
+        put(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            &b.ffn_norm,
+        );
         for (name, w) in LINEARS.iter().zip(&b.linears) {
             put(format!("model.layers.{i}.{name}.weight"), w);
         }
@@ -138,10 +145,36 @@ fn write_sharded(dir: &Path, cfg: &LlamaConfig, seed: u64) {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
 }
 
+/// All blocks and the embedding held in memory.
+struct InMemory {
+    cfg: LlamaConfig,
+    blocks: Vec<BlockWeights>,
+    embedding: Tensor,
+}
+
+impl BlockSource for InMemory {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    fn block(&self, i: usize) -> Result<BlockWeights> {
+        Ok(self.blocks[i].clone())
+    }
+    fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor> {
+        let c = self.cfg.hidden;
+        let table = self.embedding.f32s("embed")?;
+        let rows = ids
+            .iter()
+            .flat_map(|&id| table[id as usize * c..][..c].to_vec());
+        Tensor::from_vec(&[n, t, c], rows.collect())
+    }
+}
+
 /// Serves another source's blocks and records, per request, the block index and the heap in use just before.
 struct Counted<'a> {
     inner: &'a dyn BlockSource,
     requests: Mutex<Vec<(usize, usize)>>,
+    /// Keeps a copy of every block served: the negative control, a pipeline that holds every block.
+    hoard: Option<Mutex<Vec<BlockWeights>>>,
 }
 
 impl BlockSource for Counted<'_> {
@@ -151,7 +184,11 @@ impl BlockSource for Counted<'_> {
     fn block(&self, i: usize) -> Result<BlockWeights> {
         let live = LIVE.load(Ordering::Relaxed);
         self.requests.lock().unwrap().push((i, live));
-        self.inner.block(i)
+        let b = self.inner.block(i)?;
+        if let Some(h) = &self.hoard {
+            h.lock().unwrap().push(b.clone());
+        }
+        Ok(b)
     }
     fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor> {
         self.inner.embed(ids, n, t)
@@ -179,7 +216,12 @@ impl BlockSink for HashSink {
                 x.to_bits().hash(&mut h);
             }
         }
-        let losses = r.step_losses.iter().chain(&r.val_losses).map(|x| x.to_bits()).collect();
+        let losses = r
+            .step_losses
+            .iter()
+            .chain(&r.val_losses)
+            .map(|x| x.to_bits())
+            .collect();
         self.0.push((h.finish(), losses));
         Ok(())
     }
@@ -193,7 +235,9 @@ impl BlockSink for HashSink {
 
 fn windows(seed: u64, n: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {
     let mut rng = Rng::new(seed);
-    (0..n).map(|_| (0..t).map(|_| rng.below(vocab) as u32).collect()).collect()
+    (0..n)
+        .map(|_| (0..t).map(|_| rng.below(vocab) as u32).collect())
+        .collect()
 }
 
 #[test]
@@ -208,10 +252,10 @@ fn block_ap_streamed_from_shards_equals_in_memory_and_holds_one_block() {
     assert_eq!(streamed.config(), &cfg);
     // The same weights, every block read up front and held in memory.
     let src = HfWeights::open(&dir).unwrap();
-    let in_memory = RandomModel {
+    let in_memory = InMemory {
         cfg: cfg.clone(),
         blocks: (0..cfg.n_layers).map(|i| src.block(i).unwrap()).collect(),
-        embedding: src.embedding().unwrap().f32s("t").unwrap().to_vec(),
+        embedding: src.embedding().unwrap(),
     };
     drop(src);
 
@@ -228,10 +272,16 @@ fn block_ap_streamed_from_shards_equals_in_memory_and_holds_one_block() {
     let (train, val) = (windows(12, 6, 16, cfg.vocab), windows(13, 2, 16, cfg.vocab));
     let mut results = Vec::new();
     let mut requests = Vec::new();
-    for source in [&streamed as &dyn BlockSource, &in_memory] {
+    let sources = [
+        (&streamed as &dyn BlockSource, false),
+        (&in_memory, false),
+        (&streamed, true),
+    ];
+    for (source, hoarding) in sources {
         let counted = Counted {
             inner: source,
             requests: Mutex::new(Vec::new()),
+            hoard: hoarding.then(|| Mutex::new(Vec::new())),
         };
         let mut sink = HashSink::default();
         run_block_ap(&counted, &train, &val, &opts, &mut sink, |_| {}).unwrap();
@@ -239,18 +289,28 @@ fn block_ap_streamed_from_shards_equals_in_memory_and_holds_one_block() {
         requests.push(counted.requests.into_inner().unwrap());
     }
     assert_eq!(results[0].len(), 4);
-    assert!(results[0] == results[1], "streamed and in-memory runs differ");
+    assert!(
+        results[0] == results[1],
+        "streamed and in-memory runs differ"
+    );
 
     // Each block is read once, in order.
     let order: Vec<usize> = requests[0].iter().map(|r| r.0).collect();
     assert_eq!(order, vec![0, 1, 2, 3]);
     // One block in f32: 7 linears (2 × 64² + 2 × 32 × 64 + 3 × 160 × 64 = 43_008) and 2 norms of 64.
     let block_bytes = (43_008 + 128) * 4;
-    let heap: Vec<usize> = requests[0].iter().map(|r| r.1).collect();
-    let growth = heap[3] as f64 - heap[1] as f64;
+    let growth = |r: &[(usize, usize)]| r[3].1 as f64 - r[1].1 as f64;
     assert!(
-        growth < 0.25 * block_bytes as f64,
-        "the heap grew by {growth} B over two blocks (one block is {block_bytes} B): {heap:?}"
+        growth(&requests[0]) < 0.25 * block_bytes as f64,
+        "the heap grew by {} B over two blocks (one block is {block_bytes} B): {:?}",
+        growth(&requests[0]),
+        requests[0]
+    );
+    // The control that keeps every block it serves grows by two blocks between the same two requests.
+    assert!(
+        growth(&requests[2]) > 1.75 * block_bytes as f64,
+        "the heap check cannot see held blocks: {:?}",
+        requests[2]
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
