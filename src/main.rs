@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 mod export_cli;
+mod plan_cli;
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +80,10 @@ enum Command {
         /// Where Block-AP keeps its block inputs: ram, or disk (files in --out).
         #[arg(long, default_value = "ram")]
         offload: String,
+        /// Host memory budget (80G = 80 GiB): the run is checked against it before it starts (default: the
+        /// available memory), and with --offload ram the block inputs beyond it go to disk.
+        #[arg(long)]
+        host_mem: Option<String>,
         /// Continue an interrupted run in --out (the settings must match).
         #[arg(long)]
         resume: bool,
@@ -118,6 +123,9 @@ enum Command {
     /// A finished checkpoint as a Hugging Face model directory: GPTQ tensors (v1 or v2 zero points) or
     /// dequantized f16 weights, with config.json and the tokenizer.
     Export(export_cli::ExportArgs),
+    /// The memory plan of a GPU run (Block-AP, block inputs, E2E-QP) against GPU and host budgets, printed
+    /// before anything is loaded; refuses a plan that cannot fit.
+    Plan(plan_cli::PlanArgs),
 }
 
 fn main() {
@@ -132,6 +140,7 @@ fn main() {
             batch,
         } => eval(model, data, ctx, max_windows, batch),
         Command::Export(args) => export_cli::run(args),
+        Command::Plan(args) => plan_cli::plan(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -238,6 +247,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         e2e_batch,
         e2e_epochs,
         offload,
+        host_mem,
         resume,
         seed,
         eval_data,
@@ -299,6 +309,10 @@ fn train(cmd: Command) -> eqat::Result<()> {
         weight_lr: weight_lr.unwrap_or(recipe.weight_lr),
         e2e,
         offload_disk,
+        host_mem: host_mem
+            .as_deref()
+            .map(eqat::plan::parse_size)
+            .transpose()?,
         resume,
         seed,
         eval: eval.map(|p| {

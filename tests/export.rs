@@ -353,6 +353,7 @@ fn stories260k_checkpoint_exports_evaluate_like_the_checkpoint() {
             ..eqat::train::e2e_qp::E2eOptions::recipe(8)
         },
         offload_disk: false,
+        host_mem: None,
         resume: false,
         seed: 2,
         eval: None,

@@ -267,3 +267,129 @@ fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Where the block inputs live never changes the result: all in RAM, split by a budget between RAM and a file
+/// (the FP stream's first samples in RAM, the rest in the file), and all on disk give byte-identical
+/// checkpoints.
+#[test]
+fn block_input_placement_gives_byte_identical_checkpoints() {
+    use eqat::io::checkpoint::{CheckpointDir, RunIdentity};
+    let model = RandomModel::new(8);
+    let (train, val) = (windows(9, 6), windows(10, 2));
+    let root = std::env::temp_dir().join(format!("eqat-placement-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let files = root.join("offload");
+    std::fs::create_dir_all(&files).unwrap();
+    // One sample: 12 tokens × hidden 32 × 2 B (f16); the training store holds 2 streams × 6 samples.
+    let sample = 12 * 32 * 2;
+    let budget = |ram_bytes: u64, name: &str| Offload::Budget {
+        ram_bytes,
+        path: files.join(name),
+    };
+    let placements = [
+        ("ram", Offload::Ram, Offload::Ram),
+        (
+            "split",
+            budget(5 * sample + 100, "split.train.bin"),
+            budget(sample, "split.val.bin"),
+        ),
+        (
+            "disk",
+            Offload::Disk(files.join("train.bin")),
+            Offload::Disk(files.join("val.bin")),
+        ),
+    ];
+    let mut results = Vec::new();
+    for (name, offload, offload_val) in placements {
+        let opts = PipelineOptions {
+            offload,
+            offload_val,
+            ..options(Offload::Ram)
+        };
+        let run = RunIdentity {
+            source: "random:8".into(),
+            quant: opts.block_ap.quant,
+            recipe: serde_json::json!({"train": 6}),
+        };
+        let dir = root.join(name);
+        let mut ck = CheckpointDir::create_or_resume(&dir, &model.cfg, &run, false).unwrap();
+        run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
+        results.push((name, dir_bytes(&dir)));
+    }
+    // The split really split: 7 of the 12 training samples and 3 of the 4 validation samples in the files.
+    let len = |f: &str| std::fs::metadata(files.join(f)).unwrap().len();
+    assert_eq!(
+        (len("split.train.bin"), len("split.val.bin")),
+        (7 * sample, 3 * sample)
+    );
+    assert_eq!(results[0].1.len(), 5, "eqat.json, config.json, 3 blocks");
+    for (name, bytes) in &results[1..] {
+        assert!(
+            *bytes == results[0].1,
+            "{name}: checkpoint differs from the all-RAM run"
+        );
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// `engine train`'s host check on the job's own arguments: a budget below Block-AP's working set is refused
+/// before anything runs, a budget between that and the whole store splits it, --offload disk puts it all in
+/// files.
+#[test]
+fn train_job_checks_host_memory_before_starting() {
+    use eqat::train::e2e_qp::E2eOptions;
+    use eqat::train::job::{check_host_memory, Calibration, Phase, TrainArgs};
+    let model = RandomModel::new(1);
+    let mut args = TrainArgs {
+        model: "random".into(),
+        out: std::env::temp_dir().join("eqat-unused"),
+        quant: QuantConfig::new(2, 8).unwrap(),
+        calib: Calibration::SelfGenerated,
+        phase: Phase::BlockAp,
+        train_size: 64,
+        val_size: 8,
+        seqlen: 128,
+        epochs: 1,
+        batch_size: 2,
+        quant_lr: 1e-4,
+        weight_lr: 1e-5,
+        e2e: E2eOptions::recipe(2),
+        offload_disk: false,
+        host_mem: Some(1 << 16),
+        resume: false,
+        seed: 0,
+        eval: None,
+    };
+    let e = check_host_memory(&args, &model.cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("engine train") && e.contains("smaller --batch"),
+        "{e}"
+    );
+    // Store: 2 streams × 72 samples × 128 tokens × 32 × 2 B = 1.125 MiB; Block-AP's own need as planned.
+    let store = 2 * 72 * 128 * 32 * 2;
+    let plan = eqat::plan::PlanInput {
+        cfg: model.cfg.clone(),
+        quant: args.quant,
+        train_size: 64,
+        val_size: 8,
+        seqlen: 128,
+        batch: 2,
+        epochs: 1,
+        dtype: eqat::plan::ComputeDType::F32,
+        e2e_seqlen: 128,
+    };
+    let fixed = eqat::plan::host::block_ap_cpu(&plan, eqat::train::job::FORWARD_BATCH)
+        .unwrap()
+        .total();
+    args.host_mem = Some(fixed + store / 3);
+    let (split, budget) = check_host_memory(&args, &model.cfg).unwrap();
+    assert_eq!(
+        (split.ram, split.disk, budget),
+        (store / 3, store - store / 3, fixed + store / 3)
+    );
+    args.offload_disk = true;
+    let (split, _) = check_host_memory(&args, &model.cfg).unwrap();
+    assert_eq!((split.ram, split.disk), (0, store));
+}

@@ -43,6 +43,7 @@ fn train_job_quantizes_stories260k_and_its_checkpoint_evaluates_the_same() {
             ..E2eOptions::recipe(4)
         },
         offload_disk: false,
+        host_mem: None,
         resume: false,
         seed: 1,
         eval: Some((wiki.clone(), eval)),

@@ -8,6 +8,8 @@ use crate::io::tokenizer::{save_tokenizer_files, Tokenizer};
 use crate::model::llama::LlamaConfig;
 use crate::model::quantized::{QuantizedBlock, QuantizedModel};
 use crate::model::LlamaModel;
+use crate::plan::host::{available_memory, check_train, StorePolicy};
+use crate::plan::{human, ComputeDType, PlanInput, StoreSplit};
 use crate::quant::fake_quant::{init_minmax, QuantConfig};
 use crate::quant::pack::SUPPORTED_BITS;
 use crate::tensor::Tensor;
@@ -15,7 +17,7 @@ use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
 use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
-use crate::train::store::{Offload, StoreDType};
+use crate::train::store::{BlockInputStore, Offload, StoreDType};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -50,6 +52,9 @@ pub struct TrainArgs {
     pub weight_lr: f32,
     pub e2e: E2eOptions,
     pub offload_disk: bool,
+    /// Host memory budget: the run is checked against it (else against the available memory) before it
+    /// starts, and block inputs beyond what it leaves go to disk (unless `offload_disk` puts them all there).
+    pub host_mem: Option<u64>,
     pub resume: bool,
     pub seed: u64,
     /// Perplexity text and protocol; None skips evaluation.
@@ -103,6 +108,64 @@ fn quantized_model(fp: &LlamaModel, blocks: Vec<QuantizedBlock>) -> Result<Quant
     })
 }
 
+/// Samples per forward batch when the pipeline propagates the activation streams.
+pub const FORWARD_BATCH: usize = 4;
+
+/// The host-memory check of `args` on `cfg` (plan::host): where the block inputs go, before anything runs.
+pub fn check_host_memory(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(StoreSplit, u64)> {
+    let input = PlanInput {
+        cfg: cfg.clone(),
+        quant: args.quant,
+        train_size: args.train_size,
+        val_size: args.val_size,
+        seqlen: args.seqlen,
+        batch: args.batch_size,
+        epochs: args.epochs,
+        dtype: ComputeDType::F32,
+        e2e_seqlen: args.seqlen,
+    };
+    let policy = match (args.offload_disk, args.host_mem) {
+        (true, _) => StorePolicy::Disk,
+        (false, Some(_)) => StorePolicy::Budget,
+        (false, None) => StorePolicy::Ram,
+    };
+    // Without a budget and without /proc/meminfo there is nothing to check against.
+    let budget = args.host_mem.or_else(available_memory).unwrap_or(u64::MAX);
+    let split = check_train(
+        &input,
+        FORWARD_BATCH,
+        args.phase == Phase::All,
+        policy,
+        budget,
+    )?;
+    Ok((split, budget))
+}
+
+/// Where the training and validation stores go for a split whose RAM part is `split.ram`: the training store
+/// takes RAM first.
+fn offloads(args: &TrainArgs, split: StoreSplit, train_bytes: u64) -> (Offload, Offload) {
+    let file = |name: &str| args.out.join(name);
+    if split.disk == 0 {
+        return (Offload::Ram, Offload::Ram);
+    }
+    if split.ram == 0 {
+        return (
+            Offload::Disk(file("block_inputs.train.bin")),
+            Offload::Disk(file("block_inputs.val.bin")),
+        );
+    }
+    (
+        Offload::Budget {
+            ram_bytes: split.ram.min(train_bytes),
+            path: file("block_inputs.train.bin"),
+        },
+        Offload::Budget {
+            ram_bytes: split.ram.saturating_sub(train_bytes),
+            path: file("block_inputs.val.bin"),
+        },
+    )
+}
+
 /// Runs the job; `say` hears progress lines.
 pub fn run_train(
     args: &TrainArgs,
@@ -112,6 +175,7 @@ pub fn run_train(
 ) -> Result<TrainSummary> {
     let cfg: LlamaConfig = fp.config().clone();
     check_args(args, &cfg)?;
+    let (split, budget) = check_host_memory(args, &cfg)?;
     let mut pause = PauseHook::from_env();
     let mut summary = TrainSummary::default();
     let eval_windows_ids = match &args.eval {
@@ -193,29 +257,20 @@ pub fn run_train(
     block_ap.batch_size = args.batch_size;
     block_ap.quant_lr = args.quant_lr;
     block_ap.weight_lr = args.weight_lr;
-    let bytes = crate::train::store::BlockInputStore::bytes_needed(
-        n,
-        args.seqlen,
-        cfg.hidden,
-        StoreDType::F16,
-    )?;
-    let (offload, offload_val) = if args.offload_disk {
-        (
-            Offload::Disk(args.out.join("block_inputs.train.bin")),
-            Offload::Disk(args.out.join("block_inputs.val.bin")),
-        )
-    } else {
-        (Offload::Ram, Offload::Ram)
-    };
+    let train_bytes =
+        BlockInputStore::bytes_needed(args.train_size, args.seqlen, cfg.hidden, StoreDType::F16)?;
+    let (offload, offload_val) = offloads(args, split, train_bytes);
     say(&format!(
-        "block inputs: {:.1} MiB for {} samples x {} tokens (FP and quantized streams, f16) in {}",
-        bytes as f64 / (1 << 20) as f64,
+        "block inputs: {:.1} MiB for {} samples x {} tokens (FP and quantized streams, f16): {:.1} MiB in RAM, \
+         {:.1} MiB in files beside the checkpoint (host budget {})",
+        split.total as f64 / (1 << 20) as f64,
         n,
         args.seqlen,
-        if args.offload_disk {
-            "files beside the checkpoint"
-        } else {
-            "RAM"
+        split.ram as f64 / (1 << 20) as f64,
+        split.disk as f64 / (1 << 20) as f64,
+        match budget {
+            u64::MAX => "unknown".to_string(),
+            b => human(b),
         }
     ));
     let popts = PipelineOptions {
@@ -223,7 +278,7 @@ pub fn run_train(
         offload,
         offload_val,
         store_dtype: StoreDType::F16,
-        forward_batch: 4,
+        forward_batch: FORWARD_BATCH,
     };
     let start = Instant::now();
     let mut block_start = Instant::now();
