@@ -1,4 +1,6 @@
 //! `engine`: a thin command line over the eqat library (all logic lives in the library).
+mod bench_cli;
+
 use clap::{Parser, Subcommand};
 use eqat::eval::data::{default_eval_data, read_eval_text, TextRule};
 use eqat::eval::default_model::{cache_dir, default_model};
@@ -112,6 +114,8 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
+    /// Speed benchmarks (`engine bench block-ap --shape llama2-7b --device cuda --dtype bf16`).
+    Bench(bench_cli::BenchArgs),
 }
 
 fn main() {
@@ -125,6 +129,7 @@ fn main() {
             max_windows,
             batch,
         } => eval(model, data, ctx, max_windows, batch),
+        Command::Bench(args) => bench_cli::bench(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -2,6 +2,7 @@
 //! (e.g. [B, T, H·D] -> [B, T, H, D] before rope). Tape values own their buffers, so the data is copied.
 //!
 //! Backward: dx = dout under x's shape (again a copy in the same order). Activation grads are written (`=`).
+//! On the GPU both copies are device-to-device copies (`GpuBuf::copy_from`), no kernel.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Tensor};
@@ -36,6 +37,13 @@ pub fn reshape(tape: &mut Tape, x: Var, shape: &[usize]) -> Result<Var> {
             ),
         ));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of("reshape", &[tape.value(x)])? {
+        let mut out = ctx.alloc(numel(shape))?;
+        out.copy_from(tape.value(x).gpu("reshape")?)?;
+        let out = Tensor::from_gpu(shape, out)?;
+        return Ok(tape.push_op(out, &[x], Box::new(ReshapeBackward)));
+    }
     let mut out = tape.alloc(shape);
     reshape_fwd_cpu(out.f32s_mut("reshape")?, tape.value(x).f32s("reshape")?);
     Ok(tape.push_op(out, &[x], Box::new(ReshapeBackward)))
@@ -54,6 +62,12 @@ impl Backward for ReshapeBackward {
         dout: &Tensor,
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let (Some(dx), true) = (&mut d[0], dout.is_cuda()) {
+            return dx
+                .gpu_mut("reshape_bwd")?
+                .copy_from(dout.gpu("reshape_bwd")?);
+        }
         if let Some(dx) = &mut d[0] {
             reshape_fwd_cpu(dx.f32s_mut("reshape_bwd")?, dout.f32s("reshape_bwd")?);
         }
