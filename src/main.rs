@@ -84,6 +84,9 @@ enum Command {
         resume: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where Block-AP runs: cpu, cuda or cuda:N (E2E-QP and evaluation stay on the CPU).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Perplexity text (default: shared/data/wikitext-2-raw/wiki.test.raw); `none` skips evaluation.
         #[arg(long)]
         eval_data: Option<PathBuf>,
@@ -238,6 +241,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         offload,
         resume,
         seed,
+        device,
         eval_data,
         eval_ctx,
         eval_windows,
@@ -294,6 +298,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         offload_disk,
         resume,
         seed,
+        device: eqat::train::device::Device::parse(&device)?,
         eval: eval.map(|p| {
             (
                 p,

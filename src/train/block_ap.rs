@@ -252,7 +252,7 @@ pub fn train_step(
     let y = tape.input(ys);
     let out = block_forward(tape, cfg, vars, x)?;
     let loss = mse(tape, out, y)?;
-    tape.zero_grad();
+    tape.clear_grads();
     tape.backward(loss)?;
     // Read after the backward is queued: on a GPU the download waits for the whole step's work so far, once.
     let loss_value = tape.value(loss).to_host()?.f32s("train_step")?[0];
