@@ -13,7 +13,7 @@ use eqat::model::llama::{BlockWeights, LlamaConfig};
 use eqat::ops::linear::cast_bf16_cuda;
 use eqat::ops::reshape::reshape;
 use eqat::ops::rope::RopeLayout;
-use eqat::quant::fake_quant::{init_minmax, QuantConfig};
+use eqat::quant::fake_quant::{fake_quant, fake_quant_linear, init_minmax, QuantConfig};
 use eqat::testing::to_f64;
 use eqat::train::block_ap::{train_block, BlockApOptions, TensorPairs};
 use eqat::train::device::Device;
@@ -144,6 +144,49 @@ fn device_pieces_match_the_cpu() {
         r.expect(
             &format!("bf16 linear {what} relative error {err:.2e} in [1e-4, 1e-2]"),
             (1e-4..1e-2).contains(&err),
+        );
+    }
+
+    // The fused bf16 fake-quant linear against fake_quant then linear in the same bf16 mode: the same bf16
+    // operands go into the same GEMMs, so the values agree to f32 rounding (bitwise in practice).
+    let cfg = QuantConfig::new(2, 16).unwrap();
+    let w = Tensor::randn(&[nn, kk], 0.1, &mut rng);
+    let (s0, z0) = init_minmax(&w, cfg).unwrap();
+    let mut grads = Vec::new();
+    for fused in [false, true] {
+        let mut tape = Tape::new();
+        let p: Vec<_> = [&w, &s0, &z0]
+            .iter()
+            .map(|t| tape.param(t.to_device(&bctx).unwrap()).unwrap())
+            .collect();
+        let xv = tape.leaf(x.to_device(&bctx).unwrap(), true);
+        let y = match fused {
+            true => fake_quant_linear(&mut tape, xv, p[0], p[1], p[2], cfg).unwrap(),
+            false => {
+                let wq = fake_quant(&mut tape, p[0], p[1], p[2], cfg).unwrap();
+                eqat::ops::linear::linear(&mut tape, xv, wq, None).unwrap()
+            }
+        };
+        let dyv = tape.input(dy.to_device(&bctx).unwrap());
+        let prod = eqat::ops::mul::mul(&mut tape, y, dyv).unwrap();
+        let loss = eqat::ops::sum::sum(&mut tape, prod).unwrap();
+        tape.backward(loss).unwrap();
+        let mut g = vec![
+            tape.value(y).to_f32_vec(),
+            tape.grad(xv).unwrap().to_f32_vec(),
+        ];
+        g.extend(p.iter().map(|&v| tape.grad(v).unwrap().to_f32_vec()));
+        grads.push(g);
+    }
+    for (i, what) in ["y", "dx", "dw", "dscales", "dzeros"].iter().enumerate() {
+        let want = to_f64(&grads[0][i]);
+        let atol = 1e-6 * rms(&want);
+        r.check_tol(
+            &format!("fused bf16 {what}"),
+            &grads[1][i],
+            &want,
+            atol,
+            1e-6,
         );
     }
     r.finish();
