@@ -30,15 +30,23 @@ fn device_pieces_match_the_cpu() {
     let mut tape = Tape::new();
     let xv = tape.leaf(x.to_device(&ctx).unwrap(), true);
     let y = reshape(&mut tape, xv, &[2, 6, 2, 5]).unwrap();
-    let s = eqat::ops::sum::sum(&mut tape, y).unwrap();
+    let t = tape.input(Tensor::zeros(&[2, 6, 2, 5]).to_device(&ctx).unwrap());
+    let s = eqat::ops::mse::mse(&mut tape, y, t).unwrap();
     tape.backward(s).unwrap();
     r.expect(
         "reshape forward bitwise",
         tape.value(y).to_f32_vec() == x.to_f32_vec() && tape.value(y).shape() == [2, 6, 2, 5],
     );
-    r.expect(
+    // d mse(x, 0)/dx = 2x/120, routed back through the reshape unchanged.
+    let want: Vec<f64> = x
+        .to_f32_vec()
+        .iter()
+        .map(|&v| 2.0 * v as f64 / 120.0)
+        .collect();
+    r.check(
         "reshape backward",
-        tape.grad(xv).unwrap().to_f32_vec() == vec![1.0; 120],
+        &tape.grad(xv).unwrap().to_f32_vec(),
+        &want,
     );
 
     // Min-max init on the device: the CPU's values exactly (odd row count, groups of 64 and per-channel 96).
@@ -80,7 +88,7 @@ fn device_pieces_match_the_cpu() {
     let umean = u.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
     r.expect(
         &format!("uniform range and mean {umean:.4}"),
-        u.iter().all(|&v| (0.8..1.2).contains(&v)) && (umean - 1.0).abs() < 0.001,
+        u.iter().all(|&v| (0.8..=1.2).contains(&v)) && (umean - 1.0).abs() < 0.001,
     );
 
     // bf16 GEMM: A·I returns the bf16 rounding of A exactly (the cast is round to nearest even, as half's).
@@ -114,18 +122,19 @@ fn device_pieces_match_the_cpu() {
     let xv = tape.leaf(x.to_device(&bctx).unwrap(), true);
     let wv = tape.leaf(w.to_device(&bctx).unwrap(), true);
     let yv = eqat::ops::linear::linear(&mut tape, xv, wv, None).unwrap();
+    // loss = mse(y, dy): dL/dy = 2 (y − dy) / numel, taken from the exact y for the reference.
     let dyv = tape.input(dy.to_device(&bctx).unwrap());
-    let prod = eqat::ops::mul::mul(&mut tape, yv, dyv).unwrap();
-    let loss = eqat::ops::sum::sum(&mut tape, prod).unwrap();
+    let loss = eqat::ops::mse::mse(&mut tape, yv, dyv).unwrap();
     tape.backward(loss).unwrap();
     let d = eqat::ops::linear::LinearDims { rows, k: kk, n: nn };
-    let (x64, w64, dy64) = (
-        to_f64(&x.to_f32_vec()),
-        to_f64(&w.to_f32_vec()),
-        to_f64(&dy.to_f32_vec()),
-    );
+    let (x64, w64) = (to_f64(&x.to_f32_vec()), to_f64(&w.to_f32_vec()));
     let mut y64 = vec![0.0; rows * nn];
     eqat::ops::linear::linear_fwd_ref(&mut y64, &x64, &w64, None, d);
+    let dy64: Vec<f64> = y64
+        .iter()
+        .zip(dy.to_f32_vec())
+        .map(|(&y, t)| 2.0 * (y - t as f64) / (rows * nn) as f64)
+        .collect();
     let (mut dx64, mut dw64) = (vec![0.0; rows * kk], vec![0.0; nn * kk]);
     eqat::ops::linear::linear_bwd_ref(Some(&mut dx64), Some(&mut dw64), None, &dy64, &x64, &w64, d);
     for (what, got, want) in [
@@ -168,8 +177,7 @@ fn device_pieces_match_the_cpu() {
             }
         };
         let dyv = tape.input(dy.to_device(&bctx).unwrap());
-        let prod = eqat::ops::mul::mul(&mut tape, y, dyv).unwrap();
-        let loss = eqat::ops::sum::sum(&mut tape, prod).unwrap();
+        let loss = eqat::ops::mse::mse(&mut tape, y, dyv).unwrap();
         tape.backward(loss).unwrap();
         let mut g = vec![
             tape.value(y).to_f32_vec(),

@@ -21,7 +21,7 @@ pub fn randn_cuda(
     fill(ctx, shape, "random_normal_f32", mean, std, seed)
 }
 
-/// A device tensor of uniform values in [lo, hi).
+/// A device tensor of uniform values in [lo, hi] (hi is reached only by the rounding of lo + (hi − lo)·u).
 pub fn uniform_cuda(
     ctx: &Arc<GpuContext>,
     shape: &[usize],
