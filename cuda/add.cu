@@ -23,25 +23,6 @@ extern "C" __global__ void add_bwd_f32(float* db, const float* dout, i64 rows, i
     }
 }
 
-// The first pass of a split column sum: rows [y·rows_per, (y+1)·rows_per) of dout into partial[y, :] (y =
-// blockIdx.y), so that a tall, narrow dout fills the chip; add_bwd_f32 then adds the partial rows in order.
-extern "C" __global__ void add_bwd_partial_f32(float* partial, const float* dout, i64 rows, i64 nb, i64 rows_per) {
-    __shared__ float part[8][33];
-    const i64 col = (i64)blockIdx.x * 32 + threadIdx.x;
-    const i64 r0 = (i64)blockIdx.y * rows_per;
-    const i64 r1 = min(rows, r0 + rows_per);
-    float acc = 0.0f;
-    if (col < nb)
-        for (i64 r = r0 + threadIdx.y; r < r1; r += 8) acc += dout[r * nb + col];
-    part[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < nb) {
-        float s = 0.0f;
-        for (int y = 0; y < 8; y++) s += part[y][threadIdx.x];
-        partial[(i64)blockIdx.y * nb + col] = s;
-    }
-}
-
 extern "C" __global__ void add_assign_f32(float* dst, const float* src, i64 n) {
     for (i64 i = global_index(); i < n; i += grid_stride()) dst[i] += src[i];
 }

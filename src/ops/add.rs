@@ -80,46 +80,19 @@ pub fn add_bwd_cuda(db: &mut GpuBuf, dout: &GpuBuf) -> Result<()> {
         ));
     }
     let rows = dout.len() / nb;
-    let ctx = db.ctx().clone();
-    // One block per 32 columns leaves most SMs idle on a tall dout (a [4096, 4096] rmsnorm weight gradient gets
-    // 128 blocks): split the rows so that about 4 blocks per SM run, at least 64 rows each, then sum the
-    // partial rows in a fixed order (deterministic).
-    let col_blocks = nb.div_ceil(32);
-    let splits = (4 * ctx.sm_count() as usize / col_blocks).clamp(1, rows.div_ceil(64).max(1));
-    let column_sums = |db: &mut GpuBuf, src: &GpuBuf, rows: usize| {
-        ctx.launch(
-            &CUDA,
-            "add_bwd_f32",
-            (col_blocks as u32, 1, 1),
-            (32, 8, 1),
-            0,
-            &[
-                db.arg(),
-                src.arg(),
-                Arg::I64(rows as i64),
-                Arg::I64(nb as i64),
-            ],
-        )
-    };
-    if splits == 1 {
-        return column_sums(db, dout, rows);
-    }
-    let partial = ctx.alloc(splits * nb)?;
-    ctx.launch(
+    db.ctx().launch(
         &CUDA,
-        "add_bwd_partial_f32",
-        (col_blocks as u32, splits as u32, 1),
+        "add_bwd_f32",
+        (nb.div_ceil(32) as u32, 1, 1),
         (32, 8, 1),
         0,
         &[
-            partial.arg(),
+            db.arg(),
             dout.arg(),
             Arg::I64(rows as i64),
             Arg::I64(nb as i64),
-            Arg::I64(rows.div_ceil(splits) as i64),
         ],
-    )?;
-    column_sums(db, &partial, splits)
+    )
 }
 
 /// dst += src (the tape's gradient accumulation on the device).
