@@ -49,3 +49,54 @@ extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, c
         }
     }
 }
+
+// Min-max init (see the module header), one warp per group: s = clamp((xmax - xmin) / qmax, SCALE_MIN, SCALE_MAX),
+// z = rint(-clamp(xmin / s, -1e4, 1e4)). min, max, IEEE division and rintf give the CPU path's values exactly.
+// A non-finite weight sets bad[0] = 1 (the launcher turns that into an error).
+extern "C" __global__ void fake_quant_init_minmax_f32(float* scales, float* zeros, float* bad, const float* w,
+                                                      i64 n_groups, i64 g, float qmax) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
+    for (i64 j = global_index() >> 5; j < n_groups; j += warps) {
+        float lo = __int_as_float(0x7f800000), hi = -lo;  // +inf, -inf
+        bool finite = true;
+        for (i64 e = lane; e < g; e += 32) {
+            const float v = w[j * g + e];
+            finite = finite && (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+            lo = fminf(lo, v);
+            hi = fmaxf(hi, v);
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+            hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        }
+        if (!__all_sync(0xffffffffu, finite) && lane == 0) bad[0] = 1.0f;
+        if (lane == 0) {
+            const float s = fminf(fmaxf((hi - lo) / qmax, SCALE_MIN), SCALE_MAX);
+            scales[j] = s;
+            zeros[j] = rintf(-fminf(fmaxf(lo / s, -1e4f), 1e4f));
+        }
+    }
+}
+
+// The forward written straight to bf16 (the bf16 mixed-precision mode's GEMM operand): out[i] = bf16(ŵ[i]),
+// ŵ as fake_quant_fwd_f32. Four values per thread (16-byte loads, 8-byte stores; the launcher checks that n is a
+// multiple of 4); each value looks up its own group, so g need not be.
+extern "C" __global__ void fake_quant_fwd_bf16(unsigned short* out, const float* w, const float* scales,
+                                               const float* zeros, i64 n, i64 g, float qmax) {
+    const i64 quads = n / 4;
+    for (i64 q = global_index(); q < quads; q += grid_stride()) {
+        const float4 v = reinterpret_cast<const float4*>(w)[q];
+        const float x[4] = {v.x, v.y, v.z, v.w};
+        unsigned int b[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const i64 j = (q * 4 + e) / g;
+            const float s = fminf(fmaxf(scales[j], SCALE_MIN), SCALE_MAX);
+            const float zr = fminf(fmaxf(rintf(zeros[j]), 0.0f), qmax);
+            const float p = rintf(x[e] / s) + zr;
+            b[e] = bf16_bits((fminf(fmaxf(p, 0.0f), qmax) - zr) * s);
+        }
+        reinterpret_cast<uint2*>(out)[q] = make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+    }
+}

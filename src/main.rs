@@ -1,4 +1,6 @@
 //! `engine`: a thin command line over the eqat library (all logic lives in the library).
+mod bench_cli;
+
 use clap::{Parser, Subcommand};
 use eqat::eval::data::{default_eval_data, read_eval_text, TextRule};
 use eqat::eval::default_model::{cache_dir, default_model};
@@ -89,6 +91,9 @@ enum Command {
         resume: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where Block-AP runs: cpu, cuda or cuda:N (E2E-QP and evaluation stay on the CPU).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Perplexity text (default: shared/data/wikitext-2-raw/wiki.test.raw); `none` skips evaluation.
         #[arg(long)]
         eval_data: Option<PathBuf>,
@@ -126,6 +131,8 @@ enum Command {
     /// The memory plan of a GPU run (Block-AP, block inputs, E2E-QP) against GPU and host budgets, printed
     /// before anything is loaded; refuses a plan that cannot fit.
     Plan(plan_cli::PlanArgs),
+    /// Speed benchmarks (`engine bench block-ap --shape llama2-7b --device cuda --dtype bf16`).
+    Bench(bench_cli::BenchArgs),
 }
 
 fn main() {
@@ -141,6 +148,7 @@ fn main() {
         } => eval(model, data, ctx, max_windows, batch),
         Command::Export(args) => export_cli::run(args),
         Command::Plan(args) => plan_cli::plan(args),
+        Command::Bench(args) => bench_cli::bench(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -250,6 +258,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         host_mem,
         resume,
         seed,
+        device,
         eval_data,
         eval_ctx,
         eval_windows,
@@ -315,6 +324,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
             .transpose()?,
         resume,
         seed,
+        device: eqat::train::device::Device::parse(&device)?,
         eval: eval.map(|p| {
             (
                 p,

@@ -354,6 +354,7 @@ fn stories260k_checkpoint_exports_evaluate_like_the_checkpoint() {
         },
         offload_disk: false,
         host_mem: None,
+        device: eqat::train::device::Device::Cpu,
         resume: false,
         seed: 2,
         eval: None,

@@ -356,6 +356,7 @@ fn train_job_checks_host_memory_before_starting() {
         e2e: E2eOptions::recipe(2),
         offload_disk: false,
         host_mem: Some(1 << 16),
+        device: eqat::train::device::Device::Cpu,
         resume: false,
         seed: 0,
         eval: None,

@@ -46,6 +46,7 @@ fn train_job_quantizes_stories260k_and_its_checkpoint_evaluates_the_same() {
         host_mem: None,
         resume: false,
         seed: 1,
+        device: eqat::train::device::Device::Cpu,
         eval: Some((wiki.clone(), eval)),
     };
     let mut lines = Vec::new();

@@ -15,6 +15,7 @@ use crate::quant::pack::SUPPORTED_BITS;
 use crate::tensor::Tensor;
 use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
+use crate::train::device::Device;
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
 use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
 use crate::train::store::{BlockInputStore, Offload, StoreDType};
@@ -57,6 +58,8 @@ pub struct TrainArgs {
     pub host_mem: Option<u64>,
     pub resume: bool,
     pub seed: u64,
+    /// Where Block-AP trains and propagates the block inputs; E2E-QP and evaluation run on the CPU.
+    pub device: Device,
     /// Perplexity text and protocol; None skips evaluation.
     pub eval: Option<(PathBuf, EvalOptions)>,
 }
@@ -257,6 +260,8 @@ pub fn run_train(
     block_ap.batch_size = args.batch_size;
     block_ap.quant_lr = args.quant_lr;
     block_ap.weight_lr = args.weight_lr;
+    block_ap.device = args.device.clone();
+    say(&format!("Block-AP on {}", args.device.name()));
     let train_bytes =
         BlockInputStore::bytes_needed(args.train_size, args.seqlen, cfg.hidden, StoreDType::F16)?;
     let (offload, offload_val) = offloads(args, split, train_bytes);
@@ -350,7 +355,7 @@ pub fn run_train(
         return Ok(summary);
     }
 
-    // E2E-QP on the training windows.
+    // E2E-QP on the training windows (on the CPU: its GPU ops are not in this engine yet).
     let data: Vec<Example> = train.iter().map(|w| Example::causal(w.clone())).collect();
     let start = Instant::now();
     let mut log_err = None;
