@@ -4,6 +4,12 @@
 //! Defaults are the official recipe (formats.md §1.2): AdamW with weight decay 0, quant_lr 1e-4 for scales and
 //! zeros, weight_lr 2e-5 at 2 bits and 1e-5 otherwise for weights and norms, cosine decay to lr/20, batch 2,
 //! 2 epochs, no gradient clipping, samples visited in order.
+//!
+//! Early stop (`early_stop` = N > 0) follows `quantize/block_ap.py`: after each epoch the validation loss is
+//! compared with the best so far; each epoch that does not beat it adds one to a counter that is never reset,
+//! and training stops once the counter reaches N. So N counts epochs without improvement, not necessarily in a
+//! row. The block keeps its last parameters (the official code restores no best state), and the cosine
+//! schedule keeps its length of `epochs` epochs.
 use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
@@ -22,6 +28,8 @@ pub struct BlockApOptions {
     pub epochs: usize,
     pub batch_size: usize,
     pub min_lr_factor: f32,
+    /// Stop after this many epochs whose validation loss does not beat the best so far; 0 = never.
+    pub early_stop: usize,
 }
 
 impl BlockApOptions {
@@ -34,6 +42,7 @@ impl BlockApOptions {
             epochs: 2,
             batch_size: 2,
             min_lr_factor: 20.0,
+            early_stop: 0,
         }
     }
 }
@@ -46,6 +55,8 @@ pub struct TrainedBlock {
     pub zeros: [Tensor; 7],
     pub step_losses: Vec<f32>,
     pub val_losses: Vec<f32>,
+    /// Epochs trained: `epochs`, or fewer when early stop ended the block.
+    pub epochs_run: usize,
 }
 
 /// Progress of one optimizer step, for progress bars and logs.
@@ -130,6 +141,15 @@ pub fn train_block(
             ),
         ));
     }
+    if opts.early_stop > 0 && val.is_none() {
+        return Err(Error::invalid(
+            "train_block",
+            format!(
+                "early stop after {} epochs without improvement needs validation samples",
+                opts.early_stop
+            ),
+        ));
+    }
     let mut tape = Tape::new();
     let vars = BlockVars::register(&mut tape, weights, Some(opts.quant))?;
     let mut weight_params = vec![vars.attn_norm, vars.ffn_norm];
@@ -162,7 +182,11 @@ pub fn train_block(
     let schedule = CosineSchedule::new(total_steps as u64, opts.min_lr_factor)?;
     let mut step_losses = Vec::with_capacity(total_steps);
     let mut val_losses = Vec::with_capacity(opts.epochs);
+    // The official code starts from best_val_loss = 1e6, so the first epoch always counts as an improvement.
+    let (mut best_val, mut epochs_without_gain) = (f32::INFINITY, 0);
+    let mut epochs_run = 0;
     for epoch in 0..opts.epochs {
+        epochs_run = epoch + 1;
         for i in 0..steps_per_epoch {
             let step = epoch * steps_per_epoch + i;
             tape.reset();
@@ -189,13 +213,16 @@ pub fn train_block(
             });
         }
         if let Some(val) = val {
-            val_losses.push(eval_block_loss(
-                &mut tape,
-                cfg,
-                &vars,
-                val,
-                opts.batch_size,
-            )?);
+            let v = eval_block_loss(&mut tape, cfg, &vars, val, opts.batch_size)?;
+            val_losses.push(v);
+            if v < best_val {
+                best_val = v;
+            } else {
+                epochs_without_gain += 1;
+                if opts.early_stop > 0 && epochs_without_gain >= opts.early_stop {
+                    break;
+                }
+            }
         }
     }
     let quant_of = |i: usize| vars.linears[i].quant.expect("registered with quantization");
@@ -205,6 +232,7 @@ pub fn train_block(
         zeros: std::array::from_fn(|i| tape.value(quant_of(i).1).clone()),
         step_losses,
         val_losses,
+        epochs_run,
     })
 }
 
