@@ -355,10 +355,16 @@ fn early_stop_ends_blocks_that_stop_improving_and_resumes_to_identical_bytes() {
     assert!(run_block_ap(&model, &train, &val, &opts, &mut crashing, |_| {}).is_err());
     let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, true).unwrap();
     run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
-    assert!(
-        dir_bytes(&a) == dir_bytes(&b),
-        "the resumed checkpoint differs"
-    );
+    let (da, db) = (dir_bytes(&a), dir_bytes(&b));
+    assert_eq!(da.len(), db.len());
+    for ((na, ba), (nb, bb)) in da.iter().zip(&db) {
+        assert!(
+            na == nb && ba == bb,
+            "the resumed checkpoint differs at {na} / {nb}:\n{}\n{}",
+            String::from_utf8_lossy(ba),
+            String::from_utf8_lossy(bb)
+        );
+    }
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("eqat.json")).unwrap()).unwrap();
     let epochs: Vec<u64> = meta["blocks"]
