@@ -6,7 +6,7 @@ use eqat::eval::EvalOptions;
 use eqat::io::checkpoint::open_checkpoint_model;
 use eqat::model::open_model;
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::e2e_data::E2eData;
+use eqat::train::e2e_data::{read_e2e_file, E2eData, E2eRecords};
 use eqat::train::e2e_qp::E2eOptions;
 use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
 use shared_data::shared_data;
@@ -120,6 +120,13 @@ fn train_job_runs_e2e_on_alpaca_records_and_stops_blocks_early() {
     let out = std::env::temp_dir().join(format!("eqat-job-instruct-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let fixture = std::path::PathBuf::from("tests/fixtures/instruct/alpaca.json");
+    // Cut 4 tokens past the second-longest prompt: five records keep part of their response, the story's is cut.
+    let mut prompts: Vec<usize> = match read_e2e_file(&fixture).unwrap() {
+        E2eRecords::Instructions(r) => r.iter().map(|r| r.tokenize(&tok).1).collect(),
+        other => panic!("{other:?}"),
+    };
+    prompts.sort();
+    let e2e_seqlen = prompts[4] + 4;
     let mut args = TrainArgs {
         model: model.clone(),
         out: out.join("run"),
@@ -140,7 +147,7 @@ fn train_job_runs_e2e_on_alpaca_records_and_stops_blocks_early() {
             ..E2eOptions::recipe(4)
         },
         e2e_data: E2eData::File(fixture.clone()),
-        e2e_seqlen: 96,
+        e2e_seqlen,
         e2e_train_size: 4,
         offload_disk: false,
         resume: false,
@@ -156,7 +163,7 @@ fn train_job_runs_e2e_on_alpaca_records_and_stops_blocks_early() {
     assert!(
         data_line.contains("4 of 6 Alpaca instruction records")
             && data_line.contains("alpaca.json")
-            && data_line.contains("cut to --e2e-seqlen 96"),
+            && data_line.contains(&format!("cut to --e2e-seqlen {e2e_seqlen}")),
         "{data_line}"
     );
     assert_eq!(
