@@ -8,6 +8,7 @@ use eqat::eval::EvalOptions;
 use eqat::eval::{eval_ids, eval_windows, perplexity_of_windows, Perplexity};
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::block_ap::BlockApOptions;
+use eqat::train::e2e_data::E2eData;
 use eqat::train::e2e_qp::E2eOptions;
 use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
 use std::path::PathBuf;
@@ -64,6 +65,10 @@ enum Command {
         /// Block-AP batch (recipe: 2).
         #[arg(long, default_value_t = 2)]
         batch_size: usize,
+        /// Stop a block after N epochs whose validation loss does not beat its best (official --early_stop);
+        /// 0 = off.
+        #[arg(long, default_value_t = 0)]
+        early_stop: usize,
         /// Block-AP learning rate of scales and zeros (recipe: 1e-4).
         #[arg(long, default_value_t = 1e-4)]
         quant_lr: f32,
@@ -79,6 +84,17 @@ enum Command {
         /// E2E-QP epochs (recipe: 1).
         #[arg(long, default_value_t = 1)]
         e2e_epochs: usize,
+        /// E2E-QP training data: `calib` (the calibration text), a text file as for --calib, or Alpaca
+        /// instruction records (.json array or .jsonl with "instruction", "input", "output"; loss on the
+        /// response only).
+        #[arg(long, default_value = "calib")]
+        e2e_data: String,
+        /// Tokens per E2E-QP sequence; instruction records are cut to it (default: --seqlen).
+        #[arg(long)]
+        e2e_seqlen: Option<usize>,
+        /// E2E-QP training sequences (default: --train-size).
+        #[arg(long)]
+        e2e_train_size: Option<usize>,
         /// Where Block-AP keeps its block inputs: ram, or disk (files in --out).
         #[arg(long, default_value = "ram")]
         offload: String,
@@ -249,11 +265,15 @@ fn train(cmd: Command) -> eqat::Result<()> {
         seqlen,
         epochs,
         batch_size,
+        early_stop,
         quant_lr,
         weight_lr,
         e2e_lr,
         e2e_batch,
         e2e_epochs,
+        e2e_data,
+        e2e_seqlen,
+        e2e_train_size,
         offload,
         host_mem,
         resume,
@@ -316,7 +336,15 @@ fn train(cmd: Command) -> eqat::Result<()> {
         batch_size,
         quant_lr,
         weight_lr: weight_lr.unwrap_or(recipe.weight_lr),
+        early_stop,
         e2e,
+        e2e_data: if e2e_data == "calib" {
+            E2eData::Calibration
+        } else {
+            E2eData::File(e2e_data.into())
+        },
+        e2e_seqlen: e2e_seqlen.unwrap_or(seqlen),
+        e2e_train_size: e2e_train_size.unwrap_or(train_size),
         offload_disk,
         host_mem: host_mem
             .as_deref()

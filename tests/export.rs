@@ -83,6 +83,7 @@ fn checkpoint(dir: &Path, wbits: u32, group: i64, saved: usize, zero_lo: u32) ->
             block: block.clone(),
             step_losses: vec![0.5],
             val_losses: vec![],
+            epochs_run: 1,
         };
         ck.save_block(i, &record).unwrap();
         blocks.push(block);
@@ -352,6 +353,10 @@ fn stories260k_checkpoint_exports_evaluate_like_the_checkpoint() {
             global_batch: 2,
             ..eqat::train::e2e_qp::E2eOptions::recipe(8)
         },
+        early_stop: 0,
+        e2e_data: eqat::train::e2e_data::E2eData::Calibration,
+        e2e_seqlen: 16,
+        e2e_train_size: 4,
         offload_disk: false,
         host_mem: None,
         device: eqat::train::device::Device::Cpu,

@@ -354,6 +354,10 @@ fn train_job_checks_host_memory_before_starting() {
         quant_lr: 1e-4,
         weight_lr: 1e-5,
         e2e: E2eOptions::recipe(2),
+        early_stop: 0,
+        e2e_data: eqat::train::e2e_data::E2eData::Calibration,
+        e2e_seqlen: 128,
+        e2e_train_size: 64,
         offload_disk: false,
         host_mem: Some(1 << 16),
         device: eqat::train::device::Device::Cpu,
@@ -393,4 +397,113 @@ fn train_job_checks_host_memory_before_starting() {
     args.offload_disk = true;
     let (split, _) = check_host_memory(&args, &model.cfg).unwrap();
     assert_eq!((split.ram, split.disk), (0, store));
+}
+/// Learning rates 0: the blocks never change, so every epoch after the first fails to beat the best
+/// validation loss.
+fn frozen_options(epochs: usize, early_stop: usize) -> PipelineOptions {
+    let mut o = options(Offload::Ram);
+    o.block_ap.epochs = epochs;
+    o.block_ap.quant_lr = 0.0;
+    o.block_ap.weight_lr = 0.0;
+    o.block_ap.early_stop = early_stop;
+    o
+}
+
+#[test]
+fn early_stop_ends_blocks_that_stop_improving_and_resumes_to_identical_bytes() {
+    use eqat::io::checkpoint::{CheckpointDir, RunIdentity};
+    let model = RandomModel::new(8);
+    let (train, val) = (windows(9, 4), windows(10, 2));
+    // (early stop, epochs each block runs of 4): 1 and 2 stop after 2 and 3 epochs; 3 reaches its count only
+    // at the last epoch, 0 is off.
+    for (early_stop, epochs) in [(1, 2), (2, 3), (3, 4), (0, 4)] {
+        let mut sink = MemorySink::default();
+        let mut done = Vec::new();
+        run_block_ap(
+            &model,
+            &train,
+            &val,
+            &frozen_options(4, early_stop),
+            &mut sink,
+            |e| {
+                if let Event::BlockDone { epochs_run, .. } = e {
+                    done.push(epochs_run)
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(done, vec![epochs; 3], "early stop {early_stop}");
+        for b in &sink.blocks {
+            assert_eq!(b.epochs_run, epochs);
+            assert_eq!(b.step_losses.len(), 2 * epochs, "2 steps per epoch");
+            assert_eq!(b.val_losses.len(), epochs);
+        }
+    }
+
+    // Training whose validation loss improves in epoch 2 goes on to epoch 3 at early stop 1 (whatever epoch 3
+    // brings, it is the last).
+    let mut improving = options(Offload::Ram);
+    improving.block_ap.epochs = 3;
+    improving.block_ap.early_stop = 1;
+    let mut sink = MemorySink::default();
+    run_block_ap(&model, &train, &val, &improving, &mut sink, |_| {}).unwrap();
+    for b in &sink.blocks {
+        assert_eq!(b.epochs_run, 3, "val losses {:?}", b.val_losses);
+        assert!(b.val_losses[1] < b.val_losses[0], "{:?}", b.val_losses);
+    }
+
+    // Early stop needs validation samples.
+    let e = run_block_ap(
+        &model,
+        &train,
+        &[],
+        &frozen_options(4, 1),
+        &mut MemorySink::default(),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("validation"), "{e}");
+
+    // A run killed after block 0 resumes to the bytes of an uninterrupted one, epochs recorded per block.
+    let root = std::env::temp_dir().join(format!("eqat-early-stop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let opts = frozen_options(4, 1);
+    let run = RunIdentity {
+        source: "random:8".into(),
+        quant: opts.block_ap.quant,
+        recipe: serde_json::json!({"epochs": 4, "early_stop": 1}),
+    };
+    let (a, b) = (root.join("a"), root.join("b"));
+    let mut ck = CheckpointDir::create_or_resume(&a, &model.cfg, &run, false).unwrap();
+    run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
+    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, false).unwrap();
+    let mut crashing = CrashingSink {
+        inner: &mut ck,
+        fail_at: 1,
+    };
+    assert!(run_block_ap(&model, &train, &val, &opts, &mut crashing, |_| {}).is_err());
+    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, true).unwrap();
+    run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
+    let (da, db) = (dir_bytes(&a), dir_bytes(&b));
+    assert_eq!(da.len(), db.len());
+    for ((na, ba), (nb, bb)) in da.iter().zip(&db) {
+        assert!(
+            na == nb && ba == bb,
+            "the resumed checkpoint differs at {na} / {nb}:\n{}\n{}",
+            String::from_utf8_lossy(ba),
+            String::from_utf8_lossy(bb)
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("eqat.json")).unwrap()).unwrap();
+    let epochs: Vec<u64> = meta["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["epochs"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, vec![2, 2, 2]);
+    assert!((0..3).all(|i| ck.load_block(i).unwrap().epochs_run == 2));
+    std::fs::remove_dir_all(&root).unwrap();
 }

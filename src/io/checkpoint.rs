@@ -3,13 +3,14 @@
 //!
 //! ```text
 //! DIR/eqat.json                 {"format": "eqat-checkpoint", "format_version": 1, source, wbits, group_size,
-//!                                 n_layers, recipe, blocks: [{index, train_loss, val_losses}]} — rewritten
+//!                                 n_layers, recipe, blocks: [{index, train_loss, val_losses, epochs}]} — rewritten
 //!                                 atomically after each block; `blocks` says how many block files are complete
 //! DIR/config.json               the model's HF-style config with a `quantization_config`
 //! DIR/tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)   the source model's tokenizer
 //! DIR/blocks/layer_NNNN.safetensors   one block: norms (F32) and, per linear `model.layers.N.<module>`,
 //!                                 qweight (U32 [out, ⌈in/per-word⌉], EQAT ten-per-word at 3 bits),
-//!                                 qzeros (U8 [out, groups]), scales (F32 [out, groups]); step losses in metadata
+//!                                 qzeros (U8 [out, groups]), scales (F32 [out, groups]); step and validation
+//!                                 losses and epochs_run in metadata
 //! ```
 //! Every file is written to a temporary name and renamed, so a crash never leaves half a file.
 mod validate;
@@ -230,6 +231,20 @@ impl CheckpointDir {
         self.meta["source"].as_str()
     }
 
+    /// A block file's `epochs_run`; files written before early stop existed lack it, and trained every epoch of
+    /// the recipe.
+    fn epochs_run(&self, f: &SafetensorsFile, path: &Path) -> Result<usize> {
+        match f.metadata().get("epochs_run") {
+            Some(text) => text
+                .parse()
+                .map_err(|e| Error::format(path, "epochs_run", format!("{text:?}: {e}"))),
+            None => self.meta["recipe"]["epochs"]
+                .as_u64()
+                .map(|e| e as usize)
+                .ok_or_else(|| Error::format(path, "epochs_run", "missing, and no recipe.epochs")),
+        }
+    }
+
     fn block_path(&self, i: usize) -> PathBuf {
         self.dir
             .join("blocks")
@@ -349,11 +364,13 @@ impl BlockSink for CheckpointDir {
             "val_losses".to_string(),
             serde_json::to_string(&record.val_losses)?,
         );
+        md.insert("epochs_run".to_string(), record.epochs_run.to_string());
         write_safetensors(self.block_path(i), &refs, &md)?;
         let entry = json!({
             "index": i,
             "train_loss": record.step_losses.last(),
             "val_losses": record.val_losses,
+            "epochs": record.epochs_run,
         });
         self.meta["blocks"]
             .as_array_mut()
@@ -413,6 +430,7 @@ impl BlockSink for CheckpointDir {
             },
             step_losses: losses("step_losses")?,
             val_losses: losses("val_losses")?,
+            epochs_run: self.epochs_run(&f, &path)?,
         })
     }
 

@@ -13,6 +13,7 @@ use crate::ops::{
     cross_entropy::cross_entropy, embedding::embedding, linear::linear, rmsnorm::rmsnorm,
 };
 use crate::quant::real_quant::linear::real_quant_linear;
+use crate::tensor::Tensor;
 use crate::train::adamw::{AdamW, ParamGroup};
 use crate::train::clip::clip_grad_norm;
 use crate::train::schedule::CosineSchedule;
@@ -33,6 +34,19 @@ impl Example {
     pub fn causal(ids: Vec<u32>) -> Example {
         let mut labels: Vec<i32> = ids.iter().skip(1).map(|&i| i as i32).collect();
         labels.push(IGNORE);
+        Example { ids, labels }
+    }
+
+    /// Labels for instruction data, where only the response counts: the first `prompt_len` ids are the prompt,
+    /// and position t predicts ids[t + 1] only when that id is part of the response. So positions
+    /// `prompt_len - 1 ..= len - 2` carry loss: HF's labels `[IGNORE; prompt_len] ++ response`, shifted by one.
+    pub fn response_only(ids: Vec<u32>, prompt_len: usize) -> Example {
+        let labels = (0..ids.len())
+            .map(|t| match ids.get(t + 1) {
+                Some(&next) if t + 1 >= prompt_len => next as i32,
+                _ => IGNORE,
+            })
+            .collect();
         Example { ids, labels }
     }
 }
@@ -129,6 +143,27 @@ fn sequence_loss(tape: &mut Tape, m: &QuantizedModel, v: &ModelVars, ex: &Exampl
     let h = rmsnorm(tape, x, v.final_norm, m.cfg.rms_eps)?;
     let logits = linear(tape, h, v.head, None)?;
     cross_entropy(tape, logits, &ex.labels, IGNORE)
+}
+
+/// The loss of one example and the gradient of every scale, in [block][linear] order: what one sequence adds to
+/// an E2E-QP step (for checks of the labels; training goes through [`train_e2e`]).
+pub fn example_loss_and_grads(model: &QuantizedModel, ex: &Example) -> Result<(f32, Vec<Tensor>)> {
+    let mut tape = Tape::new();
+    let vars = register(&mut tape, model)?;
+    let loss = sequence_loss(&mut tape, model, &vars, ex)?;
+    tape.backward(loss)?;
+    let value = tape.value(loss).f32s("e2e_qp")?[0];
+    let grads = vars
+        .scales
+        .iter()
+        .flatten()
+        .map(|&s| {
+            tape.grad(s)
+                .cloned()
+                .ok_or_else(|| Error::invalid("e2e_qp", "a scale received no gradient"))
+        })
+        .collect::<Result<_>>()?;
+    Ok((value, grads))
 }
 
 /// Trains the scales of `model` in place on `data`; returns the loss of every optimizer step.

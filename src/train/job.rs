@@ -16,6 +16,7 @@ use crate::tensor::Tensor;
 use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
 use crate::train::device::Device;
+use crate::train::e2e_data::{file_examples, E2eData};
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
 use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
 use crate::train::store::{BlockInputStore, Offload, StoreDType};
@@ -51,7 +52,14 @@ pub struct TrainArgs {
     pub batch_size: usize,
     pub quant_lr: f32,
     pub weight_lr: f32,
+    /// Block-AP early stop: epochs without a better validation loss before a block stops; 0 = off.
+    pub early_stop: usize,
     pub e2e: E2eOptions,
+    pub e2e_data: E2eData,
+    /// Tokens per E2E-QP sequence (instruction records are cut to it).
+    pub e2e_seqlen: usize,
+    /// E2E-QP training sequences.
+    pub e2e_train_size: usize,
     pub offload_disk: bool,
     /// Host memory budget: the run is checked against it (else against the available memory) before it
     /// starts, and block inputs beyond what it leaves go to disk (unless `offload_disk` puts them all there).
@@ -194,16 +202,17 @@ pub fn run_train(
 
     // Calibration windows.
     let n = args.train_size + args.val_size;
+    let mut calib_ids = None;
     let (train, val) = match &args.calib {
         Calibration::File(path) => {
             let text = crate::eval::data::read_eval_text(path)?;
-            let ids = tokenizer.encode(&text);
+            let ids = calib_ids.insert(tokenizer.encode(&text));
             say(&format!(
                 "calibration: {} tokens from {}",
                 ids.len(),
                 path.display()
             ));
-            calibration_windows(&ids, args.seqlen, args.train_size, args.val_size, args.seed)?
+            calibration_windows(ids, args.seqlen, args.train_size, args.val_size, args.seed)?
         }
         Calibration::SelfGenerated => {
             say(&format!(
@@ -224,12 +233,29 @@ pub fn run_train(
         }
     };
 
+    // E2E-QP's data is read before Block-AP so that a bad file fails in seconds, not after hours.
+    let e2e_data = match args.phase {
+        Phase::All => Some(e2e_examples(
+            args,
+            tokenizer,
+            fp,
+            calib_ids.as_deref(),
+            &train,
+            &mut say,
+        )?),
+        Phase::BlockAp => None,
+    };
+
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
-    let recipe = json!({
+    let mut recipe = json!({
         "calib": format!("{:?}", args.calib), "train_size": args.train_size, "val_size": args.val_size,
         "seqlen": args.seqlen, "epochs": args.epochs, "batch_size": args.batch_size,
         "quant_lr": args.quant_lr, "weight_lr": args.weight_lr, "seed": args.seed,
     });
+    // Recorded only when on, so that checkpoints made before the flag existed still resume.
+    if args.early_stop > 0 {
+        recipe["early_stop"] = json!(args.early_stop);
+    }
     let run = RunIdentity {
         source: fp.source().path().display().to_string(),
         quant: args.quant,
@@ -265,6 +291,7 @@ pub fn run_train(
     let train_bytes =
         BlockInputStore::bytes_needed(args.train_size, args.seqlen, cfg.hidden, StoreDType::F16)?;
     let (offload, offload_val) = offloads(args, split, train_bytes);
+    block_ap.early_stop = args.early_stop;
     say(&format!(
         "block inputs: {:.1} MiB for {} samples x {} tokens (FP and quantized streams, f16): {:.1} MiB in RAM, \
          {:.1} MiB in files beside the checkpoint (host budget {})",
@@ -315,14 +342,20 @@ pub fn run_train(
                 block,
                 train_loss,
                 val_loss,
+                epochs_run,
             } => {
                 say(&format!(
-                    "block {} done: train loss {train_loss:.4e}, val loss {} ({:.1} s)",
+                    "block {} done: train loss {train_loss:.4e}, val loss {} ({:.1} s){}",
                     block + 1,
                     val_loss.map(|v| format!("{v:.4e}")).unwrap_or("-".into()),
-                    block_start.elapsed().as_secs_f64()
+                    block_start.elapsed().as_secs_f64(),
+                    if epochs_run < args.epochs {
+                        format!("; early stop after {epochs_run} of {} epochs", args.epochs)
+                    } else {
+                        String::new()
+                    }
                 ));
-                json!({"event": "block_done", "block": block, "train_loss": train_loss, "val_loss": val_loss})
+                json!({"event": "block_done", "block": block, "train_loss": train_loss, "val_loss": val_loss, "epochs": epochs_run})
             }
         };
         if let Err(e) = log.write(line) {
@@ -355,8 +388,8 @@ pub fn run_train(
         return Ok(summary);
     }
 
-    // E2E-QP on the training windows (on the CPU: its GPU ops are not in this engine yet).
-    let data: Vec<Example> = train.iter().map(|w| Example::causal(w.clone())).collect();
+    // E2E-QP (on the CPU: its GPU path is not wired into the job yet).
+    let data = e2e_data.expect("read for Phase::All");
     let start = Instant::now();
     let mut log_err = None;
     let e2e_losses = train_e2e(&mut qm, &data, &args.e2e, |s| {
@@ -446,6 +479,41 @@ impl PauseHook {
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
     }
+}
+
+/// E2E-QP's training examples: Block-AP's windows when `--e2e-data calib` asks for the same shape, new windows
+/// of the calibration source when not, or the `--e2e-data` file.
+fn e2e_examples(
+    args: &TrainArgs,
+    tokenizer: &Tokenizer,
+    fp: &LlamaModel,
+    calib_ids: Option<&[u32]>,
+    block_ap_train: &[Vec<u32>],
+    say: &mut impl FnMut(&str),
+) -> Result<Vec<Example>> {
+    let (seqlen, count) = (args.e2e_seqlen, args.e2e_train_size);
+    let windows = match (&args.e2e_data, calib_ids) {
+        (E2eData::File(path), _) => {
+            return file_examples(path, tokenizer, seqlen, count, args.seed, say)
+        }
+        (E2eData::Calibration, _) if seqlen == args.seqlen && count == args.train_size => {
+            block_ap_train.to_vec()
+        }
+        (E2eData::Calibration, Some(ids)) => {
+            say(&format!(
+                "E2E-QP data: {count} windows of {seqlen} tokens from the calibration text"
+            ));
+            calibration_windows(ids, seqlen, count, 0, args.seed)?.0
+        }
+        (E2eData::Calibration, None) => {
+            say(&format!(
+                "E2E-QP data: sampling {count} sequences of {seqlen} tokens from the model itself"
+            ));
+            let start = crate::model::generate::StartTokens::for_tokenizer(tokenizer);
+            crate::model::generate::sample_sequences(fp, count, seqlen, 1.0, args.seed, start)?
+        }
+    };
+    Ok(windows.into_iter().map(Example::causal).collect())
 }
 
 /// Every linear at its min-max initialisation, no training: the RTN baseline.
