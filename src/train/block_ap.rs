@@ -63,6 +63,12 @@ pub trait BlockSamples {
     fn len(&self) -> usize;
     /// (inputs, targets) of samples `start..start + count`, each [count, T, C].
     fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)>;
+    /// The pair for training step `step` (0-based over the block's steps); inputs that change over training
+    /// (MREM's annealed mix, `train::mrem`) override this, fixed data keeps `pair`.
+    fn train_pair(&self, step: usize, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
+        let _ = step;
+        self.pair(start, count)
+    }
 }
 
 /// In-memory (inputs, targets), both [N, T, C].
@@ -118,7 +124,23 @@ pub fn train_block(
     train: &dyn BlockSamples,
     val: Option<&dyn BlockSamples>,
     opts: &BlockApOptions,
+    on_step: impl FnMut(StepInfo),
+) -> Result<TrainedBlock> {
+    train_block_with(cfg, weights, train, val, opts, on_step, &mut |_, _, _| {
+        Ok(())
+    })
+}
+
+/// [`train_block`], also handing `on_output(step, start, output)` the block's (fake-quantized) output of every
+/// training batch before its optimizer step: MREM sends it on to the next module (`train::mrem`).
+pub fn train_block_with(
+    cfg: &LlamaConfig,
+    weights: &BlockWeights,
+    train: &dyn BlockSamples,
+    val: Option<&dyn BlockSamples>,
+    opts: &BlockApOptions,
     mut on_step: impl FnMut(StepInfo),
+    on_output: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>,
 ) -> Result<TrainedBlock> {
     let n = train.len();
     if opts.batch_size == 0 || n < opts.batch_size {
@@ -166,10 +188,11 @@ pub fn train_block(
         for i in 0..steps_per_epoch {
             let step = epoch * steps_per_epoch + i;
             tape.reset();
-            let (xs, ys) = train.pair(i * opts.batch_size, opts.batch_size)?;
+            let (xs, ys) = train.train_pair(step, i * opts.batch_size, opts.batch_size)?;
             let x = tape.input(xs);
             let y = tape.input(ys);
             let out = block_forward(&mut tape, cfg, &vars, x)?;
+            on_output(step, i * opts.batch_size, tape.value(out))?;
             let loss = mse(&mut tape, out, y)?;
             let loss_value = tape.value(loss).f32s("train_block")?[0];
             if !loss_value.is_finite() {

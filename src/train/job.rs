@@ -14,6 +14,7 @@ use crate::tensor::Tensor;
 use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
+use crate::train::mrem::{run_block_ap_mrem, MremOptions};
 use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
 use crate::train::store::{Offload, StoreDType};
 use serde_json::json;
@@ -54,6 +55,8 @@ pub struct TrainArgs {
     pub seed: u64,
     /// Perplexity text and protocol; None skips evaluation.
     pub eval: Option<(PathBuf, EvalOptions)>,
+    /// Block-AP with K modules trained concurrently (`--parallel modules`); None = one block after another.
+    pub mrem: Option<MremOptions>,
 }
 
 /// Perplexities and wall times of a finished job.
@@ -227,7 +230,7 @@ pub fn run_train(
     let start = Instant::now();
     let mut block_start = Instant::now();
     let mut log_err = None;
-    run_block_ap(fp, &train, &val, &popts, &mut ckpt, |e| {
+    block_ap_stage(args, fp, (&train, &val), &popts, &mut ckpt, |e| {
         let line = match e {
             Event::BlockStart { block, blocks } => {
                 block_start = Instant::now();
@@ -325,6 +328,21 @@ pub fn run_train(
         summary.ppl_e2e = Some(p);
     }
     Ok(summary)
+}
+
+/// Block-AP over every block: sequential, or MREM-parallel when `args.mrem` says so.
+fn block_ap_stage(
+    args: &TrainArgs,
+    fp: &LlamaModel,
+    (train, val): (&[Vec<u32>], &[Vec<u32>]),
+    popts: &PipelineOptions,
+    ckpt: &mut CheckpointDir,
+    on_event: impl FnMut(Event),
+) -> Result<()> {
+    match &args.mrem {
+        Some(m) => run_block_ap_mrem(fp, train, val, popts, m, ckpt, on_event),
+        None => run_block_ap(fp, train, val, popts, ckpt, on_event),
+    }
 }
 
 /// Refuses settings the run cannot finish with, before anything is read or written; errors name the flag.

@@ -5,6 +5,7 @@ pub mod calib;
 pub mod clip;
 pub mod e2e_qp;
 pub mod job;
+pub mod mrem;
 pub mod pipeline;
 pub mod schedule;
 pub mod store;

@@ -70,7 +70,7 @@ pub struct PipelineOptions {
 }
 
 /// Runs one (unquantized) block over every sample of `stream`, in place.
-fn propagate(
+pub(crate) fn propagate(
     store: &mut BlockInputStore,
     stream: Stream,
     cfg: &LlamaConfig,
