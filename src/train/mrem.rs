@@ -16,27 +16,30 @@
 //! T0 (`anneal_steps`) defaults to the steps of one block, so the first block anneals from FP to quantized
 //! inputs and later blocks see only quantized ones. Once module m−1 has finished (its queue is closed), module
 //! m keeps training on the last quantized output module m−1 sent for each batch. Validation losses of module
-//! m > 0 use the FP module input pushed through the module's frozen blocks.
+//! m > 0 use the FP module input pushed through the module's frozen blocks. Each module gets its own rayon pool
+//! with 1/K of the threads (at least one).
 use crate::error::{Error, Result};
 use crate::model::llama::{BlockWeights, LlamaConfig};
 use crate::model::quantized::QuantizedBlock;
 use crate::quant::fake_quant::{init_minmax, QuantConfig};
 use crate::tensor::Tensor;
-use crate::train::block_ap::{take_samples, train_block_with, BlockSamples};
+use crate::train::block_ap::{train_block_with, BlockSamples};
 use crate::train::pipeline::{
     propagate, BlockRecord, BlockSink, BlockSource, Event, PipelineOptions,
 };
 use crate::train::store::{BlockInputStore, Offload, Stream};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
 mod forward;
+mod queue;
 #[cfg(test)]
 mod tests;
 
 use forward::forward_blocks;
+use queue::MixedInputs;
+pub use queue::{QuantOutput, Upstream};
 
 #[derive(Clone, Debug)]
 pub struct MremOptions {
@@ -67,119 +70,6 @@ pub fn module_ranges(n_layers: usize, modules: usize) -> Result<Vec<Range<usize>
     Ok((0..modules)
         .map(|m| crate::dist::shard(n_layers, m, modules))
         .collect())
-}
-
-/// Module m−1's quantized output of one batch at its module training step `step`.
-#[derive(Debug)]
-pub struct QuantOutput {
-    pub step: usize,
-    pub start: usize,
-    pub output: Tensor,
-}
-
-/// The consumer's end of the queue, and the latest output seen for every batch (used once the queue closes).
-pub struct Upstream {
-    rx: Option<Receiver<QuantOutput>>,
-    last: HashMap<usize, Tensor>,
-}
-
-impl Upstream {
-    pub fn new(rx: Receiver<QuantOutput>) -> Self {
-        Upstream {
-            rx: Some(rx),
-            last: HashMap::new(),
-        }
-    }
-
-    /// The predecessor's quantized output of the batch at `start` for step `t`: the next queue message, which
-    /// must be for (t, start); after the predecessor finished, its last output of that batch.
-    pub fn next(&mut self, t: usize, start: usize) -> Result<Tensor> {
-        if let Some(rx) = &self.rx {
-            match rx.recv() {
-                Ok(m) if m.step == t && m.start == start => {
-                    self.last.insert(start, m.output.clone());
-                    return Ok(m.output);
-                }
-                Ok(m) => {
-                    return Err(Error::invalid(
-                        "mrem",
-                        format!(
-                        "queue out of order: expected step {t} batch {start}, got step {} batch {}",
-                        m.step, m.start
-                    ),
-                    ))
-                }
-                Err(_) => self.rx = None,
-            }
-        }
-        self.last.get(&start).cloned().ok_or_else(|| {
-            Error::invalid(
-                "mrem",
-                format!("the previous module stopped before sending batch {start} (it failed; see its error)"),
-            )
-        })
-    }
-}
-
-/// Training pairs of the first block being trained in module m > 0 or a later one: the annealed mix of FP and
-/// predecessor inputs, pushed through the module's frozen blocks; targets from the store's FP stream.
-struct MixedInputs<'a> {
-    cfg: &'a LlamaConfig,
-    store: &'a BlockInputStore,
-    fp_in: &'a Tensor,
-    frozen: &'a [BlockWeights],
-    upstream: &'a RefCell<Upstream>,
-    step0: usize,
-    anneal: usize,
-}
-
-impl MixedInputs<'_> {
-    fn inputs(&self, lambda: f32, q: &Tensor, start: usize, count: usize) -> Result<Tensor> {
-        let fp = take_samples(self.fp_in, start, count)?;
-        let x = if lambda >= 1.0 {
-            fp
-        } else if lambda <= 0.0 {
-            q.clone()
-        } else {
-            crate::ops::check_same("mrem mix", fp.shape(), q.shape())?;
-            let (f, q) = (fp.f32s("mrem")?, q.f32s("mrem")?);
-            let mix = f
-                .iter()
-                .zip(q)
-                .map(|(f, q)| lambda * f + (1.0 - lambda) * q)
-                .collect();
-            Tensor::from_vec(fp.shape(), mix)?
-        };
-        forward_blocks(self.cfg, self.frozen, x)
-    }
-}
-
-impl BlockSamples for MixedInputs<'_> {
-    fn len(&self) -> usize {
-        self.store.samples()
-    }
-    /// Outside training (not used by `train_block`): λ = 0 with the predecessor's latest outputs.
-    fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
-        let q = self
-            .upstream
-            .borrow()
-            .last
-            .get(&start)
-            .cloned()
-            .ok_or_else(|| {
-                Error::invalid("mrem", format!("no quantized output of batch {start} yet"))
-            })?;
-        Ok((
-            self.inputs(0.0, &q, start, count)?,
-            self.store.read(Stream::Fp, start, count)?,
-        ))
-    }
-    fn train_pair(&self, step: usize, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
-        let t = self.step0 + step;
-        let q = self.upstream.borrow_mut().next(t, start)?;
-        let x = self.inputs(lambda(t, self.anneal), &q, start, count)?;
-        Ok((x, self.store.read(Stream::Fp, start, count)?))
-    }
 }
 
 /// What one module thread needs.
@@ -404,6 +294,19 @@ pub fn run_block_ap_mrem(
     let blocks: Vec<BlockWeights> = (0..cfg.n_layers)
         .map(|i| src.block(i))
         .collect::<Result<_>>()?;
+    // Each module runs its ops (gemm, rayon loops) in a pool of its own with an equal share of the threads:
+    // through the one global pool, the modules' parallel loops would queue behind each other.
+    let threads = (rayon::current_num_threads() / ranges.len()).max(1);
+    let mut pools = (0..ranges.len())
+        .map(|m| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("mrem-module{m}-{i}"))
+                .build()
+                .map_err(|e| Error::invalid("mrem", format!("thread pool of {threads}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter();
     let (events_tx, events_rx) = mpsc::channel();
     let results: Vec<Result<Vec<BlockRecord>>> = std::thread::scope(|s| {
         let mut upstream = None;
@@ -428,7 +331,8 @@ pub fn run_block_ap_mrem(
             };
             upstream = next_upstream;
             let (x_train, x_val) = (&x_train, x_val.as_ref());
-            handles.push(s.spawn(move || module.run(x_train, x_val)));
+            let pool = pools.next().expect("one pool per module");
+            handles.push(s.spawn(move || pool.install(|| module.run(x_train, x_val))));
         }
         drop(events_tx);
         for e in events_rx {
