@@ -369,6 +369,9 @@ fn check_args(args: &TrainArgs, cfg: &LlamaConfig) -> Result<()> {
             args.train_size, args.batch_size
         ));
     }
+    if let Some(m) = &args.mrem {
+        crate::train::mrem::module_ranges(cfg.n_layers, m.modules)?;
+    }
     for (flag, v) in [("seqlen", args.seqlen), ("epochs", args.epochs)] {
         if v == 0 {
             return bad(format!("--{flag} 0: must be at least 1"));
