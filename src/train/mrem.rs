@@ -203,7 +203,6 @@ impl Module<'_> {
                 },
                 e => e,
             })?;
-            drop(mixed);
             let record = BlockRecord {
                 block: QuantizedBlock::freeze(
                     &t.weights,
