@@ -6,6 +6,7 @@
 //! by gradient accumulation. The forward dequantizes each packed linear on the fly (`real_quant_linear`); norms,
 //! embeddings and the output head are frozen tensors on the tape, so no model-sized gradient buffer exists.
 use crate::autograd::{Tape, Var};
+use crate::dist::{shard, Communicator, SingleRank};
 use crate::error::{Error, Result};
 use crate::model::llama::block_forward_with;
 use crate::model::quantized::QuantizedModel;
@@ -171,8 +172,33 @@ pub fn train_e2e(
     model: &mut QuantizedModel,
     data: &[Example],
     opts: &E2eOptions,
+    on_step: impl FnMut(E2eStep),
+) -> Result<Vec<f32>> {
+    train_e2e_dist(model, data, opts, &SingleRank, on_step)
+}
+
+/// Data-parallel [`train_e2e`]: every rank holds the whole `data` and the same `model`, and takes its contiguous
+/// slice ([`shard`]) of every global batch. Each rank accumulates loss/global_batch over its sequences, exactly
+/// as the single rank does over all of them; the summed gradients (`all_reduce_sum`) are then the single-rank
+/// gradients up to the order of the f32 additions, and every rank clips and steps identically, so the scales
+/// stay equal on all ranks. Returns the loss of every optimizer step (the global-batch mean).
+pub fn train_e2e_dist(
+    model: &mut QuantizedModel,
+    data: &[Example],
+    opts: &E2eOptions,
+    comm: &dyn Communicator,
     mut on_step: impl FnMut(E2eStep),
 ) -> Result<Vec<f32>> {
+    let world = comm.world_size();
+    if opts.global_batch < world {
+        return Err(Error::invalid(
+            "e2e_qp",
+            format!(
+                "a global batch of {} cannot give each of {world} ranks a sequence",
+                opts.global_batch
+            ),
+        ));
+    }
     if opts.global_batch == 0 || data.len() < opts.global_batch {
         return Err(Error::invalid(
             "e2e_qp",
@@ -222,7 +248,8 @@ pub fn train_e2e(
         let first = (step % steps_per_epoch) * opts.global_batch;
         tape.zero_grad();
         let mut loss_sum = 0.0f64;
-        for ex in &data[first..first + opts.global_batch] {
+        let mine = shard(opts.global_batch, comm.rank(), world);
+        for ex in &data[first + mine.start..first + mine.end] {
             tape.reset();
             let loss = sequence_loss(&mut tape, model, &vars, ex)?;
             // Mean over the global batch: scale each sequence's gradient by 1/global_batch.
@@ -237,6 +264,9 @@ pub fn train_e2e(
             tape.backward(scaled)?;
         }
         tape.reset();
+        if world > 1 {
+            loss_sum = all_reduce_grads(&mut tape, comm, loss_sum as f32)? as f64;
+        }
         let grad_norm = clip_grad_norm(&mut tape, opts.max_grad_norm)?;
         opt.step(&mut tape, schedule.lr_factor(step as u64))?;
         let loss = (loss_sum / opts.global_batch as f64) as f32;
@@ -254,4 +284,22 @@ pub fn train_e2e(
         }
     }
     Ok(losses)
+}
+
+/// Sums every parameter gradient and `loss_sum` over the ranks (one flat buffer, one collective); returns the
+/// summed loss.
+fn all_reduce_grads(tape: &mut Tape, comm: &dyn Communicator, loss_sum: f32) -> Result<f32> {
+    let mut flat = Vec::new();
+    for g in tape.param_grads_mut() {
+        flat.extend_from_slice(g.f32s("e2e_qp all-reduce")?);
+    }
+    flat.push(loss_sum);
+    comm.all_reduce_sum(&mut flat)?;
+    let mut at = 0;
+    for g in tape.param_grads_mut() {
+        let d = g.f32s_mut("e2e_qp all-reduce")?;
+        d.copy_from_slice(&flat[at..at + d.len()]);
+        at += d.len();
+    }
+    Ok(flat[at])
 }
