@@ -22,8 +22,8 @@ use crate::tensor::{Storage, Tensor};
 use alloc::Pool;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig,
-    PushKernelArg,
+    sys::{CUdevice_attribute, CUfunction_attribute},
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,9 +69,10 @@ impl Arg {
 }
 
 /// Every `cuda/<op>.cu` of the crate (for warming the compile cache and for compile checks).
-pub fn kernel_sources() -> [KernelSource; 16] {
+pub fn kernel_sources() -> [KernelSource; 17] {
     [
         crate::ops::add::CUDA,
+        crate::ops::attention::CUDA,
         crate::ops::cross_entropy::cuda::CUDA,
         crate::ops::embedding::CUDA,
         crate::ops::mse::CUDA,
@@ -94,6 +95,9 @@ pub fn kernel_sources() -> [KernelSource; 16] {
 pub fn opt_arg(b: &Option<&mut GpuBuf>) -> Arg {
     b.as_ref().map_or(Arg::NULL, |b| b.arg())
 }
+
+/// Dynamic shared memory a launch gets without opting in.
+const DEFAULT_SHARED_MEM: u32 = 48 << 10;
 
 /// Threads per block of the 1-D kernels.
 pub const BLOCK: u32 = 256;
@@ -245,6 +249,18 @@ impl GpuContext {
             return Ok(());
         }
         let f = self.function(src, kernel)?;
+        if shared_mem_bytes > DEFAULT_SHARED_MEM {
+            // A block gets more than 48 KiB of dynamic shared memory only after opting in per function.
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_mem_bytes as i32,
+            )
+            .map_err(|e| {
+                Error::Gpu(format!(
+                    "{kernel}: {shared_mem_bytes} bytes of shared memory: {e}"
+                ))
+            })?;
+        }
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {

@@ -13,12 +13,22 @@
 //! forward, a [QUERY_BLOCK, T] score block per head in flight and a head-major copy of the output (the size
 //! of q); backward, a score and a probability-gradient block per head in flight and head-major dQ, dK and dV
 //! (3 × the size of q) before they are scattered or summed into the [B, T, ., D] layouts.
+//!
+//! On the GPU (inputs with CUDA storage, the `cuda` feature) the same algorithm runs fused in `cuda/attention.cu`
+//! (see `cuda.rs`): one kernel writes out and lse, the backward recomputes P tile by tile; D <= 128 there.
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod reference;
 #[cfg(test)]
 mod tests;
 
 pub use cpu::{attention_bwd_cpu, attention_fwd_cpu, QUERY_BLOCK};
+#[cfg(feature = "cuda")]
+pub use cuda::{
+    attention_bwd_cuda, attention_fwd_cuda, time_attention_cuda, AttentionTiming, CUDA,
+    MAX_HEAD_DIM,
+};
 pub use reference::{attention_bwd_ref, attention_fwd_ref};
 
 use crate::autograd::{Backward, Tape, Var};
@@ -93,7 +103,31 @@ pub fn attention(tape: &mut Tape, q: Var, k: Var, v: Var) -> Result<Var> {
         tape.value(k).shape(),
         tape.value(v).shape(),
     )?;
-    let mut out = tape.alloc(&[s.b, s.t, s.h, s.d]);
+    let out_shape = [s.b, s.t, s.h, s.d];
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) =
+        crate::gpu::device_of("attention", &[tape.value(q), tape.value(k), tape.value(v)])?
+    {
+        const OP: &str = "attention";
+        let (mut out, mut lse) = (
+            ctx.alloc(s.b * s.t * s.h * s.d)?,
+            ctx.alloc(s.b * s.h * s.t)?,
+        );
+        let (qb, kb, vb) = (
+            tape.value(q).gpu(OP)?,
+            tape.value(k).gpu(OP)?,
+            tape.value(v).gpu(OP)?,
+        );
+        attention_fwd_cuda(&mut out, &mut lse, qb, kb, vb, s)?;
+        let lse = Tensor::from_gpu(&[s.b, s.h, s.t], lse)?;
+        let out = Tensor::from_gpu(&out_shape, out)?;
+        return Ok(tape.push_op(
+            out,
+            &[q, k, v],
+            Box::new(AttentionBackward { shape: s, lse }),
+        ));
+    }
+    let mut out = tape.alloc(&out_shape);
     let mut lse = vec![0.0; s.b * s.h * s.t];
     attention_fwd_cpu(
         out.f32s_mut("attention")?,
@@ -106,14 +140,23 @@ pub fn attention(tape: &mut Tape, q: Var, k: Var, v: Var) -> Result<Var> {
     Ok(tape.push_op(
         out,
         &[q, k, v],
-        Box::new(AttentionBackward { shape: s, lse }),
+        Box::new(AttentionBackward {
+            shape: s,
+            lse: Tensor::from_vec(&[s.b, s.h, s.t], lse)?,
+        }),
     ))
+}
+
+/// The device buffer of a gradient slot, None when that gradient is not wanted.
+#[cfg(feature = "cuda")]
+fn gpu_grad(t: &mut Option<Tensor>) -> Result<Option<&mut crate::gpu::GpuBuf>> {
+    t.as_mut().map(|t| t.gpu_mut("attention_bwd")).transpose()
 }
 
 struct AttentionBackward {
     shape: AttentionShape,
-    /// Log-sum-exp of each scaled, masked score row, [B, H, T].
-    lse: Vec<f32>,
+    /// Log-sum-exp of each scaled, masked score row, [B, H, T], where the forward ran (host or device).
+    lse: Tensor,
 }
 
 impl Backward for AttentionBackward {
@@ -128,6 +171,24 @@ impl Backward for AttentionBackward {
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
         const OP: &str = "attention_bwd";
+        #[cfg(feature = "cuda")]
+        if dout.is_cuda() {
+            let [dq, dk, dv] = d else {
+                unreachable!("attention has three inputs")
+            };
+            return attention_bwd_cuda(
+                gpu_grad(dq)?,
+                gpu_grad(dk)?,
+                gpu_grad(dv)?,
+                dout.gpu(OP)?,
+                x[0].gpu(OP)?,
+                x[1].gpu(OP)?,
+                x[2].gpu(OP)?,
+                out.gpu(OP)?,
+                self.lse.gpu(OP)?,
+                self.shape,
+            );
+        }
         let (q, k, v) = (x[0].f32s(OP)?, x[1].f32s(OP)?, x[2].f32s(OP)?);
         // The products share dS, so all three gradients are computed; one not asked for lands in scratch.
         let mut scratch: [Vec<f32>; 3] = Default::default();
@@ -155,7 +216,7 @@ impl Backward for AttentionBackward {
             k,
             v,
             out.f32s(OP)?,
-            &self.lse,
+            self.lse.f32s(OP)?,
             self.shape,
         );
         Ok(())
