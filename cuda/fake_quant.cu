@@ -49,3 +49,32 @@ extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, c
         }
     }
 }
+
+// Min-max init (see the module header), one warp per group: s = clamp((xmax - xmin) / qmax, SCALE_MIN, SCALE_MAX),
+// z = rint(-clamp(xmin / s, -1e4, 1e4)). min, max, IEEE division and rintf give the CPU path's values exactly.
+// A non-finite weight sets bad[0] = 1 (the launcher turns that into an error).
+extern "C" __global__ void fake_quant_init_minmax_f32(float* scales, float* zeros, float* bad, const float* w,
+                                                      i64 n_groups, i64 g, float qmax) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
+    for (i64 j = global_index() >> 5; j < n_groups; j += warps) {
+        float lo = __int_as_float(0x7f800000), hi = -lo;  // +inf, -inf
+        bool finite = true;
+        for (i64 e = lane; e < g; e += 32) {
+            const float v = w[j * g + e];
+            finite = finite && (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+            lo = fminf(lo, v);
+            hi = fmaxf(hi, v);
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+            hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        }
+        if (!__all_sync(0xffffffffu, finite) && lane == 0) bad[0] = 1.0f;
+        if (lane == 0) {
+            const float s = fminf(fmaxf((hi - lo) / qmax, SCALE_MIN), SCALE_MAX);
+            scales[j] = s;
+            zeros[j] = rintf(-fminf(fmaxf(lo / s, -1e4f), 1e4f));
+        }
+    }
+}

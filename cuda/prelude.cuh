@@ -26,3 +26,11 @@ __device__ T block_sum(T v, T* scratch) {
     v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : (T)0;
     return warp_sum(v);
 }
+
+// f32 -> bf16 bits, rounding to nearest even (as __float2bfloat16_rn; NaN stays a quiet NaN). Written out because
+// NVRTC has no include path for cuda_bf16.h. bf16 values travel as unsigned short.
+__device__ __forceinline__ unsigned int bf16_bits(float f) {
+    const unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}

@@ -4,6 +4,7 @@
 //! D head dim, F feed-forward width, V vocabulary, N out features, K in features, `group_size` quantization
 //! group along K, `wbits` bits per weight.
 pub mod autograd;
+pub mod bench;
 pub mod error;
 pub mod eval;
 #[cfg(feature = "cuda")]

@@ -1,4 +1,6 @@
 //! `engine`: a thin command line over the eqat library (all logic lives in the library).
+mod bench_cli;
+
 use clap::{Parser, Subcommand};
 use eqat::eval::data::{default_eval_data, read_eval_text, TextRule};
 use eqat::eval::default_model::{cache_dir, default_model};
@@ -82,6 +84,9 @@ enum Command {
         resume: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where Block-AP runs: cpu, cuda or cuda:N (E2E-QP and evaluation stay on the CPU).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Perplexity text (default: shared/data/wikitext-2-raw/wiki.test.raw); `none` skips evaluation.
         #[arg(long)]
         eval_data: Option<PathBuf>,
@@ -112,6 +117,8 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
+    /// Speed benchmarks (`engine bench block-ap --shape llama2-7b --device cuda --dtype bf16`).
+    Bench(bench_cli::BenchArgs),
 }
 
 fn main() {
@@ -125,6 +132,7 @@ fn main() {
             max_windows,
             batch,
         } => eval(model, data, ctx, max_windows, batch),
+        Command::Bench(args) => bench_cli::bench(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -233,6 +241,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         offload,
         resume,
         seed,
+        device,
         eval_data,
         eval_ctx,
         eval_windows,
@@ -289,6 +298,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         offload_disk,
         resume,
         seed,
+        device: eqat::train::device::Device::parse(&device)?,
         eval: eval.map(|p| {
             (
                 p,

@@ -45,6 +45,7 @@ fn train_job_quantizes_stories260k_and_its_checkpoint_evaluates_the_same() {
         offload_disk: false,
         resume: false,
         seed: 1,
+        device: eqat::train::device::Device::Cpu,
         eval: Some((wiki.clone(), eval)),
     };
     let mut lines = Vec::new();

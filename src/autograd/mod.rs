@@ -219,6 +219,17 @@ impl Tape {
         }
     }
 
+    /// Drops the parameter gradients (host buffers go back to the pool): the next `backward` moves each
+    /// parameter's first gradient into place instead of adding it to a zeroed buffer, which saves a memset and
+    /// an add over every parameter per step. Values equal `zero_grad` + `backward` (0 + g == g).
+    pub fn clear_grads(&mut self) {
+        for g in self.grads[..self.n_params].iter_mut() {
+            if let Some(buf) = g.take().and_then(Tensor::into_f32_vec) {
+                self.pool.give(buf);
+            }
+        }
+    }
+
     /// Parameter values and gradients together, for optimizers: (value, grad) per parameter, grad None if unused.
     pub fn params_and_grads_mut(&mut self) -> impl Iterator<Item = (&mut Tensor, Option<&Tensor>)> {
         let n = self.n_params;

@@ -3,9 +3,65 @@
 //! cuBLAS is column-major, and a row-major X[r, c] buffer read column-major is Xᵀ. So C = op(A)·op(B) is
 //! computed as Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS gets B first, then A, with m and n swapped and the same transposes.
 //! The handle keeps cuBLAS's default math mode: true f32 (no TF32), which the equivalence tests rely on.
-use super::{GpuBuf, GpuContext};
+//!
+//! `gemm_bf16` is the same contract on bf16 A and B through cublasGemmEx: f32 C, f32 accumulation
+//! (CUBLAS_COMPUTE_32F), so only the rounding of the operands to bf16 differs from `sgemm`.
+use super::{Bf16Buf, GpuBuf, GpuContext};
 use crate::error::{Error, Result};
-use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use std::ffi::c_void;
+
+/// Checks that A, B and C hold their matrices; `op` names the caller.
+#[allow(clippy::too_many_arguments)]
+fn check_lens(
+    op: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: usize,
+    b: usize,
+    c: usize,
+) -> Result<()> {
+    if a < m * k || b < k * n || c < m * n {
+        return Err(Error::shape(
+            op,
+            format!(
+                "m {m} n {n} k {k} need A {} B {} C {} values, got {a} {b} {c}",
+                m * k,
+                k * n,
+                m * n
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn cublas_op(t: bool) -> cublasOperation_t {
+    if t {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+/// (m, n, k, lda, ldb) as cuBLAS's i32s; lda and ldb are the lengths of one stored row of A and B.
+#[allow(clippy::too_many_arguments)]
+fn dims_i32(
+    op: &'static str,
+    transa: bool,
+    transb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<[i32; 5]> {
+    let lda = if transa { m } else { k };
+    let ldb = if transb { k } else { n };
+    let dim = |x: usize| {
+        i32::try_from(x.max(1))
+            .map_err(|_| Error::invalid(op, format!("dimension {x} exceeds i32")))
+    };
+    Ok([dim(m)?, dim(n)?, dim(k)?, dim(lda)?, dim(ldb)?])
+}
 
 impl GpuContext {
     /// Row-major C[m, n] = alpha·op(A)·op(B) + beta·C, A [m, k] (or [k, m] with `transa`), B [k, n] (or [n, k]
@@ -24,20 +80,7 @@ impl GpuContext {
         beta: f32,
         c: &mut GpuBuf,
     ) -> Result<()> {
-        if a.len() < m * k || b.len() < k * n || c.len() < m * n {
-            return Err(Error::shape(
-                "sgemm_cuda",
-                format!(
-                    "m {m} n {n} k {k} need A {} B {} C {} values, got {} {} {}",
-                    m * k,
-                    k * n,
-                    m * n,
-                    a.len(),
-                    b.len(),
-                    c.len()
-                ),
-            ));
-        }
+        check_lens("sgemm_cuda", m, n, k, a.len(), b.len(), c.len())?;
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -66,21 +109,7 @@ impl GpuContext {
         beta: f32,
         c: &mut GpuBuf,
     ) -> Result<()> {
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        // Leading dimensions of the row-major buffers: the length of one stored row.
-        let lda = if transa { m } else { k };
-        let ldb = if transb { k } else { n };
-        let dim = |x: usize| {
-            i32::try_from(x.max(1))
-                .map_err(|_| Error::invalid("sgemm_cuda", format!("dimension {x} exceeds i32")))
-        };
-        let (mi, ni, ki, ldai, ldbi) = (dim(m)?, dim(n)?, dim(k)?, dim(lda)?, dim(ldb)?);
+        let [mi, ni, ki, ldai, ldbi] = dims_i32("sgemm_cuda", transa, transb, m, n, k)?;
         let (ap, bp, cp) = (a.ptr(), b.ptr(), c.ptr());
         self.ctx
             .bind_to_thread()
@@ -91,8 +120,8 @@ impl GpuContext {
         unsafe {
             cudarc::cublas::result::sgemm(
                 *self.blas.handle(),
-                op(transb),
-                op(transa),
+                cublas_op(transb),
+                cublas_op(transa),
                 ni,
                 mi,
                 ki,
@@ -107,6 +136,67 @@ impl GpuContext {
             )
         }
         .map_err(|e| Error::Gpu(format!("cuBLAS sgemm m {m} n {n} k {k}: {e}")))
+    }
+
+    /// Row-major C[m, n] = alpha·op(A)·op(B) + beta·C with bf16 A and B, f32 C and f32 accumulation; the
+    /// layout contract of [`GpuContext::sgemm`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16(
+        &self,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &Bf16Buf,
+        b: &Bf16Buf,
+        beta: f32,
+        c: &mut GpuBuf,
+    ) -> Result<()> {
+        check_lens("gemm_bf16", m, n, k, a.len(), b.len(), c.len())?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return if beta == 0.0 {
+                c.zero()
+            } else {
+                self.sscal(m * n, beta, c)
+            };
+        }
+        let [mi, ni, ki, ldai, ldbi] = dims_i32("gemm_bf16", transa, transb, m, n, k)?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::Gpu(format!("gemm_bf16: binding the context: {e}")))?;
+        let bf16 = cudaDataType::CUDA_R_16BF;
+        // SAFETY: the length checks above keep every access inside A, B (bf16 elements) and C (f32); the handle
+        // is bound to the context's stream, so the GEMM is ordered after the kernels that wrote A and B; alpha
+        // and beta are f32 as CUBLAS_COMPUTE_32F requires, read at call time (host pointer mode).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublas_op(transb),
+                cublas_op(transa),
+                ni,
+                mi,
+                ki,
+                &alpha as *const f32 as *const c_void,
+                b.ptr() as *const c_void,
+                bf16,
+                ldbi,
+                a.ptr() as *const c_void,
+                bf16,
+                ldai,
+                &beta as *const f32 as *const c_void,
+                c.ptr() as *mut c_void,
+                cudaDataType::CUDA_R_32F,
+                ni,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Gpu(format!("cuBLAS gemm_bf16 m {m} n {n} k {k}: {e}")))
     }
 
     /// `batch` products at once: row-major C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i], where A[i], B[i] and C[i]
@@ -152,13 +242,6 @@ impl GpuContext {
                 self.sscal(batch * sc, beta, c)
             };
         }
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
         let dim = |x: usize| {
             i32::try_from(x).map_err(|_| {
                 Error::invalid("sgemm_strided_batched_cuda", format!("{x} exceeds i32"))
@@ -178,8 +261,8 @@ impl GpuContext {
         unsafe {
             cudarc::cublas::result::sgemm_strided_batched(
                 *self.blas.handle(),
-                op(transb),
-                op(transa),
+                cublas_op(transb),
+                cublas_op(transa),
                 ni,
                 mi,
                 ki,

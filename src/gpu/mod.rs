@@ -11,10 +11,12 @@
 //! cudarc loads libcuda, libnvrtc and libcublas at run time (`dynamic-loading`): without them `GpuContext::new`
 //! returns `no CUDA device: <reason>` and everything on the CPU works as before.
 mod alloc;
+mod bf16;
 mod blas;
 mod compile;
 
 pub use alloc::{size_class, GpuBuf, MemoryStats};
+pub use bf16::Bf16Buf;
 pub use compile::{cached_ptx_count, KernelSource};
 
 use crate::error::{Error, Result};
@@ -46,6 +48,8 @@ pub struct GpuContext {
     pool: Mutex<Pool>,
     /// Fill every new uninitialised buffer with NaN (tests: an output element a kernel forgets to write fails).
     poison: AtomicBool,
+    /// The bf16 mixed-precision mode of the linears (`set_matmul_bf16`).
+    matmul_bf16: AtomicBool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -59,6 +63,7 @@ impl std::fmt::Debug for GpuContext {
 pub enum Arg {
     Ptr(u64),
     I64(i64),
+    U64(u64),
     I32(i32),
     F32(f32),
 }
@@ -69,12 +74,14 @@ impl Arg {
 }
 
 /// Every `cuda/<op>.cu` of the crate (for warming the compile cache and for compile checks).
-pub fn kernel_sources() -> [KernelSource; 17] {
+pub fn kernel_sources() -> [KernelSource; 19] {
     [
+        crate::bench::random::CUDA,
         crate::ops::add::CUDA,
         crate::ops::attention::CUDA,
         crate::ops::cross_entropy::cuda::CUDA,
         crate::ops::embedding::CUDA,
+        crate::ops::linear::CUDA,
         crate::ops::mse::CUDA,
         crate::ops::mul::CUDA,
         crate::ops::rmsnorm::CUDA,
@@ -161,6 +168,7 @@ impl GpuContext {
             functions: Mutex::default(),
             pool: Mutex::default(),
             poison: AtomicBool::new(false),
+            matmul_bf16: AtomicBool::new(false),
         }))
     }
 
@@ -266,6 +274,7 @@ impl GpuContext {
             match a {
                 Arg::Ptr(p) => b.arg(p),
                 Arg::I64(v) => b.arg(v),
+                Arg::U64(v) => b.arg(v),
                 Arg::I32(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
             };

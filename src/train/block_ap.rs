@@ -9,8 +9,11 @@ use crate::error::{Error, Result};
 use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use crate::ops::mse::mse;
 use crate::quant::fake_quant::QuantConfig;
+#[cfg(feature = "cuda")]
+use crate::tensor::Storage;
 use crate::tensor::Tensor;
 use crate::train::adamw::{AdamW, ParamGroup};
+use crate::train::device::{block_to_host, Device};
 use crate::train::schedule::CosineSchedule;
 use crate::train::store::{BlockInputStore, Stream};
 
@@ -22,6 +25,8 @@ pub struct BlockApOptions {
     pub epochs: usize,
     pub batch_size: usize,
     pub min_lr_factor: f32,
+    /// Where the block trains (the host by default).
+    pub device: Device,
 }
 
 impl BlockApOptions {
@@ -34,6 +39,7 @@ impl BlockApOptions {
             epochs: 2,
             batch_size: 2,
             min_lr_factor: 20.0,
+            device: Device::Cpu,
         }
     }
 }
@@ -131,32 +137,15 @@ pub fn train_block(
         ));
     }
     let mut tape = Tape::new();
-    let vars = BlockVars::register(&mut tape, weights, Some(opts.quant))?;
-    let mut weight_params = vec![vars.attn_norm, vars.ffn_norm];
-    let mut quant_params = Vec::new();
-    for l in &vars.linears {
-        weight_params.push(l.weight);
-        if let Some((s, z)) = l.quant {
-            quant_params.extend([s, z]);
-        }
-    }
-    let mut opt = AdamW::new(
-        vec![
-            ParamGroup {
-                params: quant_params,
-                lr: opts.quant_lr,
-                weight_decay: 0.0,
-            },
-            ParamGroup {
-                params: weight_params,
-                lr: opts.weight_lr,
-                weight_decay: 0.0,
-            },
-        ],
-        0.9,
-        0.999,
-        1e-8,
-    )?;
+    let vars = match opts.device.is_cpu() {
+        true => BlockVars::register(&mut tape, weights, Some(opts.quant))?,
+        false => BlockVars::register(
+            &mut tape,
+            &opts.device.copy_block(weights)?,
+            Some(opts.quant),
+        )?,
+    };
+    let mut opt = block_ap_optimizer(&vars, opts)?;
     let steps_per_epoch = n / opts.batch_size;
     let total_steps = steps_per_epoch * opts.epochs;
     let schedule = CosineSchedule::new(total_steps as u64, opts.min_lr_factor)?;
@@ -165,21 +154,22 @@ pub fn train_block(
     for epoch in 0..opts.epochs {
         for i in 0..steps_per_epoch {
             let step = epoch * steps_per_epoch + i;
-            tape.reset();
             let (xs, ys) = train.pair(i * opts.batch_size, opts.batch_size)?;
-            let x = tape.input(xs);
-            let y = tape.input(ys);
-            let out = block_forward(&mut tape, cfg, &vars, x)?;
-            let loss = mse(&mut tape, out, y)?;
-            let loss_value = tape.value(loss).f32s("train_block")?[0];
-            if !loss_value.is_finite() {
-                return Err(Error::NonFinite {
-                    what: format!("Block-AP loss at epoch {epoch} step {step}"),
-                });
-            }
-            tape.zero_grad();
-            tape.backward(loss)?;
-            opt.step(&mut tape, schedule.lr_factor(step as u64))?;
+            let loss_value = train_step(
+                &mut tape,
+                cfg,
+                &vars,
+                &mut opt,
+                xs,
+                ys,
+                schedule.lr_factor(step as u64),
+            )
+            .map_err(|e| match e {
+                Error::NonFinite { what } => Error::NonFinite {
+                    what: format!("{what} at epoch {epoch} step {step}"),
+                },
+                e => e,
+            })?;
             step_losses.push(loss_value);
             on_step(StepInfo {
                 step,
@@ -199,13 +189,100 @@ pub fn train_block(
         }
     }
     let quant_of = |i: usize| vars.linears[i].quant.expect("registered with quantization");
+    let host = |v| tape.value(v).to_host();
+    let (mut scales, mut zeros) = (Vec::with_capacity(7), Vec::with_capacity(7));
+    for i in 0..7 {
+        scales.push(host(quant_of(i).0)?);
+        zeros.push(host(quant_of(i).1)?);
+    }
     Ok(TrainedBlock {
-        weights: vars.weights(&tape),
-        scales: std::array::from_fn(|i| tape.value(quant_of(i).0).clone()),
-        zeros: std::array::from_fn(|i| tape.value(quant_of(i).1).clone()),
+        weights: block_to_host(&vars.weights(&tape))?,
+        scales: scales.try_into().expect("seven linears"),
+        zeros: zeros.try_into().expect("seven linears"),
         step_losses,
         val_losses,
     })
+}
+
+/// The recipe's AdamW over a registered block: scales and zeros at `quant_lr`, weights and norms at `weight_lr`,
+/// no weight decay, betas (0.9, 0.999), eps 1e-8.
+pub fn block_ap_optimizer(vars: &BlockVars, opts: &BlockApOptions) -> Result<AdamW> {
+    let mut weight_params = vec![vars.attn_norm, vars.ffn_norm];
+    let mut quant_params = Vec::new();
+    for l in &vars.linears {
+        weight_params.push(l.weight);
+        if let Some((s, z)) = l.quant {
+            quant_params.extend([s, z]);
+        }
+    }
+    AdamW::new(
+        vec![
+            ParamGroup {
+                params: quant_params,
+                lr: opts.quant_lr,
+                weight_decay: 0.0,
+            },
+            ParamGroup {
+                params: weight_params,
+                lr: opts.weight_lr,
+                weight_decay: 0.0,
+            },
+        ],
+        0.9,
+        0.999,
+        1e-8,
+    )
+}
+
+/// One Block-AP step on a batch: forward under fake quantization, MSE against `ys`, backward, AdamW at
+/// `lr_factor`. Inputs go where the parameters are (uploaded when the block lives on a GPU). Returns the loss; a
+/// non-finite loss is an error (`NonFinite`) and leaves the parameters untouched.
+pub fn train_step(
+    tape: &mut Tape,
+    cfg: &LlamaConfig,
+    vars: &BlockVars,
+    opt: &mut AdamW,
+    xs: Tensor,
+    ys: Tensor,
+    lr_factor: f32,
+) -> Result<f32> {
+    tape.reset();
+    let (xs, ys) = to_param_device(tape, vars, xs, ys)?;
+    let x = tape.input(xs);
+    let y = tape.input(ys);
+    let out = block_forward(tape, cfg, vars, x)?;
+    let loss = mse(tape, out, y)?;
+    tape.clear_grads();
+    tape.backward(loss)?;
+    // Read after the backward is queued: on a GPU the download waits for the whole step's work so far, once.
+    let loss_value = tape.value(loss).to_host()?.f32s("train_step")?[0];
+    if !loss_value.is_finite() {
+        return Err(Error::NonFinite {
+            what: "Block-AP loss".into(),
+        });
+    }
+    opt.step(tape, lr_factor)?;
+    Ok(loss_value)
+}
+
+/// (xs, ys) on the device of the block's parameters.
+fn to_param_device(
+    tape: &Tape,
+    vars: &BlockVars,
+    xs: Tensor,
+    ys: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let Storage::Cuda(b) = tape.value(vars.attn_norm).storage() {
+        let ctx = b.ctx().clone();
+        let put = |t: Tensor| match t.is_cuda() {
+            true => Ok(t),
+            false => t.to_device(&ctx),
+        };
+        return Ok((put(xs)?, put(ys)?));
+    }
+    let _ = (tape, vars);
+    Ok((xs, ys))
 }
 
 /// Mean MSE of the block (as currently trained) over all samples, without recording gradients.
@@ -224,11 +301,12 @@ pub fn eval_block_loss(
         tape.reset();
         let l = tape.no_grad(|tape| -> Result<f32> {
             let (xs, ys) = samples.pair(start, count)?;
+            let (xs, ys) = to_param_device(tape, vars, xs, ys)?;
             let x = tape.input(xs);
             let y = tape.input(ys);
             let out = block_forward(tape, cfg, vars, x)?;
             let loss = mse(tape, out, y)?;
-            Ok(tape.value(loss).f32s("eval_block_loss")?[0])
+            Ok(tape.value(loss).to_host()?.f32s("eval_block_loss")?[0])
         })?;
         total += l as f64 * count as f64;
         start += count;

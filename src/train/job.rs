@@ -12,6 +12,7 @@ use crate::quant::fake_quant::{init_minmax, QuantConfig};
 use crate::tensor::Tensor;
 use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
+use crate::train::device::Device;
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
 use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
 use crate::train::store::{Offload, StoreDType};
@@ -51,6 +52,8 @@ pub struct TrainArgs {
     pub offload_disk: bool,
     pub resume: bool,
     pub seed: u64,
+    /// Where Block-AP trains and propagates the block inputs; E2E-QP and evaluation run on the CPU.
+    pub device: Device,
     /// Perplexity text and protocol; None skips evaluation.
     pub eval: Option<(PathBuf, EvalOptions)>,
 }
@@ -189,6 +192,8 @@ pub fn run_train(
     block_ap.batch_size = args.batch_size;
     block_ap.quant_lr = args.quant_lr;
     block_ap.weight_lr = args.weight_lr;
+    block_ap.device = args.device.clone();
+    say(&format!("Block-AP on {}", args.device.name()));
     let bytes = crate::train::store::BlockInputStore::bytes_needed(
         n,
         args.seqlen,
@@ -290,7 +295,7 @@ pub fn run_train(
         return Ok(summary);
     }
 
-    // E2E-QP on the training windows.
+    // E2E-QP on the training windows (on the CPU: its GPU ops are not in this engine yet).
     let data: Vec<Example> = train.iter().map(|w| Example::causal(w.clone())).collect();
     let start = Instant::now();
     let mut log_err = None;

@@ -3,6 +3,7 @@ pub mod adamw;
 pub mod block_ap;
 pub mod calib;
 pub mod clip;
+pub mod device;
 pub mod e2e_qp;
 pub mod job;
 pub mod pipeline;

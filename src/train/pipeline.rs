@@ -14,6 +14,7 @@ use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use crate::model::quantized::QuantizedBlock;
 use crate::tensor::Tensor;
 use crate::train::block_ap::{train_block, BlockApOptions, StepInfo};
+use crate::train::device::Device;
 use crate::train::store::{BlockInputStore, Offload, StoreDType, Stream};
 
 /// A model whose weights are read one block at a time.
@@ -69,24 +70,33 @@ pub struct PipelineOptions {
     pub forward_batch: usize,
 }
 
-/// Runs one (unquantized) block over every sample of `stream`, in place.
+/// Runs one (unquantized) block over every sample of `stream`, in place, on `device` (batches uploaded and
+/// their outputs downloaded on a GPU).
 fn propagate(
     store: &mut BlockInputStore,
     stream: Stream,
     cfg: &LlamaConfig,
     w: &BlockWeights,
     batch: usize,
+    device: &Device,
 ) -> Result<()> {
     let mut tape = Tape::new();
-    let vars = BlockVars::register(&mut tape, w, None)?;
+    let vars = match device.is_cpu() {
+        true => BlockVars::register(&mut tape, w, None)?,
+        false => BlockVars::register(&mut tape, &device.copy_block(w)?, None)?,
+    };
     let mut start = 0;
     while start < store.samples() {
         let count = batch.min(store.samples() - start);
         tape.reset();
         let out = tape.no_grad(|tape| -> Result<Vec<f32>> {
-            let x = tape.input(store.read(stream, start, count)?);
+            let x = tape.input(device.put(store.read(stream, start, count)?)?);
             let y = block_forward(tape, cfg, &vars, x)?;
-            Ok(tape.value(y).f32s("propagate")?.to_vec())
+            match device.is_cpu() {
+                true => Ok(tape.value(y).f32s("propagate")?.to_vec()),
+                // to_host always gives host f32 storage.
+                false => Ok(tape.value(y).to_host()?.into_f32_vec().unwrap_or_default()),
+            }
         })?;
         store.write(stream, start, &out)?;
         start += count;
@@ -139,7 +149,7 @@ pub fn run_block_ap(
     for i in 0..cfg.n_layers {
         let fp = src.block(i)?;
         for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-            propagate(s, Stream::Fp, &cfg, &fp, fb)?;
+            propagate(s, Stream::Fp, &cfg, &fp, fb, &opts.block_ap.device)?;
         }
         let trained = if i < sink.blocks_done() {
             sink.load_block(i)?
@@ -174,7 +184,7 @@ pub fn run_block_ap(
         };
         let frozen = trained.block.dequantized()?;
         for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-            propagate(s, Stream::Quant, &cfg, &frozen, fb)?;
+            propagate(s, Stream::Quant, &cfg, &frozen, fb, &opts.block_ap.device)?;
         }
     }
     Ok(())

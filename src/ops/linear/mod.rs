@@ -4,7 +4,8 @@
 //! Backward: dx = dy·W [R, K]; dW = dyᵀ·x [N, K], summed over all R rows; db = column sums of dy (through
 //! `ops::reduce_rows`). All three products go through `sgemm`; each gradient is written (`=`), the tape adds.
 //! On the GPU the products are cuBLAS SGEMMs (`GpuContext::sgemm`, same row-major contract, true f32), the bias
-//! is added by `add_fwd_cuda` and db is `add_bwd_cuda`'s column sums.
+//! is added by `add_fwd_cuda` and db is `add_bwd_cuda`'s column sums. In the context's bf16 mode the products
+//! take bf16-rounded operands instead (`bf16.rs`).
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
@@ -13,6 +14,11 @@ use crate::ops::gemm::{sgemm, sgemm_ref};
 use crate::ops::reduce_rows;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
+
+#[cfg(feature = "cuda")]
+mod bf16;
+#[cfg(feature = "cuda")]
+pub use bf16::{cast_bf16_cuda, CUDA};
 
 /// Row count R, in features K, out features N: the dims every function below takes.
 #[derive(Clone, Copy, Debug)]
@@ -109,7 +115,12 @@ pub fn linear_fwd_cuda(
 ) -> Result<()> {
     let LinearDims { rows, k, n } = d;
     let ctx = x.ctx().clone();
-    ctx.sgemm(false, true, rows, n, k, 1.0, x, w, 0.0, out)?;
+    if ctx.matmul_bf16() {
+        let (xb, wb) = (cast_bf16_cuda(x)?, cast_bf16_cuda(w)?);
+        ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xb, &wb, 0.0, out)?;
+    } else {
+        ctx.sgemm(false, true, rows, n, k, 1.0, x, w, 0.0, out)?;
+    }
     match bias {
         Some(b) if n > 0 => {
             // In place: each thread reads out[i] and b[i % n] and then writes out[i].
@@ -144,11 +155,23 @@ pub fn linear_bwd_cuda(
 ) -> Result<()> {
     let LinearDims { rows, k, n } = d;
     let ctx = dout.ctx().clone();
-    if let Some(dx) = dx {
-        ctx.sgemm(false, false, rows, k, n, 1.0, dout, w, 0.0, dx)?;
-    }
-    if let Some(dw) = dw {
-        ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, dw)?;
+    if ctx.matmul_bf16() {
+        let doutb = cast_bf16_cuda(dout)?;
+        if let Some(dx) = dx {
+            let wb = cast_bf16_cuda(w)?;
+            ctx.gemm_bf16(false, false, rows, k, n, 1.0, &doutb, &wb, 0.0, dx)?;
+        }
+        if let Some(dw) = dw {
+            let xb = cast_bf16_cuda(x)?;
+            ctx.gemm_bf16(true, false, n, k, rows, 1.0, &doutb, &xb, 0.0, dw)?;
+        }
+    } else {
+        if let Some(dx) = dx {
+            ctx.sgemm(false, false, rows, k, n, 1.0, dout, w, 0.0, dx)?;
+        }
+        if let Some(dw) = dw {
+            ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, dw)?;
+        }
     }
     match db {
         Some(db) if n > 0 => crate::ops::add::add_bwd_cuda(db, dout),

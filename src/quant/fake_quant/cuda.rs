@@ -1,7 +1,8 @@
 //! The launches of `cuda/fake_quant.cu` (forward per element, backward one warp per group); the formulas are in
 //! this module's parent header. Buffers: w, out, dw [N, K]; scales, zeros, ds, dz [N, K/g].
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{opt_arg, Arg, GpuBuf, KernelSource};
+use crate::tensor::Tensor;
 
 pub const CUDA: KernelSource = KernelSource {
     op: "fake_quant",
@@ -65,4 +66,41 @@ pub fn fake_quant_bwd_cuda(
             Arg::F32(qmax),
         ],
     )
+}
+
+/// `init_minmax` of a device weight [n, k] with groups of g: (scales, zeros) on the device, each [n, k/g].
+/// Errors when a weight is not finite (one flag downloaded, so this waits for the stream).
+pub fn init_minmax_cuda(
+    w: &GpuBuf,
+    n: usize,
+    k: usize,
+    g: usize,
+    qmax: f32,
+) -> Result<(Tensor, Tensor)> {
+    let ctx = w.ctx().clone();
+    let n_groups = n * (k / g);
+    let (scales, zeros, bad) = (ctx.alloc(n_groups)?, ctx.alloc(n_groups)?, ctx.zeros(1)?);
+    ctx.launch_1d(
+        &CUDA,
+        "fake_quant_init_minmax_f32",
+        n_groups * 32,
+        &[
+            scales.arg(),
+            zeros.arg(),
+            bad.arg(),
+            w.arg(),
+            Arg::I64(n_groups as i64),
+            Arg::I64(g as i64),
+            Arg::F32(qmax),
+        ],
+    )?;
+    if bad.to_vec()?[0] != 0.0 {
+        return Err(Error::NonFinite {
+            what: format!("init_minmax of a device weight [{n}, {k}]"),
+        });
+    }
+    Ok((
+        Tensor::from_gpu(&[n, k / g], scales)?,
+        Tensor::from_gpu(&[n, k / g], zeros)?,
+    ))
 }

@@ -38,7 +38,7 @@ mod cuda;
 mod tests;
 
 #[cfg(feature = "cuda")]
-pub use cuda::{fake_quant_bwd_cuda, fake_quant_fwd_cuda, CUDA};
+pub use cuda::{fake_quant_bwd_cuda, fake_quant_fwd_cuda, init_minmax_cuda, CUDA};
 
 /// Bounds of the scale clamp (official `CLIPMIN` and its 1e4 ceiling), applied in the forward and at init.
 pub const SCALE_MIN: f32 = 1e-4;
@@ -116,10 +116,14 @@ impl QuantConfig {
 }
 
 /// Per-group min-max scales and zeros for `w` [N, K] (see the header): returns (scales, zeros), each [N, K/g].
-/// Errors on a non-finite weight, naming its row and group.
+/// Errors on a non-finite weight, naming its row and group. A device weight gets device scales and zeros.
 pub fn init_minmax(w: &Tensor, cfg: QuantConfig) -> Result<(Tensor, Tensor)> {
     let (n, k, g) = cfg.dims(w.shape())?;
     let qmax = cfg.qmax();
+    #[cfg(feature = "cuda")]
+    if w.is_cuda() {
+        return init_minmax_cuda(w.gpu("init_minmax")?, n, k, g, qmax);
+    }
     let ng = k / g;
     let mut params = vec![(0.0f32, 0.0f32); n * ng];
     let w = w.f32s("init_minmax")?;

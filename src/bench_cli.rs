@@ -1,0 +1,108 @@
+//! `engine bench`: the arguments and the printout of the speed benchmarks (the work is in `eqat::bench`).
+use clap::{Args, Subcommand};
+use eqat::bench::{run_block_ap_bench, BenchShape, BlockApBench, MatmulDType};
+use eqat::quant::fake_quant::QuantConfig;
+use eqat::train::device::Device;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: BenchKind,
+}
+
+#[derive(Subcommand)]
+pub enum BenchKind {
+    /// One Block-AP training step on a random block (fake-quant of the 7 linears, forward, MSE, backward,
+    /// AdamW): median step time, achieved TFLOP/s and peak memory.
+    BlockAp {
+        /// smollm2-135m, llama2-7b, llama3-8b or llama2-70b.
+        #[arg(long, default_value = "llama2-7b")]
+        shape: String,
+        #[arg(long, default_value_t = 2)]
+        wbits: u32,
+        #[arg(long, default_value_t = 64)]
+        group_size: i64,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 2048)]
+        seqlen: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// GEMM operands: f32, or bf16 (f32 master weights, accumulation and everything outside the GEMMs).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed steps first (allocator warm-up, kernel compilation).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+pub fn bench(args: BenchArgs) -> eqat::Result<()> {
+    let BenchKind::BlockAp {
+        shape,
+        wbits,
+        group_size,
+        batch,
+        seqlen,
+        device,
+        dtype,
+        steps,
+        warmup,
+        seed,
+    } = args.which;
+    let dtype = match dtype.as_str() {
+        "f32" => MatmulDType::F32,
+        "bf16" => MatmulDType::Bf16,
+        other => {
+            return Err(eqat::Error::invalid(
+                "engine bench",
+                format!("--dtype {other}: expected f32 or bf16"),
+            ))
+        }
+    };
+    let b = BlockApBench {
+        shape: BenchShape::parse(&shape)?,
+        quant: QuantConfig::new(wbits, group_size)?,
+        batch,
+        seqlen,
+        device: Device::parse(&device)?,
+        dtype,
+        steps,
+        warmup,
+        seed,
+    };
+    let r = run_block_ap_bench(&b)?;
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "block-ap {shape} w{wbits}g{group_size} batch {batch} seqlen {seqlen} on {} ({dtype:?} GEMMs)",
+        r.device
+    );
+    println!("  flops: {}", r.flops.describe());
+    let times: Vec<String> = r.step_ms.iter().map(|t| format!("{t:.2}")).collect();
+    println!("  step ms: {}", times.join(" "));
+    println!(
+        "  losses: first {:.6e} last {:.6e}",
+        r.losses.first().copied().unwrap_or(f32::NAN),
+        r.losses.last().copied().unwrap_or(f32::NAN)
+    );
+    let peak = match r.peak_reserved_bytes {
+        Some(res) => format!(
+            "peak {:.2} GiB in use ({:.2} GiB reserved)",
+            gib(r.peak_bytes),
+            gib(res)
+        ),
+        None => format!("peak RSS {:.2} GiB", gib(r.peak_bytes)),
+    };
+    println!(
+        "  median step {:.2} ms, {:.2} TFLOP/s, {peak}",
+        r.median_ms(),
+        r.tflops()
+    );
+    Ok(())
+}

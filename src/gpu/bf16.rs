@@ -1,0 +1,58 @@
+//! bf16 device buffers: the GEMM operands of the bf16 mixed-precision mode (`GpuContext::set_matmul_bf16`).
+//!
+//! They are scratch, written by a cast or a fused kernel right before the GEMM that reads them; the allocator
+//! only deals in f32 slots, so a buffer of n bf16 values takes ceil(n / 2) f32 slots of it.
+use super::{Arg, GpuBuf, GpuContext};
+use crate::error::Result;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// `len` bf16 values in device memory from the context's cache.
+#[derive(Debug)]
+pub struct Bf16Buf {
+    buf: GpuBuf,
+    len: usize,
+}
+
+impl Bf16Buf {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn ctx(&self) -> &Arc<GpuContext> {
+        self.buf.ctx()
+    }
+
+    /// The device address, as a kernel argument.
+    pub fn arg(&self) -> Arg {
+        self.buf.arg()
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.buf.ptr()
+    }
+}
+
+impl GpuContext {
+    /// An uninitialised buffer of `n` bf16 values.
+    pub fn alloc_bf16(self: &Arc<Self>, n: usize) -> Result<Bf16Buf> {
+        Ok(Bf16Buf {
+            buf: self.alloc(n.div_ceil(2))?,
+            len: n,
+        })
+    }
+
+    /// With `on`, the linears on this device multiply bf16-rounded operands (f32 accumulation and output)
+    /// instead of running true f32 SGEMMs: the bf16 mixed-precision mode. Off by default.
+    pub fn set_matmul_bf16(&self, on: bool) {
+        self.matmul_bf16.store(on, Ordering::Relaxed);
+    }
+
+    pub fn matmul_bf16(&self) -> bool {
+        self.matmul_bf16.load(Ordering::Relaxed)
+    }
+}
