@@ -99,7 +99,6 @@ fn random_linear(
     quant: QuantConfig,
     n: usize,
     k: usize,
-    rng: &mut Rng,
     seed: u64,
 ) -> Result<QuantizedLinear> {
     let g = quant.group_len(k)?;
@@ -108,6 +107,7 @@ fn random_linear(
     let s0 = typical_scale(quant);
     match dev {
         Device::Cpu => {
+            let mut rng = Rng::new(seed);
             let qmax = quant.qmax();
             let ints: Vec<u32> = (0..n * k)
                 .map(|_| rng.below(qmax as usize + 1) as u32)
@@ -147,15 +147,15 @@ fn random_tensor(
     shape: &[usize],
     (a, b): (f32, f32),
     uniform: bool,
-    rng: &mut Rng,
     seed: u64,
 ) -> Result<Tensor> {
+    let mut rng = Rng::new(seed);
     match dev {
         Device::Cpu if uniform => Tensor::from_vec(
             shape,
             rng.uniform_vec(crate::tensor::numel(shape), a as f64, b as f64),
         ),
-        Device::Cpu => Ok(Tensor::randn(shape, b as f64, rng)),
+        Device::Cpu => Ok(Tensor::randn(shape, b as f64, &mut rng)),
         #[cfg(feature = "cuda")]
         Device::Cuda(ctx) if uniform => super::random::uniform_cuda(ctx, shape, a, b, seed),
         #[cfg(feature = "cuda")]
@@ -163,14 +163,14 @@ fn random_tensor(
     }
 }
 
-/// The synthetic quantized model (module docs); linear i of block l draws seed `seed + 16·(7·l + i)`.
+/// The synthetic quantized model (module docs); every tensor draws its own seed (seed + 32, + 48, ...),
+/// so a tensor does not depend on the order in which the others are made.
 pub fn synthetic_model(
     cfg: &LlamaConfig,
     quant: QuantConfig,
     dev: &Device,
     seed: u64,
 ) -> Result<QuantizedModel> {
-    let mut rng = Rng::new(seed);
     let norm = (0.8, 1.2);
     let weight = (0.0, 0.02);
     let mut blocks = Vec::with_capacity(cfg.n_layers);
@@ -182,22 +182,15 @@ pub fn synthetic_model(
     for _ in 0..cfg.n_layers {
         let mut linears = Vec::with_capacity(7);
         for (_, n, k) in cfg.linear_shapes() {
-            linears.push(random_linear(dev, quant, n, k, &mut rng, next())?);
+            linears.push(random_linear(dev, quant, n, k, next())?);
         }
         blocks.push(QuantizedBlock {
-            attn_norm: random_tensor(dev, &[cfg.hidden], norm, true, &mut rng, next())?,
-            ffn_norm: random_tensor(dev, &[cfg.hidden], norm, true, &mut rng, next())?,
+            attn_norm: random_tensor(dev, &[cfg.hidden], norm, true, next())?,
+            ffn_norm: random_tensor(dev, &[cfg.hidden], norm, true, next())?,
             linears: linears.try_into().expect("seven linears"),
         });
     }
-    let embedding = random_tensor(
-        dev,
-        &[cfg.vocab, cfg.hidden],
-        weight,
-        false,
-        &mut rng,
-        next(),
-    )?;
+    let embedding = random_tensor(dev, &[cfg.vocab, cfg.hidden], weight, false, next())?;
     let lm_head = match cfg.tie_embeddings {
         true => None,
         false => Some(random_tensor(
@@ -205,14 +198,13 @@ pub fn synthetic_model(
             &[cfg.vocab, cfg.hidden],
             weight,
             false,
-            &mut rng,
             next(),
         )?),
     };
     Ok(QuantizedModel {
         cfg: cfg.clone(),
         embedding,
-        final_norm: random_tensor(dev, &[cfg.hidden], norm, true, &mut rng, next())?,
+        final_norm: random_tensor(dev, &[cfg.hidden], norm, true, next())?,
         lm_head,
         blocks,
         path: "synthetic".into(),
