@@ -78,3 +78,25 @@ extern "C" __global__ void fake_quant_init_minmax_f32(float* scales, float* zero
         }
     }
 }
+
+// The forward written straight to bf16 (the bf16 mixed-precision mode's GEMM operand): out[i] = bf16(ŵ[i]),
+// ŵ as fake_quant_fwd_f32. Four values per thread (16-byte loads, 8-byte stores; the launcher checks that n is a
+// multiple of 4); each value looks up its own group, so g need not be.
+extern "C" __global__ void fake_quant_fwd_bf16(unsigned short* out, const float* w, const float* scales,
+                                               const float* zeros, i64 n, i64 g, float qmax) {
+    const i64 quads = n / 4;
+    for (i64 q = global_index(); q < quads; q += grid_stride()) {
+        const float4 v = reinterpret_cast<const float4*>(w)[q];
+        const float x[4] = {v.x, v.y, v.z, v.w};
+        unsigned int b[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const i64 j = (q * 4 + e) / g;
+            const float s = fminf(fmaxf(scales[j], SCALE_MIN), SCALE_MAX);
+            const float zr = fminf(fmaxf(rintf(zeros[j]), 0.0f), qmax);
+            const float p = rintf(x[e] / s) + zr;
+            b[e] = bf16_bits((fminf(fmaxf(p, 0.0f), qmax) - zr) * s);
+        }
+        reinterpret_cast<uint2*>(out)[q] = make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+    }
+}

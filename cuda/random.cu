@@ -1,6 +1,7 @@
 // random: counter-based random fills for synthetic device tensors (benchmarks): element i of a fill with `seed`
 // takes the 64-bit hash splitmix64(seed ^ splitmix64(i)), so the values do not depend on the launch shape.
-// Bits: the low 32 bits of the hash. Uniform: the top 24 bits as a fraction in [0, 1). Normal: Box-Muller on two 24-bit fractions of the hash.
+// Bits: the low 32 bits of the hash. Uniform: the top 24 bits as a fraction u in [0, 1), then lo + (hi - lo)·u (which
+// can round up to hi). Normal: Box-Muller on two 24-bit fractions of the hash.
 
 __device__ __forceinline__ unsigned long long random_mix(unsigned long long z) {
     z += 0x9e3779b97f4a7c15ull;

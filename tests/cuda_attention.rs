@@ -134,8 +134,8 @@ fn attention_on_gpu_tape_matches_cpu_tape() {
         .iter()
         .map(|&heads| Tensor::randn(&[s.b, s.t, heads, s.d], 1.0, &mut rng))
         .collect();
-    let weights = rng.normal_vec(s.b * s.t * s.h * s.d, 1.0);
-    // loss = Σ out ∘ weights, so dout = weights on both tapes.
+    let target = rng.normal_vec(s.b * s.t * s.h * s.d, 1.0);
+    // loss = mse(out, target) (an op with a GPU path), so dout = 2·(out − target)/N on both tapes.
     let run = |on_gpu: bool| -> (Vec<f32>, Vec<Vec<f32>>) {
         let mut tape = Tape::new();
         let place = |t: &Tensor| match on_gpu {
@@ -144,11 +144,10 @@ fn attention_on_gpu_tape_matches_cpu_tape() {
         };
         let vars: Vec<_> = tensors.iter().map(|t| tape.leaf(place(t), true)).collect();
         let out = att::attention(&mut tape, vars[0], vars[1], vars[2]).unwrap();
-        let w = tape.input(place(
-            &Tensor::from_vec(&[s.b, s.t, s.h, s.d], weights.clone()).unwrap(),
+        let target = tape.input(place(
+            &Tensor::from_vec(&[s.b, s.t, s.h, s.d], target.clone()).unwrap(),
         ));
-        let prod = eqat::ops::mul::mul(&mut tape, out, w).unwrap();
-        let loss = eqat::ops::sum::sum(&mut tape, prod).unwrap();
+        let loss = eqat::ops::mse::mse(&mut tape, out, target).unwrap();
         tape.backward(loss).unwrap();
         let host = |t: &Tensor| t.to_host().unwrap().to_f32_vec();
         let grads = vars.iter().map(|&v| host(tape.grad(v).unwrap())).collect();

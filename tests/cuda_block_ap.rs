@@ -13,7 +13,7 @@ use eqat::model::llama::{BlockWeights, LlamaConfig};
 use eqat::ops::linear::cast_bf16_cuda;
 use eqat::ops::reshape::reshape;
 use eqat::ops::rope::RopeLayout;
-use eqat::quant::fake_quant::{init_minmax, QuantConfig};
+use eqat::quant::fake_quant::{fake_quant, fake_quant_linear, init_minmax, QuantConfig};
 use eqat::testing::to_f64;
 use eqat::train::block_ap::{train_block, BlockApOptions, TensorPairs};
 use eqat::train::device::Device;
@@ -30,15 +30,23 @@ fn device_pieces_match_the_cpu() {
     let mut tape = Tape::new();
     let xv = tape.leaf(x.to_device(&ctx).unwrap(), true);
     let y = reshape(&mut tape, xv, &[2, 6, 2, 5]).unwrap();
-    let s = eqat::ops::sum::sum(&mut tape, y).unwrap();
+    let t = tape.input(Tensor::zeros(&[2, 6, 2, 5]).to_device(&ctx).unwrap());
+    let s = eqat::ops::mse::mse(&mut tape, y, t).unwrap();
     tape.backward(s).unwrap();
     r.expect(
         "reshape forward bitwise",
         tape.value(y).to_f32_vec() == x.to_f32_vec() && tape.value(y).shape() == [2, 6, 2, 5],
     );
-    r.expect(
+    // d mse(x, 0)/dx = 2x/120, routed back through the reshape unchanged.
+    let want: Vec<f64> = x
+        .to_f32_vec()
+        .iter()
+        .map(|&v| 2.0 * v as f64 / 120.0)
+        .collect();
+    r.check(
         "reshape backward",
-        tape.grad(xv).unwrap().to_f32_vec() == vec![1.0; 120],
+        &tape.grad(xv).unwrap().to_f32_vec(),
+        &want,
     );
 
     // Min-max init on the device: the CPU's values exactly (odd row count, groups of 64 and per-channel 96).
@@ -80,7 +88,7 @@ fn device_pieces_match_the_cpu() {
     let umean = u.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
     r.expect(
         &format!("uniform range and mean {umean:.4}"),
-        u.iter().all(|&v| (0.8..1.2).contains(&v)) && (umean - 1.0).abs() < 0.001,
+        u.iter().all(|&v| (0.8..=1.2).contains(&v)) && (umean - 1.0).abs() < 0.001,
     );
 
     // bf16 GEMM: A·I returns the bf16 rounding of A exactly (the cast is round to nearest even, as half's).
@@ -114,18 +122,19 @@ fn device_pieces_match_the_cpu() {
     let xv = tape.leaf(x.to_device(&bctx).unwrap(), true);
     let wv = tape.leaf(w.to_device(&bctx).unwrap(), true);
     let yv = eqat::ops::linear::linear(&mut tape, xv, wv, None).unwrap();
+    // loss = mse(y, dy): dL/dy = 2 (y − dy) / numel, taken from the exact y for the reference.
     let dyv = tape.input(dy.to_device(&bctx).unwrap());
-    let prod = eqat::ops::mul::mul(&mut tape, yv, dyv).unwrap();
-    let loss = eqat::ops::sum::sum(&mut tape, prod).unwrap();
+    let loss = eqat::ops::mse::mse(&mut tape, yv, dyv).unwrap();
     tape.backward(loss).unwrap();
     let d = eqat::ops::linear::LinearDims { rows, k: kk, n: nn };
-    let (x64, w64, dy64) = (
-        to_f64(&x.to_f32_vec()),
-        to_f64(&w.to_f32_vec()),
-        to_f64(&dy.to_f32_vec()),
-    );
+    let (x64, w64) = (to_f64(&x.to_f32_vec()), to_f64(&w.to_f32_vec()));
     let mut y64 = vec![0.0; rows * nn];
     eqat::ops::linear::linear_fwd_ref(&mut y64, &x64, &w64, None, d);
+    let dy64: Vec<f64> = y64
+        .iter()
+        .zip(dy.to_f32_vec())
+        .map(|(&y, t)| 2.0 * (y - t as f64) / (rows * nn) as f64)
+        .collect();
     let (mut dx64, mut dw64) = (vec![0.0; rows * kk], vec![0.0; nn * kk]);
     eqat::ops::linear::linear_bwd_ref(Some(&mut dx64), Some(&mut dw64), None, &dy64, &x64, &w64, d);
     for (what, got, want) in [
@@ -144,6 +153,48 @@ fn device_pieces_match_the_cpu() {
         r.expect(
             &format!("bf16 linear {what} relative error {err:.2e} in [1e-4, 1e-2]"),
             (1e-4..1e-2).contains(&err),
+        );
+    }
+
+    // The fused bf16 fake-quant linear against fake_quant then linear in the same bf16 mode: the same bf16
+    // operands go into the same GEMMs, so the values agree to f32 rounding (bitwise in practice).
+    let cfg = QuantConfig::new(2, 16).unwrap();
+    let w = Tensor::randn(&[nn, kk], 0.1, &mut rng);
+    let (s0, z0) = init_minmax(&w, cfg).unwrap();
+    let mut grads = Vec::new();
+    for fused in [false, true] {
+        let mut tape = Tape::new();
+        let p: Vec<_> = [&w, &s0, &z0]
+            .iter()
+            .map(|t| tape.param(t.to_device(&bctx).unwrap()).unwrap())
+            .collect();
+        let xv = tape.leaf(x.to_device(&bctx).unwrap(), true);
+        let y = match fused {
+            true => fake_quant_linear(&mut tape, xv, p[0], p[1], p[2], cfg).unwrap(),
+            false => {
+                let wq = fake_quant(&mut tape, p[0], p[1], p[2], cfg).unwrap();
+                eqat::ops::linear::linear(&mut tape, xv, wq, None).unwrap()
+            }
+        };
+        let dyv = tape.input(dy.to_device(&bctx).unwrap());
+        let loss = eqat::ops::mse::mse(&mut tape, y, dyv).unwrap();
+        tape.backward(loss).unwrap();
+        let mut g = vec![
+            tape.value(y).to_f32_vec(),
+            tape.grad(xv).unwrap().to_f32_vec(),
+        ];
+        g.extend(p.iter().map(|&v| tape.grad(v).unwrap().to_f32_vec()));
+        grads.push(g);
+    }
+    for (i, what) in ["y", "dx", "dw", "dscales", "dzeros"].iter().enumerate() {
+        let want = to_f64(&grads[0][i]);
+        let atol = 1e-6 * rms(&want);
+        r.check_tol(
+            &format!("fused bf16 {what}"),
+            &grads[1][i],
+            &want,
+            atol,
+            1e-6,
         );
     }
     r.finish();

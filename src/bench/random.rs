@@ -21,7 +21,7 @@ pub fn randn_cuda(
     fill(ctx, shape, "random_normal_f32", mean, std, seed)
 }
 
-/// A device tensor of uniform values in [lo, hi).
+/// A device tensor of uniform values in [lo, hi] (hi is reached only by the rounding of lo + (hi − lo)·u).
 pub fn uniform_cuda(
     ctx: &Arc<GpuContext>,
     shape: &[usize],
@@ -32,7 +32,7 @@ pub fn uniform_cuda(
     fill(ctx, shape, "random_uniform_f32", lo, hi, seed)
 }
 
-/// A device buffer of `n` uniform values in [lo, hi) (lo == hi: a constant).
+/// A device buffer of `n` uniform values in [lo, hi] as [`uniform_cuda`] (lo == hi: the constant lo).
 pub fn uniform_buf_cuda(
     ctx: &Arc<GpuContext>,
     n: usize,

@@ -7,7 +7,7 @@ use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::ops::rope::RopeLayout;
 use crate::ops::{add, attention, linear, reshape, rmsnorm, rope, swiglu};
-use crate::quant::fake_quant::{fake_quant, init_minmax, QuantConfig};
+use crate::quant::fake_quant::{fake_quant_linear, init_minmax, QuantConfig};
 use crate::tensor::{rng::Rng, Tensor};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -172,15 +172,6 @@ impl BlockVars {
             linears: self.linears.map(|l| tape.value(l.weight).clone()),
         }
     }
-
-    /// The effective weight of linear `i`: fake-quantized when the block is quantized.
-    fn effective_weight(&self, tape: &mut Tape, i: usize) -> Result<Var> {
-        let l = self.linears[i];
-        match (l.quant, self.quant) {
-            (Some((s, z)), Some(cfg)) => fake_quant(tape, l.weight, s, z, cfg),
-            _ => Ok(l.weight),
-        }
-    }
 }
 
 /// The block on x [B, T, C] -> [B, T, C]. Positions start at 0 for every sequence.
@@ -192,8 +183,11 @@ pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Va
         vars.ffn_norm,
         x,
         &mut |tape, i, input| {
-            let w = vars.effective_weight(tape, i)?;
-            linear::linear(tape, input, w, None)
+            let l = vars.linears[i];
+            match (l.quant, vars.quant) {
+                (Some((s, z)), Some(cfg)) => fake_quant_linear(tape, input, l.weight, s, z, cfg),
+                _ => linear::linear(tape, input, l.weight, None),
+            }
         },
     )
 }

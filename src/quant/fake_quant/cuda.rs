@@ -1,7 +1,7 @@
 //! The launches of `cuda/fake_quant.cu` (forward per element, backward one warp per group); the formulas are in
 //! this module's parent header. Buffers: w, out, dw [N, K]; scales, zeros, ds, dz [N, K/g].
 use crate::error::{Error, Result};
-use crate::gpu::{opt_arg, Arg, GpuBuf, KernelSource};
+use crate::gpu::{opt_arg, Arg, Bf16Buf, GpuBuf, KernelSource};
 use crate::tensor::Tensor;
 
 pub const CUDA: KernelSource = KernelSource {
@@ -103,4 +103,39 @@ pub fn init_minmax_cuda(
         Tensor::from_gpu(&[n, k / g], scales)?,
         Tensor::from_gpu(&[n, k / g], zeros)?,
     ))
+}
+
+/// out = bf16(fake_quant(w)) for the bf16 GEMMs; w.len() must be a multiple of 4.
+pub fn fake_quant_fwd_bf16_cuda(
+    out: &mut Bf16Buf,
+    w: &GpuBuf,
+    scales: &GpuBuf,
+    zeros: &GpuBuf,
+    g: usize,
+    qmax: f32,
+) -> Result<()> {
+    let n = w.len();
+    if n % 4 != 0 || out.len() != n {
+        return Err(Error::shape(
+            "fake_quant_fwd_bf16",
+            format!(
+                "{n} weights into {} bf16 values: need equal lengths, a multiple of 4",
+                out.len()
+            ),
+        ));
+    }
+    w.ctx().launch_1d(
+        &CUDA,
+        "fake_quant_fwd_bf16",
+        n / 4,
+        &[
+            out.arg(),
+            w.arg(),
+            scales.arg(),
+            zeros.arg(),
+            Arg::I64(n as i64),
+            Arg::I64(g as i64),
+            Arg::F32(qmax),
+        ],
+    )
 }

@@ -34,11 +34,16 @@ use wide::{f32x8, CmpGe, CmpLe};
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod linear;
 #[cfg(test)]
 mod tests;
 
+pub use linear::fake_quant_linear;
+
 #[cfg(feature = "cuda")]
-pub use cuda::{fake_quant_bwd_cuda, fake_quant_fwd_cuda, init_minmax_cuda, CUDA};
+pub use cuda::{
+    fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, fake_quant_fwd_cuda, init_minmax_cuda, CUDA,
+};
 
 /// Bounds of the scale clamp (official `CLIPMIN` and its 1e4 ceiling), applied in the forward and at init.
 pub const SCALE_MIN: f32 = 1e-4;

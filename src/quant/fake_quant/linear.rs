@@ -1,0 +1,175 @@
+//! fake_quant_linear: y = x·ŵᵀ with ŵ = fake_quant(w, scales, zeros), the Block-AP linear; x [.., K], w [N, K],
+//! scales and zeros [N, K/g], y [.., N].
+//!
+//! Everywhere but the GPU's bf16 mode (`GpuContext::set_matmul_bf16`) this is `fake_quant` then `linear`, so
+//! values and gradients are theirs. In the bf16 mode one kernel writes ŵ straight to bf16 and no f32 ŵ is made:
+//!   forward   ŵ_b = bf16(fake_quant(w)) (`fake_quant_fwd_bf16`), x_b = bf16(x), y = x_b·ŵ_bᵀ (f32 accumulation)
+//!   backward  dy_b = bf16(dy); dx = dy_b·ŵ_b; dŵ = dy_bᵀ·x_b (f32), and fake_quant's backward on dŵ gives dw,
+//!             dscales, dzeros (the formulas of this module's parent header)
+//! ŵ_b and x_b are kept for the backward (2 bytes per weight and per input value), as torch.autocast keeps the
+//! bf16 copies it multiplies. Gradients are written (`=`); the tape adds.
+use super::{fake_quant, QuantConfig};
+use crate::autograd::{Tape, Var};
+use crate::error::Result;
+use crate::ops::linear::linear;
+
+pub fn fake_quant_linear(
+    tape: &mut Tape,
+    x: Var,
+    w: Var,
+    scales: Var,
+    zeros: Var,
+    cfg: QuantConfig,
+) -> Result<Var> {
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) = crate::gpu::device_of(
+        "fake_quant_linear",
+        &[
+            tape.value(x),
+            tape.value(w),
+            tape.value(scales),
+            tape.value(zeros),
+        ],
+    )? {
+        if ctx.matmul_bf16() {
+            return bf16::fake_quant_linear_bf16(tape, x, w, scales, zeros, cfg);
+        }
+    }
+    let wq = fake_quant(tape, w, scales, zeros, cfg)?;
+    linear(tape, x, wq, None)
+}
+
+#[cfg(feature = "cuda")]
+mod bf16 {
+    use super::super::{fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, QuantConfig};
+    use crate::autograd::{Backward, Tape, Var};
+    use crate::error::{Error, Result};
+    use crate::gpu::Bf16Buf;
+    use crate::ops::linear::cast_bf16_cuda;
+    use crate::tensor::Tensor;
+
+    const OP: &str = "fake_quant_linear";
+
+    /// The device buffer of a gradient slot the tape filled.
+    fn slot(t: &mut Option<Tensor>) -> Result<Option<&mut crate::gpu::GpuBuf>> {
+        t.as_mut()
+            .map(|t| t.gpu_mut("fake_quant_linear_bwd"))
+            .transpose()
+    }
+
+    pub fn fake_quant_linear_bf16(
+        tape: &mut Tape,
+        x: Var,
+        w: Var,
+        scales: Var,
+        zeros: Var,
+        cfg: QuantConfig,
+    ) -> Result<Var> {
+        let (sx, sw) = (
+            tape.value(x).shape().to_vec(),
+            tape.value(w).shape().to_vec(),
+        );
+        let (n, k, g) = cfg.dims(&sw)?;
+        let (ss, sz) = (tape.value(scales).shape(), tape.value(zeros).shape());
+        if sx.last() != Some(&k) || ss != [n, k / g] || sz != [n, k / g] {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "x {sx:?}, w {sw:?}, scales {ss:?}, zeros {sz:?}: need x [.., {k}], scales and zeros \
+                     [{n}, {}]",
+                    k / g
+                ),
+            ));
+        }
+        let rows = tape.value(x).numel() / k;
+        let xg = tape.value(x).gpu(OP)?;
+        let ctx = xg.ctx().clone();
+        let mut wq = ctx.alloc_bf16(n * k)?;
+        fake_quant_fwd_bf16_cuda(
+            &mut wq,
+            tape.value(w).gpu(OP)?,
+            tape.value(scales).gpu(OP)?,
+            tape.value(zeros).gpu(OP)?,
+            g,
+            cfg.qmax(),
+        )?;
+        let xb = cast_bf16_cuda(xg)?;
+        let mut out = ctx.alloc(rows * n)?;
+        ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xb, &wq, 0.0, &mut out)?;
+        let mut so = sx;
+        *so.last_mut().expect("x has a last dim") = n;
+        let inputs = [x, w, scales, zeros];
+        let saved = match tape.needs_grad(&inputs) {
+            true => Some((wq, xb)),
+            false => None,
+        };
+        Ok(tape.push_op(
+            Tensor::from_gpu(&so, out)?,
+            &inputs,
+            Box::new(FakeQuantLinearBackward {
+                rows,
+                n,
+                k,
+                g,
+                qmax: cfg.qmax(),
+                saved,
+            }),
+        ))
+    }
+
+    struct FakeQuantLinearBackward {
+        rows: usize,
+        n: usize,
+        k: usize,
+        g: usize,
+        qmax: f32,
+        /// (ŵ_b, x_b); None when nothing needed a gradient at the forward.
+        saved: Option<(Bf16Buf, Bf16Buf)>,
+    }
+
+    impl Backward for FakeQuantLinearBackward {
+        fn name(&self) -> &'static str {
+            OP
+        }
+        fn backward(
+            &self,
+            inputs: &[&Tensor],
+            _: &Tensor,
+            dout: &Tensor,
+            d: &mut [Option<Tensor>],
+        ) -> Result<()> {
+            let op = "fake_quant_linear_bwd";
+            let Some((wq, xb)) = &self.saved else {
+                return Err(Error::Autograd(format!(
+                    "{op}: the forward saved nothing (no gradient was needed then)"
+                )));
+            };
+            let (rows, n, k) = (self.rows, self.n, self.k);
+            let dy = cast_bf16_cuda(dout.gpu(op)?)?;
+            let ctx = dy.ctx().clone();
+            let (dx, rest) = d.split_at_mut(1);
+            if let Some(dx) = dx[0].as_mut() {
+                ctx.gemm_bf16(false, false, rows, k, n, 1.0, &dy, wq, 0.0, dx.gpu_mut(op)?)?;
+            }
+            if rest.iter().all(Option::is_none) {
+                return Ok(());
+            }
+            let mut dwq = ctx.alloc(n * k)?;
+            ctx.gemm_bf16(true, false, n, k, rows, 1.0, &dy, xb, 0.0, &mut dwq)?;
+            let [dw, ds, dz] = rest else {
+                return Err(Error::Autograd(format!("{op}: expected 4 inputs")));
+            };
+            fake_quant_bwd_cuda(
+                slot(dw)?,
+                slot(ds)?,
+                slot(dz)?,
+                &dwq,
+                inputs[1].gpu(op)?,
+                inputs[2].gpu(op)?,
+                inputs[3].gpu(op)?,
+                self.g,
+                self.qmax,
+            )
+        }
+    }
+}
