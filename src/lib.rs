@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod plan;
 pub mod quant;
 pub mod tensor;
 pub mod testing;

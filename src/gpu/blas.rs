@@ -242,6 +242,13 @@ impl GpuContext {
                 self.sscal(batch * sc, beta, c)
             };
         }
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
         let dim = |x: usize| {
             i32::try_from(x).map_err(|_| {
                 Error::invalid("sgemm_strided_batched_cuda", format!("{x} exceeds i32"))
@@ -261,8 +268,8 @@ impl GpuContext {
         unsafe {
             cudarc::cublas::result::sgemm_strided_batched(
                 *self.blas.handle(),
-                cublas_op(transb),
-                cublas_op(transa),
+                op(transb),
+                op(transa),
                 ni,
                 mi,
                 ki,

@@ -3,14 +3,18 @@
 //!
 //! ```text
 //! DIR/eqat.json                 {"format": "eqat-checkpoint", "format_version": 1, source, wbits, group_size,
-//!                                 n_layers, recipe, blocks: [{index, train_loss, val_losses}]} — rewritten
+//!                                 n_layers, recipe, blocks: [{index, train_loss, val_losses, epochs}]} — rewritten
 //!                                 atomically after each block; `blocks` says how many block files are complete
 //! DIR/config.json               the model's HF-style config with a `quantization_config`
+//! DIR/tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)   the source model's tokenizer
 //! DIR/blocks/layer_NNNN.safetensors   one block: norms (F32) and, per linear `model.layers.N.<module>`,
 //!                                 qweight (U32 [out, ⌈in/per-word⌉], EQAT ten-per-word at 3 bits),
-//!                                 qzeros (U8 [out, groups]), scales (F32 [out, groups]); step losses in metadata
+//!                                 qzeros (U8 [out, groups]), scales (F32 [out, groups]); step and validation
+//!                                 losses and epochs_run in metadata
 //! ```
 //! Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+mod validate;
+
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_safetensors, Dtype, SafetensorsFile};
 use crate::model::llama::LlamaConfig;
@@ -23,6 +27,7 @@ use crate::train::pipeline::{BlockRecord, BlockSink};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use validate::{check_meta, check_same_run, tensor_bytes_checked};
 
 pub const FORMAT: &str = "eqat-checkpoint";
 pub const FORMAT_VERSION: u64 = 1;
@@ -118,12 +123,7 @@ impl CheckpointDir {
     /// Opens a finished checkpoint for reading, with the model configuration of its source model.
     pub fn open(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
         let meta = read_meta(dir)?;
-        let field = |k: &str| {
-            meta[k]
-                .as_i64()
-                .ok_or_else(|| Error::format(dir.join("eqat.json"), k, "missing"))
-        };
-        let quant = QuantConfig::new(field("wbits")? as u32, field("group_size")?)?;
+        let quant = check_meta(&dir.join("eqat.json"), &meta, cfg)?;
         Ok(CheckpointDir {
             dir: dir.to_path_buf(),
             meta,
@@ -192,17 +192,32 @@ impl CheckpointDir {
             let f = SafetensorsFile::open(&e2e)?;
             for (i, b) in blocks.iter_mut().enumerate() {
                 for (m, l) in MODULES.iter().zip(b.linears.iter_mut()) {
-                    l.set_scales(f.tensor_f32(&format!("model.layers.{i}.{m}.scales"))?)?;
+                    let name = format!("model.layers.{i}.{m}.scales");
+                    let shape = [l.out_features(), l.groups()];
+                    tensor_bytes_checked(&f, &name, Dtype::F32, &shape)?;
+                    l.set_scales(f.tensor_f32(&name)?).map_err(|e| {
+                        Error::format(&e2e, format!("tensor {name}"), e.to_string())
+                    })?;
                 }
             }
         }
-        let head = SafetensorsFile::open(self.dir.join("head.safetensors"))?;
+        let head_path = self.dir.join("head.safetensors");
+        if !head_path.is_file() {
+            let msg = "missing: the run stopped before it finished; resume it first";
+            return Err(Error::format(head_path, "checkpoint", msg));
+        }
+        let head = SafetensorsFile::open(head_path)?;
+        let (v, c) = (self.cfg.vocab, self.cfg.hidden);
+        let read = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            tensor_bytes_checked(&head, name, Dtype::F32, shape)?;
+            head.tensor_f32(name)
+        };
         Ok(QuantizedModel {
             cfg: self.cfg.clone(),
-            embedding: head.tensor_f32("model.embed_tokens.weight")?,
-            final_norm: head.tensor_f32("model.norm.weight")?,
+            embedding: read("model.embed_tokens.weight", &[v, c])?,
+            final_norm: read("model.norm.weight", &[c])?,
             lm_head: if head.tensor_info("lm_head.weight").is_some() {
-                Some(head.tensor_f32("lm_head.weight")?)
+                Some(read("lm_head.weight", &[v, c])?)
             } else {
                 None
             },
@@ -214,6 +229,20 @@ impl CheckpointDir {
     /// The source model recorded when the run started (its tokenizer serves the checkpoint).
     pub fn source(&self) -> Option<&str> {
         self.meta["source"].as_str()
+    }
+
+    /// A block file's `epochs_run`; files written before early stop existed lack it, and trained every epoch of
+    /// the recipe.
+    fn epochs_run(&self, f: &SafetensorsFile, path: &Path) -> Result<usize> {
+        match f.metadata().get("epochs_run") {
+            Some(text) => text
+                .parse()
+                .map_err(|e| Error::format(path, "epochs_run", format!("{text:?}: {e}"))),
+            None => self.meta["recipe"]["epochs"]
+                .as_u64()
+                .map(|e| e as usize)
+                .ok_or_else(|| Error::format(path, "epochs_run", "missing, and no recipe.epochs")),
+        }
     }
 
     fn block_path(&self, i: usize) -> PathBuf {
@@ -239,57 +268,42 @@ pub fn read_meta(dir: &Path) -> Result<Value> {
     Ok(meta)
 }
 
-/// The model and tokenizer of a checkpoint directory (the tokenizer and configuration come from the source
-/// model recorded in eqat.json).
+/// The model and tokenizer of a checkpoint directory: its config.json, and its tokenizer.json (checkpoints
+/// written before the tokenizer was stored use the source model's tokenizer recorded in eqat.json).
 pub fn open_checkpoint_model(
     dir: &Path,
 ) -> Result<(crate::model::LlamaModel, crate::io::tokenizer::Tokenizer)> {
-    let meta = read_meta(dir)?;
-    let source = meta["source"]
-        .as_str()
-        .ok_or_else(|| Error::format(dir.join("eqat.json"), "source", "missing"))?;
-    let (fp, tokenizer) = crate::model::open_model(Path::new(source))?;
-    let model = CheckpointDir::open(dir, fp.config())?.load_model()?;
+    let (model, _) = open_checkpoint(dir)?;
+    let tokenizer = checkpoint_tokenizer(dir)?;
     Ok((crate::model::LlamaModel::new(Box::new(model))?, tokenizer))
 }
 
-fn check_same_run(path: &Path, meta: &Value, run: &RunIdentity, cfg: &LlamaConfig) -> Result<()> {
-    if meta["format"] != FORMAT || meta["format_version"] != FORMAT_VERSION {
-        return Err(Error::format(
-            path,
-            "format",
-            format!("not an {FORMAT} v{FORMAT_VERSION} file"),
+/// The finished quantized model in `dir` (an error names the directory when it is not a checkpoint or is
+/// unfinished), with the checkpoint's eqat.json.
+pub fn open_checkpoint(dir: &Path) -> Result<(QuantizedModel, Value)> {
+    if !dir.join("eqat.json").is_file() {
+        return Err(Error::invalid(
+            "checkpoint",
+            format!("{} is not an eqat checkpoint (no eqat.json)", dir.display()),
         ));
     }
-    let checks = [
-        (
-            "wbits (--wbits)",
-            meta["wbits"].clone(),
-            json!(run.quant.wbits),
-        ),
-        (
-            "group_size (--group-size)",
-            meta["group_size"].clone(),
-            json!(run.quant.group_size),
-        ),
-        ("n_layers", meta["n_layers"].clone(), json!(cfg.n_layers)),
-        (
-            "source (--model)",
-            meta["source"].clone(),
-            json!(run.source),
-        ),
-        ("recipe", meta["recipe"].clone(), run.recipe.clone()),
-    ];
-    for (field, stored, now) in checks {
-        if stored != now {
-            return Err(Error::format(
-                path,
-                field,
-                format!("the checkpoint was made with {stored}, this run asks for {now}; resume with the same settings"),
-            ));
-        }
+    let meta = read_meta(dir)?;
+    let cfg = crate::io::hf::HfConfig::open(dir.join("config.json"))?.llama;
+    let model = CheckpointDir::open(dir, &cfg)?.load_model()?;
+    Ok((model, meta))
+}
+
+/// The tokenizer of checkpoint `dir`: DIR/tokenizer.json, else the source model's.
+pub fn checkpoint_tokenizer(dir: &Path) -> Result<crate::io::tokenizer::Tokenizer> {
+    let own = dir.join("tokenizer.json");
+    if own.is_file() {
+        return crate::io::tokenizer::Tokenizer::from_tokenizer_json(own);
     }
-    Ok(())
+    let source = read_meta(dir)?["source"]
+        .as_str()
+        .map(String::from)
+        .ok_or_else(|| Error::format(dir.join("eqat.json"), "source", "missing"))?;
+    Ok(crate::model::open_model(Path::new(&source))?.1)
 }
 
 impl BlockSink for CheckpointDir {
@@ -350,15 +364,17 @@ impl BlockSink for CheckpointDir {
             "val_losses".to_string(),
             serde_json::to_string(&record.val_losses)?,
         );
+        md.insert("epochs_run".to_string(), record.epochs_run.to_string());
         write_safetensors(self.block_path(i), &refs, &md)?;
         let entry = json!({
             "index": i,
             "train_loss": record.step_losses.last(),
             "val_losses": record.val_losses,
+            "epochs": record.epochs_run,
         });
         self.meta["blocks"]
             .as_array_mut()
-            .expect("blocks is an array")
+            .ok_or_else(|| Error::format(self.dir.join("eqat.json"), "blocks", "not an array"))?
             .push(entry);
         self.write_meta()
     }
@@ -366,40 +382,39 @@ impl BlockSink for CheckpointDir {
     fn load_block(&self, i: usize) -> Result<BlockRecord> {
         let path = self.block_path(i);
         let f = SafetensorsFile::open(&path)?;
-        let shapes = self.cfg.linear_shapes();
+        let wbits = self.quant.wbits;
         let mut linears = Vec::with_capacity(7);
-        for (m, (_, n, k)) in MODULES.iter().zip(shapes) {
+        for (m, (_, n, k)) in MODULES.iter().zip(self.cfg.linear_shapes()) {
             let p = format!("model.layers.{i}.{m}");
-            let words: Vec<u32> = f
-                .tensor_bytes(&format!("{p}.qweight"))?
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            let ints = unpack_cols(
-                self.quant.wbits,
-                PackLayout::EqatTenPerWord,
-                &words,
-                n,
-                k,
-                &p,
-            )?;
-            let zeros: Vec<u32> = f
-                .tensor_bytes(&format!("{p}.qzeros"))?
-                .iter()
-                .map(|&z| z as u32)
-                .collect();
-            let scales = f.tensor_f32(&format!("{p}.scales"))?;
-            let g = self.quant.group_len(k)?;
-            linears.push(QuantizedLinear::from_ints(
-                self.quant.wbits,
-                g,
-                k,
-                n,
-                &ints,
-                &zeros,
-                scales,
-            )?);
+            let in_file = |e: Error| Error::format(&path, format!("tensor {p}"), e.to_string());
+            let g = self.quant.group_len(k).map_err(in_file)?;
+            let wcols = PackLayout::EqatTenPerWord
+                .words_for(wbits, k, &p)
+                .map_err(in_file)?;
+            let words: Vec<u32> =
+                tensor_bytes_checked(&f, &format!("{p}.qweight"), Dtype::U32, &[n, wcols])?
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+            let ints = unpack_cols(wbits, PackLayout::EqatTenPerWord, &words, n, k, &p)
+                .map_err(in_file)?;
+            let zeros: Vec<u32> =
+                tensor_bytes_checked(&f, &format!("{p}.qzeros"), Dtype::U8, &[n, k / g])?
+                    .iter()
+                    .map(|&z| z as u32)
+                    .collect();
+            let name = format!("{p}.scales");
+            tensor_bytes_checked(&f, &name, Dtype::F32, &[n, k / g])?;
+            let scales = f.tensor_f32(&name)?;
+            linears.push(
+                QuantizedLinear::from_ints(wbits, g, k, n, &ints, &zeros, scales)
+                    .map_err(in_file)?,
+            );
         }
+        let norm = |name: String| -> Result<Tensor> {
+            tensor_bytes_checked(&f, &name, Dtype::F32, &[self.cfg.hidden])?;
+            f.tensor_f32(&name)
+        };
         let losses = |key: &str| -> Result<Vec<f32>> {
             let text = f
                 .metadata()
@@ -409,13 +424,13 @@ impl BlockSink for CheckpointDir {
         };
         Ok(BlockRecord {
             block: QuantizedBlock {
-                attn_norm: f.tensor_f32(&format!("model.layers.{i}.input_layernorm.weight"))?,
-                ffn_norm: f
-                    .tensor_f32(&format!("model.layers.{i}.post_attention_layernorm.weight"))?,
+                attn_norm: norm(format!("model.layers.{i}.input_layernorm.weight"))?,
+                ffn_norm: norm(format!("model.layers.{i}.post_attention_layernorm.weight"))?,
                 linears: linears.try_into().expect("seven linears"),
             },
             step_losses: losses("step_losses")?,
             val_losses: losses("val_losses")?,
+            epochs_run: self.epochs_run(&f, &path)?,
         })
     }
 

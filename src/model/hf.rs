@@ -16,7 +16,7 @@ use crate::tensor::Tensor;
 use std::path::{Path, PathBuf};
 
 /// HF module names of the seven linears, in `LlamaConfig::linear_shapes` order.
-const LINEAR_NAMES: [&str; 7] = [
+pub const LINEAR_NAMES: [&str; 7] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
     "self_attn.v_proj",

@@ -2,6 +2,7 @@
 pub mod forward;
 pub mod generate;
 pub mod gguf;
+pub mod gptq;
 pub mod hf;
 pub mod llama;
 pub mod quantized;

@@ -7,6 +7,7 @@ use crate::io::gguf::GgufFile;
 use crate::io::tokenizer::Tokenizer;
 use crate::model::forward::LlamaModel;
 use crate::model::gguf::GgufWeights;
+use crate::model::gptq::{GptqConfig, GptqWeights};
 use crate::model::hf::HfWeights;
 use crate::model::llama::{BlockWeights, LlamaConfig};
 use crate::tensor::Tensor;
@@ -38,10 +39,15 @@ pub trait WeightSource: Send + Sync {
 }
 
 /// The model and tokenizer stored at `path`: a GGUF file (architecture `llama`), or a Hugging Face model
-/// directory (config.json of Llama, Mistral or Qwen2, safetensors weights, tokenizer.json).
+/// directory (config.json of Llama, Mistral or Qwen2, safetensors weights, tokenizer.json), GPTQ-quantized
+/// ([`GptqWeights`]) or not.
 pub fn open_model(path: &Path) -> Result<(LlamaModel, Tokenizer)> {
     if path.is_dir() {
-        let model = LlamaModel::new(Box::new(HfWeights::open(path)?))?;
+        let weights: Box<dyn WeightSource> = match GptqConfig::find(path)? {
+            Some(_) => Box::new(GptqWeights::open(path)?),
+            None => Box::new(HfWeights::open(path)?),
+        };
+        let model = LlamaModel::new(weights)?;
         let tokenizer = Tokenizer::from_tokenizer_json(path.join("tokenizer.json"))?;
         return Ok((model, tokenizer));
     }

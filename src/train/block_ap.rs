@@ -4,6 +4,12 @@
 //! Defaults are the official recipe (formats.md §1.2): AdamW with weight decay 0, quant_lr 1e-4 for scales and
 //! zeros, weight_lr 2e-5 at 2 bits and 1e-5 otherwise for weights and norms, cosine decay to lr/20, batch 2,
 //! 2 epochs, no gradient clipping, samples visited in order.
+//!
+//! Early stop (`early_stop` = N > 0) follows `quantize/block_ap.py`: after each epoch the validation loss is
+//! compared with the best so far; each epoch that does not beat it adds one to a counter that is never reset,
+//! and training stops once the counter reaches N. So N counts epochs without improvement, not necessarily in a
+//! row. The block keeps its last parameters (the official code restores no best state), and the cosine
+//! schedule keeps its length of `epochs` epochs.
 use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
@@ -27,6 +33,8 @@ pub struct BlockApOptions {
     pub min_lr_factor: f32,
     /// Where the block trains (the host by default).
     pub device: Device,
+    /// Stop after this many epochs whose validation loss does not beat the best so far; 0 = never.
+    pub early_stop: usize,
 }
 
 impl BlockApOptions {
@@ -40,6 +48,7 @@ impl BlockApOptions {
             batch_size: 2,
             min_lr_factor: 20.0,
             device: Device::Cpu,
+            early_stop: 0,
         }
     }
 }
@@ -52,6 +61,8 @@ pub struct TrainedBlock {
     pub zeros: [Tensor; 7],
     pub step_losses: Vec<f32>,
     pub val_losses: Vec<f32>,
+    /// Epochs trained: `epochs`, or fewer when early stop ended the block.
+    pub epochs_run: usize,
 }
 
 /// Progress of one optimizer step, for progress bars and logs.
@@ -136,6 +147,15 @@ pub fn train_block(
             ),
         ));
     }
+    if opts.early_stop > 0 && val.is_none() {
+        return Err(Error::invalid(
+            "train_block",
+            format!(
+                "early stop after {} epochs without improvement needs validation samples",
+                opts.early_stop
+            ),
+        ));
+    }
     let mut tape = Tape::new();
     let vars = match opts.device.is_cpu() {
         true => BlockVars::register(&mut tape, weights, Some(opts.quant))?,
@@ -151,7 +171,10 @@ pub fn train_block(
     let schedule = CosineSchedule::new(total_steps as u64, opts.min_lr_factor)?;
     let mut step_losses = Vec::with_capacity(total_steps);
     let mut val_losses = Vec::with_capacity(opts.epochs);
+    let mut early_stop = EarlyStop::new(opts.early_stop);
+    let mut epochs_run = 0;
     for epoch in 0..opts.epochs {
+        epochs_run = epoch + 1;
         for i in 0..steps_per_epoch {
             let step = epoch * steps_per_epoch + i;
             let (xs, ys) = train.pair(i * opts.batch_size, opts.batch_size)?;
@@ -179,13 +202,11 @@ pub fn train_block(
             });
         }
         if let Some(val) = val {
-            val_losses.push(eval_block_loss(
-                &mut tape,
-                cfg,
-                &vars,
-                val,
-                opts.batch_size,
-            )?);
+            let v = eval_block_loss(&mut tape, cfg, &vars, val, opts.batch_size)?;
+            val_losses.push(v);
+            if early_stop.stop_after(v) {
+                break;
+            }
         }
     }
     let quant_of = |i: usize| vars.linears[i].quant.expect("registered with quantization");
@@ -201,6 +222,7 @@ pub fn train_block(
         zeros: zeros.try_into().expect("seven linears"),
         step_losses,
         val_losses,
+        epochs_run,
     })
 }
 
@@ -285,6 +307,35 @@ fn to_param_device(
     Ok((xs, ys))
 }
 
+/// The official early-stop rule (module comment): `patience` epochs that fail to beat the best validation
+/// loss, counted over the whole run, end it; 0 never does.
+struct EarlyStop {
+    patience: usize,
+    best: f32,
+    misses: usize,
+}
+
+impl EarlyStop {
+    fn new(patience: usize) -> Self {
+        // The official code starts from best_val_loss = 1e6, so the first epoch always improves.
+        EarlyStop {
+            patience,
+            best: f32::INFINITY,
+            misses: 0,
+        }
+    }
+
+    /// Records one epoch's validation loss; true when training must stop.
+    fn stop_after(&mut self, val_loss: f32) -> bool {
+        if val_loss < self.best {
+            self.best = val_loss;
+            return false;
+        }
+        self.misses += 1;
+        self.patience > 0 && self.misses >= self.patience
+    }
+}
+
 /// Mean MSE of the block (as currently trained) over all samples, without recording gradients.
 pub fn eval_block_loss(
     tape: &mut Tape,
@@ -313,4 +364,32 @@ pub fn eval_block_loss(
     }
     tape.reset();
     Ok((total / n as f64) as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EarlyStop;
+
+    /// Epochs run before `EarlyStop` ends training on this validation history (all when it never does).
+    fn epochs_run(patience: usize, history: &[f32]) -> usize {
+        let mut rule = EarlyStop::new(patience);
+        history
+            .iter()
+            .position(|&v| rule.stop_after(v))
+            .map_or(history.len(), |i| i + 1)
+    }
+
+    #[test]
+    fn early_stop_counts_every_epoch_without_a_new_best_as_the_official_code_does() {
+        let history = [5.0, 4.0, 4.5, 3.0, 3.5, 2.0, 2.0];
+        // Misses at epochs 3, 5 and 7: not in a row, and the counter is never reset by the new best at 4.
+        assert_eq!(epochs_run(1, &history), 3);
+        assert_eq!(epochs_run(2, &history), 5);
+        assert_eq!(epochs_run(3, &history), 7);
+        assert_eq!(epochs_run(4, &history), 7);
+        assert_eq!(epochs_run(0, &history), 7);
+        // Equal is no improvement; the first epoch always is one.
+        assert_eq!(epochs_run(1, &[1e9, 1e9]), 2);
+        assert_eq!(epochs_run(1, &[3.0, 2.0, 1.0]), 3);
+    }
 }

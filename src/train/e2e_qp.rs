@@ -49,6 +49,19 @@ impl Example {
         labels.push(IGNORE);
         Example { ids, labels }
     }
+
+    /// Labels for instruction data, where only the response counts: the first `prompt_len` ids are the prompt,
+    /// and position t predicts ids[t + 1] only when that id is part of the response. So positions
+    /// `prompt_len - 1 ..= len - 2` carry loss: HF's labels `[IGNORE; prompt_len] ++ response`, shifted by one.
+    pub fn response_only(ids: Vec<u32>, prompt_len: usize) -> Example {
+        let labels = (0..ids.len())
+            .map(|t| match ids.get(t + 1) {
+                Some(&next) if t + 1 >= prompt_len => next as i32,
+                _ => IGNORE,
+            })
+            .collect();
+        Example { ids, labels }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -210,6 +223,25 @@ fn sequence_backward(
     }
     tape.reset();
     Ok(value)
+}
+
+/// The loss of one example and the gradient of every scale, in [block][linear] order: what one sequence adds to
+/// an E2E-QP step (for checks of the labels; training goes through [`train_e2e`]). On the host.
+pub fn example_loss_and_grads(model: &QuantizedModel, ex: &Example) -> Result<(f32, Vec<Tensor>)> {
+    let mut tape = Tape::new();
+    let vars = register(&mut tape, model, &Device::Cpu)?;
+    let value = sequence_backward(&mut tape, model, &vars, ex, 1.0)?;
+    let grads = vars
+        .scales
+        .iter()
+        .flatten()
+        .map(|&s| {
+            tape.grad(s)
+                .cloned()
+                .ok_or_else(|| Error::invalid("e2e_qp", "a scale received no gradient"))
+        })
+        .collect::<Result<_>>()?;
+    Ok((value, grads))
 }
 
 fn check_data(data: &[Example], global_batch: usize) -> Result<()> {

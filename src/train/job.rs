@@ -4,18 +4,22 @@
 use crate::error::{Error, Result};
 use crate::eval::{eval_ids, eval_windows, perplexity_of_windows, EvalOptions};
 use crate::io::checkpoint::{CheckpointDir, RunIdentity};
-use crate::io::tokenizer::Tokenizer;
+use crate::io::tokenizer::{save_tokenizer_files, Tokenizer};
 use crate::model::llama::LlamaConfig;
 use crate::model::quantized::{QuantizedBlock, QuantizedModel};
 use crate::model::LlamaModel;
+use crate::plan::host::{available_memory, check_train, StorePolicy};
+use crate::plan::{human, ComputeDType, PlanInput, StoreSplit};
 use crate::quant::fake_quant::{init_minmax, QuantConfig};
+use crate::quant::pack::SUPPORTED_BITS;
 use crate::tensor::Tensor;
 use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
 use crate::train::device::Device;
+use crate::train::e2e_data::{file_examples, E2eData};
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
 use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
-use crate::train::store::{Offload, StoreDType};
+use crate::train::store::{BlockInputStore, Offload, StoreDType};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,8 +52,18 @@ pub struct TrainArgs {
     pub batch_size: usize,
     pub quant_lr: f32,
     pub weight_lr: f32,
+    /// Block-AP early stop: epochs without a better validation loss before a block stops; 0 = off.
+    pub early_stop: usize,
     pub e2e: E2eOptions,
+    pub e2e_data: E2eData,
+    /// Tokens per E2E-QP sequence (instruction records are cut to it).
+    pub e2e_seqlen: usize,
+    /// E2E-QP training sequences.
+    pub e2e_train_size: usize,
     pub offload_disk: bool,
+    /// Host memory budget: the run is checked against it (else against the available memory) before it
+    /// starts, and block inputs beyond what it leaves go to disk (unless `offload_disk` puts them all there).
+    pub host_mem: Option<u64>,
     pub resume: bool,
     pub seed: u64,
     /// Where Block-AP trains and propagates the block inputs, and where E2E-QP trains; evaluation runs on the CPU.
@@ -105,6 +119,64 @@ fn quantized_model(fp: &LlamaModel, blocks: Vec<QuantizedBlock>) -> Result<Quant
     })
 }
 
+/// Samples per forward batch when the pipeline propagates the activation streams.
+pub const FORWARD_BATCH: usize = 4;
+
+/// The host-memory check of `args` on `cfg` (plan::host): where the block inputs go, before anything runs.
+pub fn check_host_memory(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(StoreSplit, u64)> {
+    let input = PlanInput {
+        cfg: cfg.clone(),
+        quant: args.quant,
+        train_size: args.train_size,
+        val_size: args.val_size,
+        seqlen: args.seqlen,
+        batch: args.batch_size,
+        epochs: args.epochs,
+        dtype: ComputeDType::F32,
+        e2e_seqlen: args.seqlen,
+    };
+    let policy = match (args.offload_disk, args.host_mem) {
+        (true, _) => StorePolicy::Disk,
+        (false, Some(_)) => StorePolicy::Budget,
+        (false, None) => StorePolicy::Ram,
+    };
+    // Without a budget and without /proc/meminfo there is nothing to check against.
+    let budget = args.host_mem.or_else(available_memory).unwrap_or(u64::MAX);
+    let split = check_train(
+        &input,
+        FORWARD_BATCH,
+        args.phase == Phase::All,
+        policy,
+        budget,
+    )?;
+    Ok((split, budget))
+}
+
+/// Where the training and validation stores go for a split whose RAM part is `split.ram`: the training store
+/// takes RAM first.
+fn offloads(args: &TrainArgs, split: StoreSplit, train_bytes: u64) -> (Offload, Offload) {
+    let file = |name: &str| args.out.join(name);
+    if split.disk == 0 {
+        return (Offload::Ram, Offload::Ram);
+    }
+    if split.ram == 0 {
+        return (
+            Offload::Disk(file("block_inputs.train.bin")),
+            Offload::Disk(file("block_inputs.val.bin")),
+        );
+    }
+    (
+        Offload::Budget {
+            ram_bytes: split.ram.min(train_bytes),
+            path: file("block_inputs.train.bin"),
+        },
+        Offload::Budget {
+            ram_bytes: split.ram.saturating_sub(train_bytes),
+            path: file("block_inputs.val.bin"),
+        },
+    )
+}
+
 /// Runs the job; `say` hears progress lines.
 pub fn run_train(
     args: &TrainArgs,
@@ -113,6 +185,9 @@ pub fn run_train(
     mut say: impl FnMut(&str),
 ) -> Result<TrainSummary> {
     let cfg: LlamaConfig = fp.config().clone();
+    check_args(args, &cfg)?;
+    let (split, budget) = check_host_memory(args, &cfg)?;
+    let mut pause = PauseHook::from_env();
     let mut summary = TrainSummary::default();
     let eval_windows_ids = match &args.eval {
         Some((path, opts)) => {
@@ -127,16 +202,17 @@ pub fn run_train(
 
     // Calibration windows.
     let n = args.train_size + args.val_size;
+    let mut calib_ids = None;
     let (train, val) = match &args.calib {
         Calibration::File(path) => {
             let text = crate::eval::data::read_eval_text(path)?;
-            let ids = tokenizer.encode(&text);
+            let ids = calib_ids.insert(tokenizer.encode(&text));
             say(&format!(
                 "calibration: {} tokens from {}",
                 ids.len(),
                 path.display()
             ));
-            calibration_windows(&ids, args.seqlen, args.train_size, args.val_size, args.seed)?
+            calibration_windows(ids, args.seqlen, args.train_size, args.val_size, args.seed)?
         }
         Calibration::SelfGenerated => {
             say(&format!(
@@ -157,18 +233,36 @@ pub fn run_train(
         }
     };
 
+    // E2E-QP's data is read before Block-AP so that a bad file fails in seconds, not after hours.
+    let e2e_data = match args.phase {
+        Phase::All => Some(e2e_examples(
+            args,
+            tokenizer,
+            fp,
+            calib_ids.as_deref(),
+            &train,
+            &mut say,
+        )?),
+        Phase::BlockAp => None,
+    };
+
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
-    let recipe = json!({
+    let mut recipe = json!({
         "calib": format!("{:?}", args.calib), "train_size": args.train_size, "val_size": args.val_size,
         "seqlen": args.seqlen, "epochs": args.epochs, "batch_size": args.batch_size,
         "quant_lr": args.quant_lr, "weight_lr": args.weight_lr, "seed": args.seed,
     });
+    // Recorded only when on, so that checkpoints made before the flag existed still resume.
+    if args.early_stop > 0 {
+        recipe["early_stop"] = json!(args.early_stop);
+    }
     let run = RunIdentity {
         source: fp.source().path().display().to_string(),
         quant: args.quant,
         recipe,
     };
     let mut ckpt = CheckpointDir::create_or_resume(&args.out, &cfg, &run, args.resume)?;
+    save_tokenizer_files(fp.source().path(), tokenizer, &args.out)?;
     let mut log = Log::open(&args.out)?;
 
     if let Some((w, o)) = &eval_windows_ids {
@@ -194,29 +288,21 @@ pub fn run_train(
     block_ap.weight_lr = args.weight_lr;
     block_ap.device = args.device.clone();
     say(&format!("Block-AP on {}", args.device.name()));
-    let bytes = crate::train::store::BlockInputStore::bytes_needed(
-        n,
-        args.seqlen,
-        cfg.hidden,
-        StoreDType::F16,
-    )?;
-    let (offload, offload_val) = if args.offload_disk {
-        (
-            Offload::Disk(args.out.join("block_inputs.train.bin")),
-            Offload::Disk(args.out.join("block_inputs.val.bin")),
-        )
-    } else {
-        (Offload::Ram, Offload::Ram)
-    };
+    let train_bytes =
+        BlockInputStore::bytes_needed(args.train_size, args.seqlen, cfg.hidden, StoreDType::F16)?;
+    let (offload, offload_val) = offloads(args, split, train_bytes);
+    block_ap.early_stop = args.early_stop;
     say(&format!(
-        "block inputs: {:.1} MiB for {} samples x {} tokens (FP and quantized streams, f16) in {}",
-        bytes as f64 / (1 << 20) as f64,
+        "block inputs: {:.1} MiB for {} samples x {} tokens (FP and quantized streams, f16): {:.1} MiB in RAM, \
+         {:.1} MiB in files beside the checkpoint (host budget {})",
+        split.total as f64 / (1 << 20) as f64,
         n,
         args.seqlen,
-        if args.offload_disk {
-            "files beside the checkpoint"
-        } else {
-            "RAM"
+        split.ram as f64 / (1 << 20) as f64,
+        split.disk as f64 / (1 << 20) as f64,
+        match budget {
+            u64::MAX => "unknown".to_string(),
+            b => human(b),
         }
     ));
     let popts = PipelineOptions {
@@ -224,7 +310,7 @@ pub fn run_train(
         offload,
         offload_val,
         store_dtype: StoreDType::F16,
-        forward_batch: 4,
+        forward_batch: FORWARD_BATCH,
     };
     let start = Instant::now();
     let mut block_start = Instant::now();
@@ -237,6 +323,7 @@ pub fn run_train(
                 json!({"event": "block_start", "block": block})
             }
             Event::Step { block, info } => {
+                pause.step(&mut say);
                 let done = info.step + 1;
                 if done % 16 == 0 || done == info.total_steps {
                     let per = block_start.elapsed().as_secs_f64() / done as f64;
@@ -255,14 +342,20 @@ pub fn run_train(
                 block,
                 train_loss,
                 val_loss,
+                epochs_run,
             } => {
                 say(&format!(
-                    "block {} done: train loss {train_loss:.4e}, val loss {} ({:.1} s)",
+                    "block {} done: train loss {train_loss:.4e}, val loss {} ({:.1} s){}",
                     block + 1,
                     val_loss.map(|v| format!("{v:.4e}")).unwrap_or("-".into()),
-                    block_start.elapsed().as_secs_f64()
+                    block_start.elapsed().as_secs_f64(),
+                    if epochs_run < args.epochs {
+                        format!("; early stop after {epochs_run} of {} epochs", args.epochs)
+                    } else {
+                        String::new()
+                    }
                 ));
-                json!({"event": "block_done", "block": block, "train_loss": train_loss, "val_loss": val_loss})
+                json!({"event": "block_done", "block": block, "train_loss": train_loss, "val_loss": val_loss, "epochs": epochs_run})
             }
         };
         if let Err(e) = log.write(line) {
@@ -295,8 +388,8 @@ pub fn run_train(
         return Ok(summary);
     }
 
-    // E2E-QP on the training windows, on the job's device (the trained scales come back to the host).
-    let data: Vec<Example> = train.iter().map(|w| Example::causal(w.clone())).collect();
+    // E2E-QP on the job's device (the trained scales come back to the host).
+    let data = e2e_data.expect("read for Phase::All");
     let start = Instant::now();
     let mut log_err = None;
     let e2e = E2eOptions {
@@ -304,6 +397,7 @@ pub fn run_train(
         ..args.e2e.clone()
     };
     let e2e_losses = train_e2e(&mut qm, &data, &e2e, |s| {
+        pause.step(&mut say);
         if (s.step + 1) % 4 == 0 || s.step + 1 == s.total_steps {
             say(&format!(
                 "E2E-QP step {}/{} loss {:.4} grad norm {:.3}",
@@ -329,6 +423,101 @@ pub fn run_train(
         summary.ppl_e2e = Some(p);
     }
     Ok(summary)
+}
+
+/// Refuses settings the run cannot finish with, before anything is read or written; errors name the flag.
+fn check_args(args: &TrainArgs, cfg: &LlamaConfig) -> Result<()> {
+    let bad = |msg: String| Err(Error::invalid("engine train", msg));
+    let wbits = args.quant.wbits;
+    if !SUPPORTED_BITS.contains(&wbits) {
+        return bad(format!(
+            "--wbits {wbits}: the checkpoint packs 2, 3, 4 or 8 bits"
+        ));
+    }
+    for (name, _, k) in cfg.linear_shapes() {
+        if args.quant.group_len(k).is_err() {
+            return bad(format!(
+                "--group-size {} does not divide the {k} in_features of {name} in {}; use a divisor of {k} or -1",
+                args.quant.group_size,
+                args.model.display()
+            ));
+        }
+    }
+    if args.batch_size == 0 || args.train_size < args.batch_size {
+        return bad(format!(
+            "--train-size {} with --batch-size {}: Block-AP needs at least one full batch of training sequences",
+            args.train_size, args.batch_size
+        ));
+    }
+    for (flag, v) in [("seqlen", args.seqlen), ("epochs", args.epochs)] {
+        if v == 0 {
+            return bad(format!("--{flag} 0: must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+/// Test hook for tests/kill_resume.rs: with EQAT_TEST_PAUSE_AT_STEP=N the run prints "paused at step N" and
+/// sleeps for a minute at its N-th training step (Block-AP and E2E-QP steps counted together from 1), so that a
+/// test can SIGKILL it at a known point in the middle of a block.
+struct PauseHook {
+    at: Option<usize>,
+    steps: usize,
+}
+
+impl PauseHook {
+    fn from_env() -> Self {
+        let at = std::env::var("EQAT_TEST_PAUSE_AT_STEP").ok();
+        PauseHook {
+            at: at.and_then(|v| v.parse().ok()),
+            steps: 0,
+        }
+    }
+    fn step(&mut self, say: &mut impl FnMut(&str)) {
+        self.steps += 1;
+        if self.at == Some(self.steps) {
+            say(&format!(
+                "paused at step {} (EQAT_TEST_PAUSE_AT_STEP)",
+                self.steps
+            ));
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+    }
+}
+
+/// E2E-QP's training examples: Block-AP's windows when `--e2e-data calib` asks for the same shape, new windows
+/// of the calibration source when not, or the `--e2e-data` file.
+fn e2e_examples(
+    args: &TrainArgs,
+    tokenizer: &Tokenizer,
+    fp: &LlamaModel,
+    calib_ids: Option<&[u32]>,
+    block_ap_train: &[Vec<u32>],
+    say: &mut impl FnMut(&str),
+) -> Result<Vec<Example>> {
+    let (seqlen, count) = (args.e2e_seqlen, args.e2e_train_size);
+    let windows = match (&args.e2e_data, calib_ids) {
+        (E2eData::File(path), _) => {
+            return file_examples(path, tokenizer, seqlen, count, args.seed, say)
+        }
+        (E2eData::Calibration, _) if seqlen == args.seqlen && count == args.train_size => {
+            block_ap_train.to_vec()
+        }
+        (E2eData::Calibration, Some(ids)) => {
+            say(&format!(
+                "E2E-QP data: {count} windows of {seqlen} tokens from the calibration text"
+            ));
+            calibration_windows(ids, seqlen, count, 0, args.seed)?.0
+        }
+        (E2eData::Calibration, None) => {
+            say(&format!(
+                "E2E-QP data: sampling {count} sequences of {seqlen} tokens from the model itself"
+            ));
+            let start = crate::model::generate::StartTokens::for_tokenizer(tokenizer);
+            crate::model::generate::sample_sequences(fp, count, seqlen, 1.0, args.seed, start)?
+        }
+    };
+    Ok(windows.into_iter().map(Example::causal).collect())
 }
 
 /// Every linear at its min-max initialisation, no training: the RTN baseline.

@@ -31,6 +31,8 @@ pub struct BlockRecord {
     pub block: QuantizedBlock,
     pub step_losses: Vec<f32>,
     pub val_losses: Vec<f32>,
+    /// Epochs the block trained (fewer than the recipe's when early stop ended it).
+    pub epochs_run: usize,
 }
 
 /// Where frozen blocks go (a checkpoint directory, or memory in tests).
@@ -58,6 +60,7 @@ pub enum Event {
         block: usize,
         train_loss: f32,
         val_loss: Option<f32>,
+        epochs_run: usize,
     },
 }
 
@@ -163,6 +166,12 @@ pub fn run_block_ap(
                 .map(|v| v as &dyn crate::train::block_ap::BlockSamples);
             let t = train_block(&cfg, &fp, &store, val_ref, &opts.block_ap, |info| {
                 on_event(Event::Step { block: i, info })
+            })
+            .map_err(|e| match e {
+                Error::NonFinite { what } => Error::NonFinite {
+                    what: format!("block {i}: {what} (the {i} blocks before it are saved)"),
+                },
+                e => e,
             })?;
             let record = BlockRecord {
                 block: QuantizedBlock::freeze(
@@ -173,12 +182,14 @@ pub fn run_block_ap(
                 )?,
                 step_losses: t.step_losses,
                 val_losses: t.val_losses,
+                epochs_run: t.epochs_run,
             };
             sink.save_block(i, &record)?;
             on_event(Event::BlockDone {
                 block: i,
                 train_loss: record.step_losses.last().copied().unwrap_or(f32::NAN),
                 val_loss: record.val_losses.last().copied(),
+                epochs_run: record.epochs_run,
             });
             record
         };

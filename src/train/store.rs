@@ -1,11 +1,16 @@
 //! `BlockInputStore`: the per-sample hidden states that Block-AP feeds each block — the full-precision model's
 //! activations (`Stream::Fp`, which produce the targets) and the already-quantized blocks' outputs
-//! (`Stream::Quant`, the trained block's inputs) — for every calibration sample, in RAM or in a file on disk.
+//! (`Stream::Quant`, the trained block's inputs) — for every calibration sample, in RAM, in a file on disk, or
+//! in RAM up to a byte budget with the rest in a file (`Offload::Budget`, `engine train --host-mem`).
 //!
 //! Like the official `BlockTrainDataset`, values are kept in f16 by default (half the memory of f32; hidden
 //! states of Llama models stay far below f16's 65504). The disk variant writes with positioned writes rather than
 //! through a writable mmap, so a full disk is an `io::Error` naming the file instead of a SIGBUS; the whole file is
 //! allocated (written) up front so that a run that cannot fit fails before training starts.
+//!
+//! Layout: one logical byte array [stream][sample][token][hidden]; its first `ram_len` bytes live in RAM and
+//! the rest in the file (at file offset logical − `ram_len`). `ram_len` is a whole number of samples, and a
+//! read or write that crosses it is split in two, so where the bytes live never changes what is read back.
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use half::f16;
@@ -40,11 +45,11 @@ pub enum Offload {
     Ram,
     /// A file created (or truncated) at this path.
     Disk(PathBuf),
-}
-
-enum Backing {
-    Ram(Vec<u8>),
-    Disk { file: File, path: PathBuf },
+    /// In RAM up to `ram_bytes` (rounded down to whole samples), the rest in a file at `path`.
+    Budget {
+        ram_bytes: u64,
+        path: PathBuf,
+    },
 }
 
 pub struct BlockInputStore {
@@ -52,7 +57,10 @@ pub struct BlockInputStore {
     seqlen: usize,
     hidden: usize,
     dtype: StoreDType,
-    backing: Backing,
+    /// The first `ram.len()` logical bytes.
+    ram: Vec<u8>,
+    /// The rest, when any.
+    disk: Option<(File, PathBuf)>,
 }
 
 impl BlockInputStore {
@@ -77,34 +85,62 @@ impl BlockInputStore {
         offload: Offload,
     ) -> Result<Self> {
         let bytes = Self::bytes_needed(samples, seqlen, hidden, dtype)?;
-        let backing = match offload {
-            Offload::Ram => {
-                let n = usize::try_from(bytes)
-                    .map_err(|_| Error::invalid("BlockInputStore", "too large for RAM"))?;
-                let mut v = Vec::new();
-                v.try_reserve_exact(n).map_err(|_| {
-                    Error::invalid(
-                        "BlockInputStore",
-                        format!(
-                            "cannot allocate {} of host memory for block inputs; use --offload disk",
-                            gib(bytes)
-                        ),
-                    )
-                })?;
-                v.resize(n, 0);
-                Backing::Ram(v)
+        let sample_bytes = (seqlen * hidden * dtype.size()).max(1) as u64;
+        let (ram_len, path) = match offload {
+            Offload::Ram => (bytes, None),
+            Offload::Disk(path) => (0, Some(path)),
+            Offload::Budget { ram_bytes, path } => {
+                let whole_samples = ram_bytes.min(bytes) / sample_bytes * sample_bytes;
+                (whole_samples, (whole_samples < bytes).then_some(path))
             }
-            Offload::Disk(path) => Backing::Disk {
-                file: allocate_file(&path, bytes)?,
-                path,
-            },
+        };
+        let n = usize::try_from(ram_len)
+            .map_err(|_| Error::invalid("BlockInputStore", "too large for RAM"))?;
+        let mut ram = Vec::new();
+        ram.try_reserve_exact(n).map_err(|_| {
+            Error::invalid(
+                "BlockInputStore",
+                format!(
+                    "cannot allocate {} of host memory for block inputs; use --offload disk or a smaller \
+                     --host-mem",
+                    gib(ram_len)
+                ),
+            )
+        })?;
+        ram.resize(n, 0);
+        let disk = match path {
+            Some(path) => Some((allocate_file(&path, bytes - ram_len)?, path)),
+            None => None,
         };
         Ok(BlockInputStore {
             samples,
             seqlen,
             hidden,
             dtype,
-            backing,
+            ram,
+            disk,
+        })
+    }
+
+    /// Bytes kept in RAM and in the file.
+    pub fn placement(&self) -> (u64, u64) {
+        let total = 2 * (self.samples * self.sample_bytes()) as u64;
+        (self.ram.len() as u64, total - self.ram.len() as u64)
+    }
+
+    /// The file holding what does not fit in RAM: its path and the byte range of `logical..logical + len`
+    /// that lies in it (as a file offset and the index where that part starts within the range).
+    fn spilled(&self, logical: usize, len: usize) -> Option<(&File, &Path, u64, usize)> {
+        let ram_len = self.ram.len();
+        let (file, path) = self.disk.as_ref()?;
+        let start = logical.max(ram_len);
+        (start < logical + len).then(|| {
+            (
+                file,
+                path.as_path(),
+                (start - ram_len) as u64,
+                start - logical,
+            )
         })
     }
 
@@ -147,12 +183,13 @@ impl BlockInputStore {
                 .collect(),
             StoreDType::F32 => values.iter().flat_map(|&x| x.to_le_bytes()).collect(),
         };
-        let off = self.offset(stream, start);
-        match &mut self.backing {
-            Backing::Ram(v) => v[off as usize..off as usize + bytes.len()].copy_from_slice(&bytes),
-            Backing::Disk { file, path } => file
-                .write_all_at(&bytes, off)
-                .map_err(|e| Error::io(path.clone(), e))?,
+        let off = self.offset(stream, start) as usize;
+        let ram_len = self.ram.len();
+        let in_ram = ram_len.saturating_sub(off).min(bytes.len());
+        self.ram[off.min(ram_len)..][..in_ram].copy_from_slice(&bytes[..in_ram]);
+        if let Some((file, path, file_off, from)) = self.spilled(off, bytes.len()) {
+            file.write_all_at(&bytes[from..], file_off)
+                .map_err(|e| Error::io(path, e))?;
         }
         Ok(())
     }
@@ -164,12 +201,13 @@ impl BlockInputStore {
         let off = self.offset(stream, start) as usize;
         let len = n * self.dtype.size();
         let mut buf;
-        let bytes: &[u8] = match &self.backing {
-            Backing::Ram(v) => &v[off..off + len],
-            Backing::Disk { file, path } => {
+        let bytes: &[u8] = match self.spilled(off, len) {
+            None => &self.ram[off..off + len],
+            Some((file, path, file_off, from)) => {
                 buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, off as u64)
-                    .map_err(|e| Error::io(path.clone(), e))?;
+                buf[..from].copy_from_slice(&self.ram[off.min(self.ram.len())..][..from]);
+                file.read_exact_at(&mut buf[from..], file_off)
+                    .map_err(|e| Error::io(path, e))?;
                 &buf
             }
         };
@@ -238,13 +276,42 @@ mod tests {
             let mut disk =
                 BlockInputStore::new(n, t, c, dtype, Offload::Disk(dir.join("inputs.bin")))
                     .unwrap();
+            // 3.5 samples of budget: Fp samples 0..3 in RAM, Fp 3..5 and the Quant stream in the file.
+            let sample = (t * c * dtype.size()) as u64;
+            let split_budget = Offload::Budget {
+                ram_bytes: 3 * sample + sample / 2,
+                path: dir.join("split.bin"),
+            };
+            let mut split = BlockInputStore::new(n, t, c, dtype, split_budget).unwrap();
+            assert_eq!(split.placement(), (3 * sample, 7 * sample));
+            assert_eq!(disk.placement(), (0, 10 * sample));
             let fp = rng.normal_vec(n * t * c, 3.0);
             let q = rng.normal_vec(2 * t * c, 3.0);
-            for s in [&mut ram, &mut disk] {
+            for s in [&mut ram, &mut disk, &mut split] {
                 s.write(Stream::Fp, 0, &fp).unwrap();
                 s.write(Stream::Quant, 3, &q).unwrap();
             }
-            for s in [&ram, &disk] {
+            // Reads that cross the RAM/file boundary come back as from RAM alone.
+            for (stream, start, count) in [
+                (Stream::Fp, 2, 3),
+                (Stream::Fp, 0, 5),
+                (Stream::Quant, 0, 5),
+            ] {
+                assert_eq!(
+                    split.read(stream, start, count).unwrap().f32s("t").unwrap(),
+                    ram.read(stream, start, count).unwrap().f32s("t").unwrap(),
+                    "{dtype:?} {stream:?} {start}+{count}"
+                );
+            }
+            // A budget above the size keeps everything in RAM and creates no file.
+            let roomy = Offload::Budget {
+                ram_bytes: 100 * sample,
+                path: dir.join("unused.bin"),
+            };
+            let all_ram = BlockInputStore::new(n, t, c, dtype, roomy).unwrap();
+            assert_eq!(all_ram.placement(), (10 * sample, 0));
+            assert!(!dir.join("unused.bin").exists());
+            for s in [&ram, &disk, &split] {
                 let got = s.read(Stream::Fp, 1, 2).unwrap();
                 let want = &fp[t * c..3 * t * c];
                 // f16 keeps 11 significant bits: relative error at most 2^-11.

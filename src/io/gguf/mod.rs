@@ -12,8 +12,8 @@ pub use parse::{DEFAULT_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS};
 
 use crate::error::{Error, Result};
 use crate::io::ggml_quants::{dequantize, GgmlType};
+use crate::io::mmap::FileBytes;
 use crate::tensor::Tensor;
-use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -45,15 +45,10 @@ impl TensorInfo {
     }
 }
 
-enum Bytes {
-    Mmap(Mmap),
-    Owned(Vec<u8>),
-}
-
 /// A parsed GGUF file. Tensor data stays in the file (or buffer) until asked for.
 pub struct GgufFile {
     path: PathBuf,
-    bytes: Bytes,
+    bytes: FileBytes,
     version: u32,
     alignment: u64,
     data_start: usize,
@@ -67,24 +62,16 @@ impl GgufFile {
     /// Maps and parses the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only and lives inside the GgufFile. Another process truncating or
-        // rewriting the file while it is mapped is undefined behaviour that no mmap reader can rule
-        // out; model files are not modified in place while in use.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::build(path.to_path_buf(), Bytes::Mmap(map))
+        Self::build(path.to_path_buf(), FileBytes::map(path)?)
     }
 
     /// Parses a GGUF image held in memory; `name` stands for the file in error messages.
     pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<GgufFile> {
-        Self::build(name.into(), Bytes::Owned(bytes))
+        Self::build(name.into(), FileBytes::Owned(bytes))
     }
 
-    fn build(path: PathBuf, bytes: Bytes) -> Result<GgufFile> {
-        let buf: &[u8] = match &bytes {
-            Bytes::Mmap(m) => m,
-            Bytes::Owned(v) => v,
-        };
+    fn build(path: PathBuf, bytes: FileBytes) -> Result<GgufFile> {
+        let buf: &[u8] = &bytes;
         let p = parse::parse(buf, &path)?;
         Ok(GgufFile {
             path,
@@ -97,13 +84,6 @@ impl GgufFile {
             tensors: p.tensors,
             tensor_index: p.tensor_index,
         })
-    }
-
-    fn buf(&self) -> &[u8] {
-        match &self.bytes {
-            Bytes::Mmap(m) => m,
-            Bytes::Owned(v) => v,
-        }
     }
 
     pub fn path(&self) -> &Path {
@@ -228,7 +208,7 @@ impl GgufFile {
         let t = self.info_or_err(name)?;
         // In range: the parser checked offset + n_bytes against the data section.
         let start = self.data_start + t.offset as usize;
-        Ok(&self.buf()[start..start + t.n_bytes])
+        Ok(&self.bytes[start..start + t.n_bytes])
     }
 
     /// Tensor `name` dequantized to f32, in the numpy shape (GGUF dims reversed).

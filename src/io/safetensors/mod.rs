@@ -15,8 +15,8 @@ pub use write::{serialize, write_safetensors, TensorRef};
 
 use crate::error::{Error, Result};
 use crate::io::ggml_quants::{dequantize, GgmlType};
+use crate::io::mmap::FileBytes;
 use crate::tensor::Tensor;
-use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -157,15 +157,10 @@ impl TensorInfo {
     }
 }
 
-enum Bytes {
-    Mmap(Mmap),
-    Owned(Vec<u8>),
-}
-
 /// A parsed safetensors file. Tensor data stays in the mapping (or buffer) until asked for.
 pub struct SafetensorsFile {
     path: PathBuf,
-    bytes: Bytes,
+    bytes: FileBytes,
     data_start: usize,
     tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
@@ -176,25 +171,16 @@ impl SafetensorsFile {
     /// Maps and parses the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only and lives inside the SafetensorsFile. Another process
-        // truncating or rewriting the file while it is mapped is undefined behaviour that no mmap
-        // reader can rule out; model files are not modified in place while in use (our writer
-        // replaces files by rename, which leaves an existing mapping intact).
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::build(path.to_path_buf(), Bytes::Mmap(map))
+        Self::build(path.to_path_buf(), FileBytes::map(path)?)
     }
 
     /// Parses a safetensors image held in memory; `name` stands for the file in error messages.
     pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<SafetensorsFile> {
-        Self::build(name.into(), Bytes::Owned(bytes))
+        Self::build(name.into(), FileBytes::Owned(bytes))
     }
 
-    fn build(path: PathBuf, bytes: Bytes) -> Result<SafetensorsFile> {
-        let buf: &[u8] = match &bytes {
-            Bytes::Mmap(m) => m,
-            Bytes::Owned(v) => v,
-        };
+    fn build(path: PathBuf, bytes: FileBytes) -> Result<SafetensorsFile> {
+        let buf: &[u8] = &bytes;
         let p = header::parse(buf, &path)?;
         Ok(SafetensorsFile {
             path,
@@ -204,13 +190,6 @@ impl SafetensorsFile {
             index: p.index,
             metadata: p.metadata,
         })
-    }
-
-    fn buf(&self) -> &[u8] {
-        match &self.bytes {
-            Bytes::Mmap(m) => m,
-            Bytes::Owned(v) => v,
-        }
     }
 
     pub fn path(&self) -> &Path {
@@ -242,7 +221,7 @@ impl SafetensorsFile {
         let t = self.info_or_err(name)?;
         // In range: the parser checked that the tensors tile the data section.
         let (begin, end) = t.data_offsets;
-        Ok(&self.buf()[self.data_start + begin..self.data_start + end])
+        Ok(&self.bytes[self.data_start + begin..self.data_start + end])
     }
 
     /// Tensor `name` (F32, F16 or BF16) widened to an f32 `Tensor` of its shape.

@@ -19,6 +19,7 @@ mod from_gguf;
 mod json;
 mod pretok;
 mod spm;
+mod to_json;
 
 use std::collections::HashMap;
 
@@ -28,6 +29,7 @@ use bpe::{BpeModel, Symbols};
 pub use pretok::PreTokenizer;
 use spm::SpmModel;
 pub use spm::{SpmOptions, SPACE_SYMBOL};
+pub use to_json::{copy_tokenizer_files, save_tokenizer_files, HF_TOKENIZER_FILES};
 
 const OP: &str = "tokenizer";
 
