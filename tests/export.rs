@@ -357,6 +357,7 @@ fn stories260k_checkpoint_exports_evaluate_like_the_checkpoint() {
         e2e_data: eqat::train::e2e_data::E2eData::Calibration,
         e2e_seqlen: 16,
         e2e_train_size: 4,
+        mrem: None,
         offload_disk: false,
         host_mem: None,
         device: eqat::train::device::Device::Cpu,

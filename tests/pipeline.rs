@@ -358,6 +358,7 @@ fn train_job_checks_host_memory_before_starting() {
         e2e_data: eqat::train::e2e_data::E2eData::Calibration,
         e2e_seqlen: 128,
         e2e_train_size: 64,
+        mrem: None,
         offload_disk: false,
         host_mem: Some(1 << 16),
         device: eqat::train::device::Device::Cpu,

@@ -103,6 +103,18 @@ const CASES: &[Case] = &[
         kept: &[],
     },
     Case {
+        name: "more modules than blocks",
+        setup: |_| flags(&["--parallel", "modules", "--modules", "9"]),
+        names: &["--modules 9 with 5 blocks"],
+        kept: &[],
+    },
+    Case {
+        name: "--gpus on a build without NCCL",
+        setup: |_| flags(&["--parallel", "modules", "--gpus", "0,1"]),
+        names: &["--gpus 0,1", "NCCL"],
+        kept: &[],
+    },
+    Case {
         name: "--train-size 0",
         setup: |_| flags(&["--train-size", "0"]),
         names: &["--train-size 0"],

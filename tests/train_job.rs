@@ -54,6 +54,7 @@ fn train_job_quantizes_stories260k_and_its_checkpoint_evaluates_the_same() {
         seed: 1,
         device: eqat::train::device::Device::Cpu,
         eval: Some((wiki.clone(), eval)),
+        mrem: None,
     };
     let mut lines = Vec::new();
     let s = run_train(&args, &tok, &fp, |l| lines.push(l.to_string())).unwrap();
@@ -151,6 +152,7 @@ fn train_job_runs_e2e_on_alpaca_records_and_stops_blocks_early() {
         e2e_data: E2eData::File(fixture.clone()),
         e2e_seqlen,
         e2e_train_size: 4,
+        mrem: None,
         offload_disk: false,
         host_mem: None,
         device: eqat::train::device::Device::Cpu,

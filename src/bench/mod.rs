@@ -276,9 +276,9 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
             &cfg,
             &vars,
             &mut opt,
-            xs.clone(),
-            ys.clone(),
+            (xs.clone(), ys.clone()),
             1.0,
+            &mut |_| Ok(()),
         )?;
         synchronize(&b.device)?;
         if i >= b.warmup {

@@ -80,6 +80,12 @@ pub trait BlockSamples {
     fn len(&self) -> usize;
     /// (inputs, targets) of samples `start..start + count`, each [count, T, C].
     fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)>;
+    /// The pair for training step `step` (0-based over the block's steps); inputs that change over training
+    /// (MREM's annealed mix, `train::mrem`) override this, fixed data keeps `pair`.
+    fn train_pair(&self, step: usize, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
+        let _ = step;
+        self.pair(start, count)
+    }
 }
 
 /// In-memory (inputs, targets), both [N, T, C].
@@ -135,7 +141,23 @@ pub fn train_block(
     train: &dyn BlockSamples,
     val: Option<&dyn BlockSamples>,
     opts: &BlockApOptions,
+    on_step: impl FnMut(StepInfo),
+) -> Result<TrainedBlock> {
+    train_block_with(cfg, weights, train, val, opts, on_step, &mut |_, _, _| {
+        Ok(())
+    })
+}
+
+/// [`train_block`], also handing `on_output(step, start, output)` the block's (fake-quantized) output of every
+/// training batch before its optimizer step: MREM sends it on to the next module (`train::mrem`).
+pub fn train_block_with(
+    cfg: &LlamaConfig,
+    weights: &BlockWeights,
+    train: &dyn BlockSamples,
+    val: Option<&dyn BlockSamples>,
+    opts: &BlockApOptions,
     mut on_step: impl FnMut(StepInfo),
+    on_output: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>,
 ) -> Result<TrainedBlock> {
     let n = train.len();
     if opts.batch_size == 0 || n < opts.batch_size {
@@ -177,15 +199,15 @@ pub fn train_block(
         epochs_run = epoch + 1;
         for i in 0..steps_per_epoch {
             let step = epoch * steps_per_epoch + i;
-            let (xs, ys) = train.pair(i * opts.batch_size, opts.batch_size)?;
+            let (xs, ys) = train.train_pair(step, i * opts.batch_size, opts.batch_size)?;
             let loss_value = train_step(
                 &mut tape,
                 cfg,
                 &vars,
                 &mut opt,
-                xs,
-                ys,
+                (xs, ys),
                 schedule.lr_factor(step as u64),
+                &mut |out| on_output(step, i * opts.batch_size, out),
             )
             .map_err(|e| match e {
                 Error::NonFinite { what } => Error::NonFinite {
@@ -258,21 +280,23 @@ pub fn block_ap_optimizer(vars: &BlockVars, opts: &BlockApOptions) -> Result<Ada
 
 /// One Block-AP step on a batch: forward under fake quantization, MSE against `ys`, backward, AdamW at
 /// `lr_factor`. Inputs go where the parameters are (uploaded when the block lives on a GPU). Returns the loss; a
-/// non-finite loss is an error (`NonFinite`) and leaves the parameters untouched.
+/// non-finite loss is an error (`NonFinite`) and leaves the parameters untouched. `on_output` sees the block's
+/// output before the update (MREM's hook; a no-op otherwise).
 pub fn train_step(
     tape: &mut Tape,
     cfg: &LlamaConfig,
     vars: &BlockVars,
     opt: &mut AdamW,
-    xs: Tensor,
-    ys: Tensor,
+    (xs, ys): (Tensor, Tensor),
     lr_factor: f32,
+    on_output: &mut dyn FnMut(&Tensor) -> Result<()>,
 ) -> Result<f32> {
     tape.reset();
     let (xs, ys) = to_param_device(tape, vars, xs, ys)?;
     let x = tape.input(xs);
     let y = tape.input(ys);
     let out = block_forward(tape, cfg, vars, x)?;
+    on_output(tape.value(out))?;
     let loss = mse(tape, out, y)?;
     tape.clear_grads();
     tape.backward(loss)?;

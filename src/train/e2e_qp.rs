@@ -17,6 +17,7 @@
 //! live there (the packed integers are uploaded once per layer and each linear dequantizes into a reused
 //! scratch); only each sequence's loss comes back per step, and the learned scales at the end.
 use crate::autograd::{Tape, Var};
+use crate::dist::{shard, Communicator, SingleRank};
 use crate::error::{Error, Result};
 use crate::model::llama::block_forward_with;
 use crate::model::quantized::QuantizedModel;
@@ -311,12 +312,29 @@ impl E2eTrainer {
         batch: &[Example],
         lr_factor: f32,
     ) -> Result<(f32, f32)> {
+        self.step_dist(model, batch, lr_factor, &SingleRank)
+    }
+
+    /// [`E2eTrainer::step`] data-parallel: this rank takes its slice ([`shard`]) of the global `batch`, and the
+    /// gradients and loss are summed over the ranks before every rank clips and steps identically.
+    pub fn step_dist(
+        &mut self,
+        model: &QuantizedModel,
+        batch: &[Example],
+        lr_factor: f32,
+        comm: &dyn Communicator,
+    ) -> Result<(f32, f32)> {
         check_data(batch, batch.len())?;
+        let world = comm.world_size();
         self.tape.zero_grad();
         let mut loss_sum = 0.0f64;
-        for ex in batch {
-            let weight = 1.0 / batch.len() as f32;
+        let weight = 1.0 / batch.len() as f32;
+        let mine = shard(batch.len(), comm.rank(), world);
+        for ex in &batch[mine] {
             loss_sum += sequence_backward(&mut self.tape, model, &self.vars, ex, weight)? as f64;
+        }
+        if world > 1 {
+            loss_sum = all_reduce_grads(&mut self.tape, comm, loss_sum as f32)? as f64;
         }
         let grad_norm = clip_grad_norm(&mut self.tape, self.max_grad_norm)?;
         self.opt.step(&mut self.tape, lr_factor)?;
@@ -339,8 +357,43 @@ pub fn train_e2e(
     model: &mut QuantizedModel,
     data: &[Example],
     opts: &E2eOptions,
+    on_step: impl FnMut(E2eStep),
+) -> Result<Vec<f32>> {
+    train_e2e_dist(model, data, opts, &SingleRank, on_step)
+}
+
+/// Data-parallel [`train_e2e`]: every rank holds the whole `data` and the same `model`, and takes its contiguous
+/// slice ([`shard`]) of every global batch. Each rank accumulates loss/global_batch over its sequences, exactly
+/// as the single rank does over all of them; the summed gradients (`all_reduce_sum`) are then the single-rank
+/// gradients up to the order of the f32 additions, and every rank clips and steps identically, so the scales
+/// stay equal on all ranks. Returns the loss of every optimizer step (the global-batch mean). Several ranks
+/// need host gradients (the communicator sums host buffers): `opts.device` must then be the CPU.
+pub fn train_e2e_dist(
+    model: &mut QuantizedModel,
+    data: &[Example],
+    opts: &E2eOptions,
+    comm: &dyn Communicator,
     mut on_step: impl FnMut(E2eStep),
 ) -> Result<Vec<f32>> {
+    let world = comm.world_size();
+    if opts.global_batch < world {
+        return Err(Error::invalid(
+            "e2e_qp",
+            format!(
+                "a global batch of {} cannot give each of {world} ranks a sequence",
+                opts.global_batch
+            ),
+        ));
+    }
+    if world > 1 && !opts.device.is_cpu() {
+        return Err(Error::invalid(
+            "e2e_qp",
+            format!(
+                "data-parallel E2E-QP ({world} ranks) sums host gradients: run it on the CPU, not {}",
+                opts.device.name()
+            ),
+        ));
+    }
     check_data(data, opts.global_batch)?;
     let mut trainer = E2eTrainer::new(model, opts)?;
     let steps_per_epoch = data.len() / opts.global_batch;
@@ -355,7 +408,7 @@ pub fn train_e2e(
         let first = (step % steps_per_epoch) * opts.global_batch;
         let batch = &data[first..first + opts.global_batch];
         let (loss, grad_norm) = trainer
-            .step(model, batch, schedule.lr_factor(step as u64))
+            .step_dist(model, batch, schedule.lr_factor(step as u64), comm)
             .map_err(|e| match e {
                 Error::NonFinite { what } => Error::NonFinite {
                     what: format!("{what} at step {step}"),
@@ -372,4 +425,22 @@ pub fn train_e2e(
     }
     trainer.finish(model)?;
     Ok(losses)
+}
+
+/// Sums every parameter gradient and `loss_sum` over the ranks (one flat buffer, one collective); returns the
+/// summed loss.
+fn all_reduce_grads(tape: &mut Tape, comm: &dyn Communicator, loss_sum: f32) -> Result<f32> {
+    let mut flat = Vec::new();
+    for g in tape.param_grads_mut() {
+        flat.extend_from_slice(g.f32s("e2e_qp all-reduce")?);
+    }
+    flat.push(loss_sum);
+    comm.all_reduce_sum(&mut flat)?;
+    let mut at = 0;
+    for g in tape.param_grads_mut() {
+        let d = g.f32s_mut("e2e_qp all-reduce")?;
+        d.copy_from_slice(&flat[at..at + d.len()]);
+        at += d.len();
+    }
+    Ok(flat[at])
 }

@@ -18,6 +18,7 @@ use crate::train::calib::calibration_windows;
 use crate::train::device::Device;
 use crate::train::e2e_data::{file_examples, E2eData};
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
+use crate::train::mrem::{run_block_ap_mrem, MremOptions};
 use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
 use crate::train::store::{BlockInputStore, Offload, StoreDType};
 use serde_json::json;
@@ -70,6 +71,8 @@ pub struct TrainArgs {
     pub device: Device,
     /// Perplexity text and protocol; None skips evaluation.
     pub eval: Option<(PathBuf, EvalOptions)>,
+    /// Block-AP with K modules trained concurrently (`--parallel modules`); None = one block after another.
+    pub mrem: Option<MremOptions>,
 }
 
 /// Perplexities and wall times of a finished job.
@@ -315,7 +318,7 @@ pub fn run_train(
     let start = Instant::now();
     let mut block_start = Instant::now();
     let mut log_err = None;
-    run_block_ap(fp, &train, &val, &popts, &mut ckpt, |e| {
+    block_ap_stage(args, fp, (&train, &val), &popts, &mut ckpt, |e| {
         let line = match e {
             Event::BlockStart { block, blocks } => {
                 block_start = Instant::now();
@@ -425,6 +428,21 @@ pub fn run_train(
     Ok(summary)
 }
 
+/// Block-AP over every block: sequential, or MREM-parallel when `args.mrem` says so.
+fn block_ap_stage(
+    args: &TrainArgs,
+    fp: &LlamaModel,
+    (train, val): (&[Vec<u32>], &[Vec<u32>]),
+    popts: &PipelineOptions,
+    ckpt: &mut CheckpointDir,
+    on_event: impl FnMut(Event),
+) -> Result<()> {
+    match &args.mrem {
+        Some(m) => run_block_ap_mrem(fp, train, val, popts, m, ckpt, on_event),
+        None => run_block_ap(fp, train, val, popts, ckpt, on_event),
+    }
+}
+
 /// Refuses settings the run cannot finish with, before anything is read or written; errors name the flag.
 fn check_args(args: &TrainArgs, cfg: &LlamaConfig) -> Result<()> {
     let bad = |msg: String| Err(Error::invalid("engine train", msg));
@@ -448,6 +466,15 @@ fn check_args(args: &TrainArgs, cfg: &LlamaConfig) -> Result<()> {
             "--train-size {} with --batch-size {}: Block-AP needs at least one full batch of training sequences",
             args.train_size, args.batch_size
         ));
+    }
+    if let Some(m) = &args.mrem {
+        crate::train::mrem::module_ranges(cfg.n_layers, m.modules)?;
+        if !args.device.is_cpu() {
+            return bad(format!(
+                "--parallel modules with --device {}: MREM modules train on the CPU only so far; use --parallel off",
+                args.device.name()
+            ));
+        }
     }
     for (flag, v) in [("seqlen", args.seqlen), ("epochs", args.epochs)] {
         if v == 0 {

@@ -8,6 +8,7 @@ pub mod e2e_data;
 pub mod e2e_qp;
 pub mod instruct;
 pub mod job;
+pub mod mrem;
 pub mod pipeline;
 pub mod schedule;
 pub mod store;

@@ -75,7 +75,7 @@ pub struct PipelineOptions {
 
 /// Runs one (unquantized) block over every sample of `stream`, in place, on `device` (batches uploaded and
 /// their outputs downloaded on a GPU).
-fn propagate(
+pub(crate) fn propagate(
     store: &mut BlockInputStore,
     stream: Stream,
     cfg: &LlamaConfig,

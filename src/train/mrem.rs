@@ -1,0 +1,387 @@
+//! MREM-parallel Block-AP: the blocks split into K contiguous modules that train at the same time, one thread
+//! each (module-wise reconstruction, Bai et al. 2022, "Towards Efficient Post-training Quantization of
+//! Pre-trained Language Models"). Within a module, blocks train one after another exactly as in the sequential
+//! pipeline (`train::pipeline`): each block has its own tape and optimizer and its MSE against the FP block's
+//! output on FP inputs; gradients never cross modules.
+//!
+//! What a module trains on. The first module sees the sequential pipeline's inputs (the model's own quantized
+//! stream from the embeddings), so K = 1 is exactly the sequential run. Module m > 0 cannot wait for module m−1
+//! to finish, so at its training step t (counted over all of its blocks) its input batch is
+//!     x_t = λ_t · FP_m + (1 − λ_t) · Q_t,    λ_t = max(1 − t / T0, 0)
+//! pushed through the module's own already-frozen blocks, where FP_m is the full-precision model's activation
+//! at the module's first block and Q_t is module m−1's quantized output of the same batch at its own step t: the
+//! output of its block under training (fake-quantized, current parameters), pushed through its later blocks at
+//! their min-max (RTN) quantization. Q_t travels through a bounded FIFO queue (`sync_channel`), one message per
+//! step, in step order; every module has the same steps per block, so message t is for the consumer's step t.
+//! T0 (`anneal_steps`) defaults to the steps of one block, so the first block anneals from FP to quantized
+//! inputs and later blocks see only quantized ones. Once module m−1 has finished (its queue is closed), module
+//! m keeps training on the last quantized output module m−1 sent for each batch. Validation losses of module
+//! m > 0 use the FP module input pushed through the module's frozen blocks. Each module gets its own rayon pool
+//! with 1/K of the threads (at least one).
+use crate::error::{Error, Result};
+use crate::model::llama::{BlockWeights, LlamaConfig};
+use crate::model::quantized::QuantizedBlock;
+use crate::quant::fake_quant::{init_minmax, QuantConfig};
+use crate::tensor::Tensor;
+use crate::train::block_ap::{train_block_with, BlockSamples};
+use crate::train::device::Device;
+use crate::train::pipeline::{
+    propagate, BlockRecord, BlockSink, BlockSource, Event, PipelineOptions,
+};
+use crate::train::store::{BlockInputStore, Offload, Stream};
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+
+mod forward;
+mod queue;
+#[cfg(test)]
+mod tests;
+
+use forward::forward_blocks;
+use queue::MixedInputs;
+pub use queue::{QuantOutput, Upstream};
+
+#[derive(Clone, Debug)]
+pub struct MremOptions {
+    /// K, the number of modules trained concurrently.
+    pub modules: usize,
+    /// T0 of the λ schedule in module training steps; None = the steps of one block.
+    pub anneal_steps: Option<usize>,
+    /// Messages module m−1 may run ahead of module m.
+    pub queue_depth: usize,
+}
+
+/// λ_t = max(1 − t/T0, 0): the FP share of a module's input at its training step t (T0 = 0: quantized at once).
+pub fn lambda(t: usize, t0: usize) -> f32 {
+    if t0 == 0 {
+        return 0.0;
+    }
+    (1.0 - t as f64 / t0 as f64).max(0.0) as f32
+}
+
+/// The K contiguous block ranges (the first `n % K` modules take one block more).
+pub fn module_ranges(n_layers: usize, modules: usize) -> Result<Vec<Range<usize>>> {
+    if modules == 0 || modules > n_layers {
+        return Err(Error::invalid(
+            "mrem",
+            format!("--modules {modules} with {n_layers} blocks: use 1..={n_layers}"),
+        ));
+    }
+    Ok((0..modules)
+        .map(|m| crate::dist::shard(n_layers, m, modules))
+        .collect())
+}
+
+/// What one module thread needs.
+struct Module<'a> {
+    index: usize,
+    /// K: a host-memory budget is shared evenly by the modules' stores.
+    modules: usize,
+    range: Range<usize>,
+    cfg: &'a LlamaConfig,
+    blocks: &'a [BlockWeights],
+    opts: &'a PipelineOptions,
+    anneal: usize,
+    upstream: Option<Receiver<QuantOutput>>,
+    downstream: Option<SyncSender<QuantOutput>>,
+    events: mpsc::Sender<Event>,
+}
+
+fn module_offload(o: &Offload, m: usize, k: usize) -> Offload {
+    let file = |p: &std::path::Path| p.with_extension(format!("module{m}.bin"));
+    match o {
+        Offload::Ram => Offload::Ram,
+        Offload::Disk(p) => Offload::Disk(file(p)),
+        Offload::Budget { ram_bytes, path } => Offload::Budget {
+            ram_bytes: ram_bytes / k as u64,
+            path: file(path),
+        },
+    }
+}
+
+/// A store with both streams set to `x` [N, T, C].
+fn store_of(x: &Tensor, opts: &PipelineOptions, offload: Offload) -> Result<BlockInputStore> {
+    let s = x.shape();
+    let mut st = BlockInputStore::new(s[0], s[1], s[2], opts.store_dtype, offload)?;
+    st.write(Stream::Fp, 0, x.f32s("mrem")?)?;
+    st.write(Stream::Quant, 0, x.f32s("mrem")?)?;
+    Ok(st)
+}
+
+impl Module<'_> {
+    fn run(mut self, x_train: &Tensor, x_val: Option<&Tensor>) -> Result<Vec<BlockRecord>> {
+        let (cfg, opts, fb) = (self.cfg, self.opts, self.opts.forward_batch.max(1));
+        let mut store = store_of(
+            x_train,
+            opts,
+            module_offload(&opts.offload, self.index, self.modules),
+        )?;
+        let mut val_store = match x_val {
+            Some(v) => Some(store_of(
+                v,
+                opts,
+                module_offload(&opts.offload_val, self.index, self.modules),
+            )?),
+            None => None,
+        };
+        // The FP model up to the module's first block: both streams start at the FP activation there.
+        for w in &self.blocks[..self.range.start] {
+            for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
+                propagate(s, Stream::Fp, cfg, w, fb, &Device::Cpu)?;
+                propagate(s, Stream::Quant, cfg, w, fb, &Device::Cpu)?;
+            }
+        }
+        let fp_in = if self.upstream.is_some() {
+            Some(store.read(Stream::Quant, 0, store.samples())?)
+        } else {
+            None
+        };
+        let upstream = self
+            .upstream
+            .take()
+            .map(|rx| RefCell::new(Upstream::new(rx)));
+        // The module's later blocks at min-max quantization, for the outputs sent downstream.
+        let rtn: Vec<BlockWeights> = if self.downstream.is_some() {
+            self.blocks[self.range.clone()]
+                .iter()
+                .map(|w| rtn_block(w, opts.block_ap.quant))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let steps_per_block = (store.samples() / opts.block_ap.batch_size) * opts.block_ap.epochs;
+        let mut frozen: Vec<BlockWeights> = Vec::new();
+        let mut records = Vec::new();
+        for (j, i) in self.range.clone().enumerate() {
+            let fp = &self.blocks[i];
+            for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
+                propagate(s, Stream::Fp, cfg, fp, fb, &Device::Cpu)?;
+            }
+            let _ = self.events.send(Event::BlockStart {
+                block: i,
+                blocks: cfg.n_layers,
+            });
+            let step0 = j * steps_per_block;
+            let mixed = match (&upstream, &fp_in) {
+                (Some(up), Some(fp_in)) => Some(MixedInputs {
+                    cfg,
+                    store: &store,
+                    fp_in,
+                    frozen: &frozen,
+                    upstream: up,
+                    step0,
+                    anneal: self.anneal,
+                }),
+                _ => None,
+            };
+            let train: &dyn BlockSamples = match &mixed {
+                Some(m) => m,
+                None => &store,
+            };
+            let val_ref = val_store.as_ref().map(|v| v as &dyn BlockSamples);
+            let events = self.events.clone();
+            let later = rtn.get(j + 1..).unwrap_or(&[]);
+            let downstream = &mut self.downstream;
+            let mut send = |step: usize, start: usize, out: &Tensor| -> Result<()> {
+                if let Some(tx) = downstream.as_ref() {
+                    let output = forward_blocks(cfg, later, out.clone())?;
+                    let msg = QuantOutput {
+                        step: step0 + step,
+                        start,
+                        output,
+                    };
+                    // The next module hung up (it finished with fewer steps, or failed): stop sending.
+                    if tx.send(msg).is_err() {
+                        *downstream = None;
+                    }
+                }
+                Ok(())
+            };
+            let t = train_block_with(
+                cfg,
+                fp,
+                train,
+                val_ref,
+                &opts.block_ap,
+                |info| {
+                    let _ = events.send(Event::Step { block: i, info });
+                },
+                &mut send,
+            )
+            .map_err(|e| match e {
+                Error::NonFinite { what } => Error::NonFinite {
+                    what: format!("block {i} (module {}): {what}", self.index),
+                },
+                e => e,
+            })?;
+            let record = BlockRecord {
+                block: QuantizedBlock::freeze(
+                    &t.weights,
+                    &t.scales,
+                    &t.zeros,
+                    opts.block_ap.quant,
+                )?,
+                step_losses: t.step_losses,
+                val_losses: t.val_losses,
+                epochs_run: t.epochs_run,
+            };
+            let _ = self.events.send(Event::BlockDone {
+                block: i,
+                train_loss: record.step_losses.last().copied().unwrap_or(f32::NAN),
+                val_loss: record.val_losses.last().copied(),
+                epochs_run: record.epochs_run,
+            });
+            let deq = record.block.dequantized()?;
+            // Module 0 trains on the store's quantized stream (the sequential pipeline); later modules rebuild
+            // their inputs from the mix, so only their validation stream moves on.
+            let train_store = if upstream.is_none() {
+                Some(&mut store)
+            } else {
+                None
+            };
+            for s in train_store.into_iter().chain(val_store.as_mut()) {
+                propagate(s, Stream::Quant, cfg, &deq, fb, &Device::Cpu)?;
+            }
+            frozen.push(deq);
+            records.push(record);
+        }
+        Ok(records)
+    }
+}
+
+/// A block with every linear at its min-max (RTN) quantization, dequantized.
+fn rtn_block(w: &BlockWeights, quant: QuantConfig) -> Result<BlockWeights> {
+    let (mut scales, mut zeros) = (Vec::new(), Vec::new());
+    for l in &w.linears {
+        let (s, z) = init_minmax(l, quant)?;
+        scales.push(s);
+        zeros.push(z);
+    }
+    let arr = |v: Vec<Tensor>| -> [Tensor; 7] { v.try_into().expect("seven linears") };
+    QuantizedBlock::freeze(w, &arr(scales), &arr(zeros), quant)?.dequantized()
+}
+
+/// Block-AP with the blocks split into `mrem.modules` modules trained concurrently (see the module doc). Blocks
+/// reach `sink` in order once every module has finished; a partly saved run cannot be resumed in this mode.
+pub fn run_block_ap_mrem(
+    src: &dyn BlockSource,
+    train: &[Vec<u32>],
+    val: &[Vec<u32>],
+    opts: &PipelineOptions,
+    mrem: &MremOptions,
+    sink: &mut dyn BlockSink,
+    mut on_event: impl FnMut(Event),
+) -> Result<()> {
+    let cfg = src.config().clone();
+    let done = sink.blocks_done();
+    if done == cfg.n_layers {
+        return Ok(());
+    }
+    if done > 0 {
+        return Err(Error::invalid(
+            "mrem",
+            format!("{done} of {} blocks are saved: resuming a --parallel modules run is not supported; start a fresh --out, or resume with --parallel off", cfg.n_layers),
+        ));
+    }
+    let ranges = module_ranges(cfg.n_layers, mrem.modules)?;
+    let n = train.len();
+    if opts.block_ap.batch_size == 0 || n < opts.block_ap.batch_size {
+        return Err(Error::invalid(
+            "mrem",
+            format!(
+                "{n} training samples cannot fill one batch of {}",
+                opts.block_ap.batch_size
+            ),
+        ));
+    }
+    let anneal = mrem
+        .anneal_steps
+        .unwrap_or((n / opts.block_ap.batch_size) * opts.block_ap.epochs);
+    let x_train = embed_all(src, train)?;
+    let x_val = if val.is_empty() {
+        None
+    } else {
+        Some(embed_all(src, val)?)
+    };
+    let blocks: Vec<BlockWeights> = (0..cfg.n_layers)
+        .map(|i| src.block(i))
+        .collect::<Result<_>>()?;
+    // Each module runs its ops (gemm, rayon loops) in a pool of its own with an equal share of the threads:
+    // through the one global pool, the modules' parallel loops would queue behind each other.
+    let threads = (rayon::current_num_threads() / ranges.len()).max(1);
+    let mut pools = (0..ranges.len())
+        .map(|m| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("mrem-module{m}-{i}"))
+                .build()
+                .map_err(|e| Error::invalid("mrem", format!("thread pool of {threads}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter();
+    let (events_tx, events_rx) = mpsc::channel();
+    let results: Vec<Result<Vec<BlockRecord>>> = std::thread::scope(|s| {
+        let mut upstream = None;
+        let mut handles = Vec::new();
+        for (index, range) in ranges.iter().enumerate() {
+            let (downstream, next_upstream) = if index + 1 < ranges.len() {
+                let (tx, rx) = mpsc::sync_channel(mrem.queue_depth);
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let module = Module {
+                index,
+                modules: ranges.len(),
+                range: range.clone(),
+                cfg: &cfg,
+                blocks: &blocks,
+                opts,
+                anneal,
+                upstream: upstream.take(),
+                downstream,
+                events: events_tx.clone(),
+            };
+            upstream = next_upstream;
+            let (x_train, x_val) = (&x_train, x_val.as_ref());
+            let pool = pools.next().expect("one pool per module");
+            handles.push(s.spawn(move || pool.install(|| module.run(x_train, x_val))));
+        }
+        drop(events_tx);
+        for e in events_rx {
+            on_event(e);
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::invalid(
+                        "mrem",
+                        "a module thread panicked".to_string(),
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut records = Vec::with_capacity(cfg.n_layers);
+    for r in results {
+        records.extend(r?);
+    }
+    for (i, r) in records.iter().enumerate() {
+        sink.save_block(i, r)?;
+    }
+    Ok(())
+}
+
+/// Token embeddings of every window, [N, T, C].
+fn embed_all(src: &dyn BlockSource, windows: &[Vec<u32>]) -> Result<Tensor> {
+    let t = windows.first().map(|w| w.len()).unwrap_or(0);
+    if let Some(w) = windows.iter().find(|w| w.len() != t) {
+        return Err(Error::invalid(
+            "mrem",
+            format!("calibration windows of {} and {} tokens", t, w.len()),
+        ));
+    }
+    src.embed(&windows.concat(), windows.len(), t)
+}

@@ -1,0 +1,256 @@
+//! MREM-parallel Block-AP: one module is exactly the sequential pipeline; several modules train every block
+//! concurrently, use their predecessor's queued outputs, and on stories260K end near the sequential perplexity.
+mod common;
+mod shared_data;
+
+use common::RandomModel;
+use eqat::quant::fake_quant::QuantConfig;
+use eqat::train::block_ap::BlockApOptions;
+use eqat::train::mrem::{run_block_ap_mrem, MremOptions};
+use eqat::train::pipeline::{run_block_ap, BlockRecord, BlockSink, Event, PipelineOptions};
+use eqat::train::store::{Offload, StoreDType};
+use eqat::{Result, Rng};
+
+#[derive(Default)]
+struct MemorySink(Vec<BlockRecord>);
+
+impl BlockSink for MemorySink {
+    fn save_block(&mut self, i: usize, r: &BlockRecord) -> Result<()> {
+        assert_eq!(i, self.0.len(), "blocks are saved in order");
+        self.0.push(r.clone());
+        Ok(())
+    }
+    fn load_block(&self, i: usize) -> Result<BlockRecord> {
+        Ok(self.0[i].clone())
+    }
+    fn blocks_done(&self) -> usize {
+        self.0.len()
+    }
+}
+
+fn options() -> PipelineOptions {
+    let mut block_ap = BlockApOptions::recipe(QuantConfig::new(2, 8).unwrap());
+    block_ap.quant_lr = 1e-3;
+    block_ap.weight_lr = 1e-4;
+    PipelineOptions {
+        block_ap,
+        offload: Offload::Ram,
+        offload_val: Offload::Ram,
+        store_dtype: StoreDType::F16,
+        forward_batch: 3,
+    }
+}
+
+fn mrem(modules: usize, anneal_steps: Option<usize>) -> MremOptions {
+    MremOptions {
+        modules,
+        anneal_steps,
+        queue_depth: 2,
+    }
+}
+
+fn windows(seed: u64, n: usize) -> Vec<Vec<u32>> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| (0..12).map(|_| rng.below(50) as u32).collect())
+        .collect()
+}
+
+/// Every bit of a block record: packed weights, zeros, scales, norms and the losses.
+fn bits(r: &BlockRecord) -> Vec<u32> {
+    let mut v: Vec<u32> = Vec::new();
+    for l in &r.block.linears {
+        v.extend(l.qweight());
+        v.extend(l.zeros().iter().map(|&z| z as u32));
+        v.extend(l.scales().f32s("t").unwrap().iter().map(|x| x.to_bits()));
+    }
+    for n in [&r.block.attn_norm, &r.block.ffn_norm] {
+        v.extend(n.f32s("t").unwrap().iter().map(|x| x.to_bits()));
+    }
+    v.extend(
+        r.step_losses
+            .iter()
+            .chain(&r.val_losses)
+            .map(|x| x.to_bits()),
+    );
+    v
+}
+
+fn run_mrem(model: &RandomModel, m: &MremOptions) -> (MemorySink, Vec<Event>) {
+    let (train, val) = (windows(2, 8), windows(3, 2));
+    let mut sink = MemorySink::default();
+    let mut events = Vec::new();
+    run_block_ap_mrem(model, &train, &val, &options(), m, &mut sink, |e| {
+        events.push(e)
+    })
+    .unwrap();
+    (sink, events)
+}
+
+#[test]
+fn one_module_is_exactly_the_sequential_pipeline() {
+    let model = RandomModel::new(1);
+    let mut seq = MemorySink::default();
+    run_block_ap(
+        &model,
+        &windows(2, 8),
+        &windows(3, 2),
+        &options(),
+        &mut seq,
+        |_| {},
+    )
+    .unwrap();
+    let (par, _) = run_mrem(&model, &mrem(1, None));
+    assert_eq!(par.0.len(), 3);
+    for (i, (a, b)) in seq.0.iter().zip(&par.0).enumerate() {
+        assert_eq!(bits(a), bits(b), "block {i}");
+    }
+}
+
+#[test]
+fn several_modules_train_every_block_on_their_predecessors_outputs() {
+    let model = RandomModel::new(1);
+    for k in [2, 3] {
+        let (sink, events) = run_mrem(&model, &mrem(k, None));
+        assert_eq!(sink.0.len(), 3, "K={k}");
+        for (i, b) in sink.0.iter().enumerate() {
+            assert_eq!(
+                b.step_losses.len(),
+                8,
+                "K={k} block {i}: 8 samples / batch 2 x 2 epochs"
+            );
+            assert!(
+                b.step_losses.iter().all(|l| l.is_finite() && *l > 0.0),
+                "K={k} block {i}"
+            );
+            assert_eq!(b.val_losses.len(), 2);
+        }
+        let done: Vec<usize> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::BlockDone { block, .. } => Some(*block),
+                _ => None,
+            })
+            .collect();
+        let mut sorted = done.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2], "K={k}: every block reports once");
+    }
+    // Module 1 (block 2 of 0..2 | 2..3) sees the queued outputs of module 0 once λ < 1: quantized inputs from
+    // the first step (T0 = 0) train it differently from FP inputs throughout (T0 huge), while module 0 is the
+    // same either way.
+    let (quantized, _) = run_mrem(&model, &mrem(2, Some(0)));
+    let (fp_only, _) = run_mrem(&model, &mrem(2, Some(1 << 30)));
+    assert_eq!(bits(&quantized.0[0]), bits(&fp_only.0[0]));
+    assert_eq!(bits(&quantized.0[1]), bits(&fp_only.0[1]));
+    assert_ne!(bits(&quantized.0[2]), bits(&fp_only.0[2]));
+}
+
+#[test]
+fn bad_module_counts_and_partial_resume_are_refused() {
+    let model = RandomModel::new(1);
+    let (train, val) = (windows(2, 8), windows(3, 2));
+    for k in [0, 4] {
+        let e = run_block_ap_mrem(
+            &model,
+            &train,
+            &val,
+            &options(),
+            &mrem(k, None),
+            &mut MemorySink::default(),
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&format!("--modules {k} with 3 blocks")), "{e}");
+    }
+    let (mut done, _) = run_mrem(&model, &mrem(2, None));
+    done.0.truncate(1);
+    let e = run_block_ap_mrem(
+        &model,
+        &train,
+        &val,
+        &options(),
+        &mrem(2, None),
+        &mut done,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("1 of 3 blocks are saved"), "{e}");
+}
+
+/// stories260K (5 blocks, hidden 64, FFN 172: g4 is the largest group dividing both) at w3g4: K = 2 modules
+/// (blocks 0..3 | 3..5) end within MARGIN (5%) of the sequential run's Block-AP perplexity. Module 1 starts on
+/// inputs from a module 0 still in training, so the result is not the sequential one. Measured here: sequential
+/// 103.06, 2 modules 103.02 (RTN 119.33, FP 94.03); at w2g4 with 16 samples the two differed by 14% (181 vs 156,
+/// RTN 186: a regime where Block-AP barely moves), hence the stronger recipe.
+#[test]
+fn two_modules_on_stories260k_end_near_the_sequential_perplexity() {
+    use eqat::eval::EvalOptions;
+    use eqat::model::open_model;
+    use eqat::train::e2e_qp::E2eOptions;
+    use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
+    const MARGIN: f64 = 0.05;
+    let (Some(model), Some(wiki)) = (
+        shared_data::shared_data("tinyllamas/stories260K/stories260K.gguf"),
+        shared_data::shared_data("wikitext-2-raw/wiki.test.raw"),
+    ) else {
+        return;
+    };
+    let (fp, tok) = open_model(&model).unwrap();
+    let out = std::env::temp_dir().join(format!("eqat-mrem-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let args = |name: &str, mrem: Option<MremOptions>| TrainArgs {
+        model: model.clone(),
+        out: out.join(name),
+        quant: QuantConfig::new(3, 4).unwrap(),
+        calib: Calibration::SelfGenerated,
+        phase: Phase::BlockAp,
+        train_size: 32,
+        val_size: 2,
+        seqlen: 64,
+        epochs: 2,
+        batch_size: 2,
+        quant_lr: 1e-3,
+        weight_lr: 1e-4,
+        early_stop: 0,
+        e2e: E2eOptions::recipe(2),
+        e2e_data: eqat::train::e2e_data::E2eData::Calibration,
+        e2e_seqlen: 64,
+        e2e_train_size: 32,
+        offload_disk: false,
+        host_mem: None,
+        device: eqat::train::device::Device::Cpu,
+        resume: false,
+        seed: 3,
+        eval: Some((
+            wiki.clone(),
+            EvalOptions {
+                ctx: 256,
+                max_windows: Some(4),
+                batch: 4,
+            },
+        )),
+        mrem,
+    };
+    let seq = run_train(&args("seq", None), &tok, &fp, |_| {}).unwrap();
+    let par = run_train(&args("par", Some(mrem(2, None))), &tok, &fp, |_| {}).unwrap();
+    let (s, p, rtn) = (
+        seq.ppl_block_ap.unwrap(),
+        par.ppl_block_ap.unwrap(),
+        seq.ppl_rtn.unwrap(),
+    );
+    println!(
+        "stories260K w3g4 Block-AP perplexity: FP {:.3}, RTN {rtn:.3}, sequential {s:.3} ({:.2} s), 2 modules {p:.3} ({:.2} s)",
+        seq.ppl_fp.unwrap(),
+        seq.block_ap_seconds,
+        par.block_ap_seconds
+    );
+    assert!(p < rtn, "MREM must still beat RTN: {p} vs {rtn}");
+    assert!(
+        (p - s).abs() <= MARGIN * s,
+        "2 modules {p} vs sequential {s}"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
