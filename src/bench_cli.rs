@@ -41,31 +41,31 @@ pub enum BenchKind {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// One E2E-QP training step on a synthetic quantized model (packed integer weights generated where the step
+    /// runs): median step time, tokens/s, TFLOP/s (8·params·tokens) and peak memory.
+    E2eQp(crate::bench_e2e_cli::E2eQpArgs),
 }
 
 pub fn bench(args: BenchArgs) -> eqat::Result<()> {
-    let BenchKind::BlockAp {
-        shape,
-        wbits,
-        group_size,
-        batch,
-        seqlen,
-        device,
-        dtype,
-        steps,
-        warmup,
-        seed,
-    } = args.which;
-    let dtype = match dtype.as_str() {
-        "f32" => MatmulDType::F32,
-        "bf16" => MatmulDType::Bf16,
-        other => {
-            return Err(eqat::Error::invalid(
-                "engine bench",
-                format!("--dtype {other}: expected f32 or bf16"),
-            ))
-        }
-    };
+    let (shape, wbits, group_size, batch, seqlen, device, dtype, steps, warmup, seed) =
+        match args.which {
+            BenchKind::E2eQp(a) => return crate::bench_e2e_cli::bench_e2e_qp(a),
+            BenchKind::BlockAp {
+                shape,
+                wbits,
+                group_size,
+                batch,
+                seqlen,
+                device,
+                dtype,
+                steps,
+                warmup,
+                seed,
+            } => (
+                shape, wbits, group_size, batch, seqlen, device, dtype, steps, warmup, seed,
+            ),
+        };
+    let dtype = parse_dtype(&dtype)?;
     let b = BlockApBench {
         shape: BenchShape::parse(&shape)?,
         quant: QuantConfig::new(wbits, group_size)?,
@@ -105,4 +105,16 @@ pub fn bench(args: BenchArgs) -> eqat::Result<()> {
         r.tflops()
     );
     Ok(())
+}
+
+/// `--dtype`: f32, or bf16 GEMM operands.
+pub fn parse_dtype(dtype: &str) -> eqat::Result<MatmulDType> {
+    match dtype {
+        "f32" => Ok(MatmulDType::F32),
+        "bf16" => Ok(MatmulDType::Bf16),
+        other => Err(eqat::Error::invalid(
+            "engine bench",
+            format!("--dtype {other}: expected f32 or bf16"),
+        )),
+    }
 }

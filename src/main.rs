@@ -1,5 +1,6 @@
 //! `engine`: a thin command line over the eqat library (all logic lives in the library).
 mod bench_cli;
+mod bench_e2e_cli;
 
 use clap::{Parser, Subcommand};
 use eqat::eval::data::{default_eval_data, read_eval_text, TextRule};
@@ -108,7 +109,7 @@ enum Command {
         resume: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Where Block-AP runs: cpu, cuda or cuda:N (E2E-QP and evaluation stay on the CPU).
+        /// Where Block-AP and E2E-QP run: cpu, cuda or cuda:N (evaluation stays on the CPU).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Perplexity text (default: shared/data/wikitext-2-raw/wiki.test.raw); `none` skips evaluation.

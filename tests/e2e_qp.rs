@@ -2,55 +2,10 @@
 //! gradient of the whole model agrees with finite differences.
 mod common;
 
-use common::RandomModel;
-use eqat::model::quantized::{QuantizedBlock, QuantizedModel};
-use eqat::quant::fake_quant::{init_minmax, QuantConfig};
-use eqat::train::e2e_qp::{train_e2e, E2eOptions, Example};
-use eqat::{Rng, Tensor};
-
-/// The random model with every linear at its min-max (RTN) quantization.
-fn rtn_model(seed: u64, quant: QuantConfig) -> QuantizedModel {
-    let m = RandomModel::new(seed);
-    let blocks = m
-        .blocks
-        .iter()
-        .map(|w| {
-            let (mut scales, mut zeros) = (Vec::new(), Vec::new());
-            for l in &w.linears {
-                let (s, z) = init_minmax(l, quant).unwrap();
-                scales.push(s);
-                zeros.push(z);
-            }
-            QuantizedBlock::freeze(
-                w,
-                &scales.try_into().unwrap(),
-                &zeros.try_into().unwrap(),
-                quant,
-            )
-            .unwrap()
-        })
-        .collect();
-    let (v, c) = (m.cfg.vocab, m.cfg.hidden);
-    QuantizedModel {
-        cfg: m.cfg.clone(),
-        embedding: Tensor::from_vec(&[v, c], m.embedding.clone()).unwrap(),
-        final_norm: Tensor::full(&[c], 1.0),
-        lm_head: None,
-        blocks,
-        path: "random".into(),
-    }
-}
-
-/// Text with structure to learn: each sequence counts upwards from a random start.
-fn data(n: usize, t: usize, seed: u64) -> Vec<Example> {
-    let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| {
-            let s = rng.below(50) as u32;
-            Example::causal((0..t as u32).map(|i| (s + i) % 50).collect())
-        })
-        .collect()
-}
+use common::{data, rtn_model};
+use eqat::model::quantized::QuantizedModel;
+use eqat::quant::fake_quant::QuantConfig;
+use eqat::train::e2e_qp::{train_e2e, E2eOptions};
 
 #[test]
 fn e2e_qp_trains_only_scales_and_lowers_the_loss() {

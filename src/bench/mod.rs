@@ -7,6 +7,7 @@
 //! with a device synchronisation), the achieved TFLOP/s for [`StepFlops`], and the peak memory of the timed
 //! steps (GPU: the caching allocator's `MemoryStats`, parameters and optimizer state included; CPU: the process's
 //! peak RSS, VmHWM).
+pub mod e2e;
 #[cfg(feature = "cuda")]
 pub mod random;
 

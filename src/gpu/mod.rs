@@ -74,7 +74,7 @@ impl Arg {
 }
 
 /// Every `cuda/<op>.cu` of the crate (for warming the compile cache and for compile checks).
-pub fn kernel_sources() -> [KernelSource; 19] {
+pub fn kernel_sources() -> [KernelSource; 20] {
     [
         crate::bench::random::CUDA,
         crate::ops::add::CUDA,
@@ -95,6 +95,7 @@ pub fn kernel_sources() -> [KernelSource; 19] {
         crate::quant::fake_quant::CUDA,
         crate::quant::real_quant::cuda::CUDA,
         crate::train::adamw::CUDA,
+        crate::train::clip::CUDA,
     ]
 }
 

@@ -4,7 +4,6 @@
 //! share one device buffer, which `Storage::Cuda` does not do).
 //!
 //! Backward: dx = dout under x's shape (again a copy in the same order). Activation grads are written (`=`).
-//! On the GPU both copies are device-to-device copies (`GpuBuf::copy_from`), no kernel.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Tensor};

@@ -5,6 +5,8 @@
 //! gradient is multiplied by coef (torch clamps coef at 1 and always multiplies; × 1 changes nothing, so it is
 //! skipped). Returns the norm before clipping. A non-finite norm is an error that leaves the gradients as they
 //! were, like torch's `error_if_nonfinite=True` (with the default False torch would scale every gradient by NaN).
+//! Gradients on a GPU are summed and scaled there (`cuda/clip.cu`): one launch per gradient writes per-block
+//! partial sums into one buffer, which comes back in a single copy.
 use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::ops::simd;
@@ -28,7 +30,11 @@ pub fn clip_grad_norm(tape: &mut Tape, max_norm: f32) -> Result<f32> {
         ));
     }
     let mut sq = 0.0f64;
-    for g in tape.param_grads_mut() {
+    #[cfg(feature = "cuda")]
+    {
+        sq += cuda::sum_squares(tape)?;
+    }
+    for g in tape.param_grads_mut().filter(|g| !g.is_cuda()) {
         sq += sum_squares_f64(g.f32s("clip_grad_norm")?);
     }
     let norm = sq.sqrt();
@@ -40,6 +46,11 @@ pub fn clip_grad_norm(tape: &mut Tape, max_norm: f32) -> Result<f32> {
     let coef = max_norm as f64 / (norm + 1e-6);
     if coef < 1.0 {
         for g in tape.param_grads_mut() {
+            #[cfg(feature = "cuda")]
+            if g.is_cuda() {
+                cuda::scale(g.gpu_mut("clip_grad_norm")?, coef as f32)?;
+                continue;
+            }
             g.f32s_mut("clip_grad_norm")?
                 .par_chunks_mut(4096)
                 .for_each(|c| simd::scale_assign(c, coef as f32));
@@ -47,6 +58,73 @@ pub fn clip_grad_norm(tape: &mut Tape, max_norm: f32) -> Result<f32> {
     }
     Ok(norm as f32)
 }
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::autograd::Tape;
+    use crate::error::Result;
+    use crate::gpu::{Arg, GpuBuf, KernelSource};
+
+    pub const CUDA: KernelSource = KernelSource {
+        op: "clip",
+        code: include_str!("../../cuda/clip.cu"),
+    };
+
+    /// Blocks of the partial-sum launch: a fixed count, so the summation order never depends on the device.
+    const PARTIALS: usize = 256;
+
+    /// Σ g² over the parameter gradients that live on a GPU (0 when none does).
+    pub fn sum_squares(tape: &mut Tape) -> Result<f64> {
+        let grads: Vec<&GpuBuf> = tape
+            .param_grads_mut()
+            .filter(|g| g.is_cuda())
+            .map(|g| g.gpu("clip_grad_norm"))
+            .collect::<Result<_>>()?;
+        let Some(first) = grads.first() else {
+            return Ok(0.0);
+        };
+        let ctx = first.ctx().clone();
+        let partials = ctx.zeros(grads.len() * PARTIALS)?;
+        for (i, g) in grads.iter().enumerate() {
+            if g.ctx().ordinal() != ctx.ordinal() {
+                return Err(crate::error::Error::invalid(
+                    "clip_grad_norm",
+                    format!(
+                        "gradients on cuda:{} and cuda:{}",
+                        ctx.ordinal(),
+                        g.ctx().ordinal()
+                    ),
+                ));
+            }
+            let blocks = g.len().div_ceil(crate::gpu::BLOCK as usize).min(PARTIALS) as u32;
+            // Parameter i's partials start at i·PARTIALS (unused slots stay 0).
+            let out = Arg::Ptr(partials.ptr() + (i * PARTIALS * 4) as u64);
+            ctx.launch(
+                &CUDA,
+                "clip_sum_squares_f32",
+                (blocks, 1, 1),
+                (crate::gpu::BLOCK, 1, 1),
+                0,
+                &[out, g.arg(), Arg::I64(g.len() as i64)],
+            )?;
+        }
+        Ok(partials.to_vec()?.iter().map(|&p| p as f64).sum())
+    }
+
+    /// g *= coef in place.
+    pub fn scale(g: &mut GpuBuf, coef: f32) -> Result<()> {
+        let n = g.len();
+        g.ctx().launch_1d(
+            &CUDA,
+            "clip_scale_f32",
+            n,
+            &[g.arg(), Arg::I64(n as i64), Arg::F32(coef)],
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use cuda::CUDA;
 
 #[cfg(test)]
 mod tests {

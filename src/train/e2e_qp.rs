@@ -5,18 +5,31 @@
 //! clip 0.3, cosine schedule with HF-style warmup (3% of steps) decaying to 0, one epoch, the global batch built
 //! by gradient accumulation. The forward dequantizes each packed linear on the fly (`real_quant_linear`); norms,
 //! embeddings and the output head are frozen tensors on the tape, so no model-sized gradient buffer exists.
+//!
+//! Activation checkpointing per block: a sequence's forward runs without recording and keeps only each block's
+//! input [1, T, C]; the head (final norm, output linear, cross-entropy) is recorded and differentiated, giving
+//! dx at the last block's output; then each block, last to first, is run again with recording and differentiated
+//! through the surrogate loss Σ y ⊙ dy (its gradient at y is dy exactly), which adds its scale gradients and
+//! yields dx for the block before it. Memory holds one block's activations, not the whole model's; the price is
+//! one more forward of the blocks.
+//!
+//! Device: with `E2eOptions::device` a GPU, the scales, frozen tensors, activations, gradients and AdamW moments
+//! live there (the packed integers are uploaded once per layer and each linear dequantizes into a reused
+//! scratch); only each sequence's loss comes back per step, and the learned scales at the end.
 use crate::autograd::{Tape, Var};
 use crate::dist::{shard, Communicator, SingleRank};
 use crate::error::{Error, Result};
 use crate::model::llama::block_forward_with;
 use crate::model::quantized::QuantizedModel;
 use crate::ops::{
-    cross_entropy::cross_entropy, embedding::embedding, linear::linear, rmsnorm::rmsnorm,
+    cross_entropy::cross_entropy, embedding::embedding, linear::linear, mul::mul, rmsnorm::rmsnorm,
+    scale::scale, sum::sum,
 };
 use crate::quant::real_quant::linear::real_quant_linear;
 use crate::tensor::Tensor;
 use crate::train::adamw::{AdamW, ParamGroup};
 use crate::train::clip::clip_grad_norm;
+use crate::train::device::Device;
 use crate::train::schedule::CosineSchedule;
 
 /// Label of a position that does not count in the loss (torch's ignore_index).
@@ -61,6 +74,8 @@ pub struct E2eOptions {
     /// Sequences per optimizer step (the global batch), reached by accumulating one sequence at a time.
     pub global_batch: usize,
     pub warmup_ratio: f32,
+    /// Where the training runs (the model stays on the host; the trained scales come back to it).
+    pub device: Device,
 }
 
 impl E2eOptions {
@@ -72,6 +87,7 @@ impl E2eOptions {
             epochs: 1,
             global_batch: 32,
             warmup_ratio: 0.03,
+            device: Device::Cpu,
         }
     }
 }
@@ -94,26 +110,26 @@ struct ModelVars {
     head: Var,
 }
 
-fn register(tape: &mut Tape, m: &QuantizedModel) -> Result<ModelVars> {
+fn register(tape: &mut Tape, m: &QuantizedModel, dev: &Device) -> Result<ModelVars> {
     let mut scales = Vec::with_capacity(m.blocks.len());
     for b in &m.blocks {
         let mut s = Vec::with_capacity(7);
         for l in &b.linears {
-            s.push(tape.param(l.scales().clone())?);
+            s.push(tape.param(dev.copy(l.scales())?)?);
         }
         scales.push(s.try_into().expect("seven linears"));
     }
     let mut norms = Vec::with_capacity(m.blocks.len());
     for b in &m.blocks {
         norms.push((
-            tape.frozen(b.attn_norm.clone())?,
-            tape.frozen(b.ffn_norm.clone())?,
+            tape.frozen(dev.copy(&b.attn_norm)?)?,
+            tape.frozen(dev.copy(&b.ffn_norm)?)?,
         ));
     }
-    let embedding = tape.frozen(m.embedding.clone())?;
-    let final_norm = tape.frozen(m.final_norm.clone())?;
+    let embedding = tape.frozen(dev.copy(&m.embedding)?)?;
+    let final_norm = tape.frozen(dev.copy(&m.final_norm)?)?;
     let head = match &m.lm_head {
-        Some(h) => tape.frozen(h.clone())?,
+        Some(h) => tape.frozen(dev.copy(h)?)?,
         None => embedding,
     };
     Ok(ModelVars {
@@ -125,35 +141,97 @@ fn register(tape: &mut Tape, m: &QuantizedModel) -> Result<ModelVars> {
     })
 }
 
-/// Mean cross-entropy of one sequence on the tape.
-fn sequence_loss(tape: &mut Tape, m: &QuantizedModel, v: &ModelVars, ex: &Example) -> Result<Var> {
+/// Moves a value off the tape (the entry keeps an empty placeholder until the next `reset`).
+fn take_value(tape: &mut Tape, v: Var) -> Tensor {
+    std::mem::replace(tape.value_mut(v), Tensor::zeros(&[0]))
+}
+
+/// Block `i` on the tape: x [1, T, C] -> [1, T, C].
+fn block(tape: &mut Tape, m: &QuantizedModel, v: &ModelVars, i: usize, x: Var) -> Result<Var> {
+    let (attn_norm, ffn_norm) = v.norms[i];
+    let scales = v.scales[i];
+    let linears = &m.blocks[i].linears;
+    block_forward_with(
+        tape,
+        &m.cfg,
+        attn_norm,
+        ffn_norm,
+        x,
+        &mut |tape, j, input| real_quant_linear(tape, input, &linears[j], scales[j]),
+    )
+}
+
+/// One sequence's forward and backward with per-block recomputation (module docs); the scale gradients of
+/// `weight` × its mean cross-entropy are added to the tape's. Returns the (unweighted) loss.
+fn sequence_backward(
+    tape: &mut Tape,
+    m: &QuantizedModel,
+    v: &ModelVars,
+    ex: &Example,
+    weight: f32,
+) -> Result<f32> {
     let t = ex.ids.len();
-    let mut x = embedding(tape, v.embedding, &ex.ids, &[1, t])?;
-    for (i, b) in m.blocks.iter().enumerate() {
-        let (attn_norm, ffn_norm) = v.norms[i];
-        let scales = v.scales[i];
-        x = block_forward_with(
-            tape,
-            &m.cfg,
-            attn_norm,
-            ffn_norm,
-            x,
-            &mut |tape, j, input| real_quant_linear(tape, input, &b.linears[j], scales[j]),
-        )?;
+    let n_blocks = m.blocks.len();
+    let mut inputs: Vec<Tensor> = Vec::with_capacity(n_blocks);
+    tape.reset();
+    let x = tape.no_grad(|tape| embedding(tape, v.embedding, &ex.ids, &[1, t]))?;
+    let mut x = take_value(tape, x);
+    for i in 0..n_blocks {
+        tape.reset();
+        let xv = tape.leaf(x.clone(), false);
+        inputs.push(x);
+        let y = tape.no_grad(|tape| block(tape, m, v, i, xv))?;
+        x = take_value(tape, y);
     }
-    let h = rmsnorm(tape, x, v.final_norm, m.cfg.rms_eps)?;
+
+    tape.reset();
+    let xv = tape.leaf(x, true);
+    let h = rmsnorm(tape, xv, v.final_norm, m.cfg.rms_eps)?;
     let logits = linear(tape, h, v.head, None)?;
-    cross_entropy(tape, logits, &ex.labels, IGNORE)
+    let loss = cross_entropy(tape, logits, &ex.labels, IGNORE)?;
+    let value = tape.value(loss).to_host()?.f32s("e2e_qp")?[0];
+    if !value.is_finite() {
+        return Err(Error::NonFinite {
+            what: "E2E-QP sequence loss".into(),
+        });
+    }
+    let weighted = scale(tape, loss, weight)?;
+    tape.backward(weighted)?;
+    let mut dy = tape
+        .grad(xv)
+        .ok_or_else(|| Error::Autograd("e2e_qp: no gradient at the last block's output".into()))?
+        .clone();
+
+    for i in (0..n_blocks).rev() {
+        tape.reset();
+        let x = inputs.pop().expect("one input per block");
+        // The embedding is frozen: the first block's input needs no gradient.
+        let xv = tape.leaf(x, i > 0);
+        let y = block(tape, m, v, i, xv)?;
+        let dyv = tape.input(dy);
+        let surrogate = mul(tape, y, dyv)?;
+        let surrogate = sum(tape, surrogate)?;
+        tape.backward(surrogate)?;
+        dy = match i {
+            0 => Tensor::zeros(&[0]),
+            _ => tape
+                .grad(xv)
+                .ok_or_else(|| {
+                    Error::Autograd(format!("e2e_qp: no gradient at block {i}'s input"))
+                })?
+                .clone(),
+        };
+    }
+    tape.reset();
+    Ok(value)
 }
 
 /// The loss of one example and the gradient of every scale, in [block][linear] order: what one sequence adds to
-/// an E2E-QP step (for checks of the labels; training goes through [`train_e2e`]).
+/// an E2E-QP step (for checks of the labels; training goes through [`train_e2e`]). On the host.
 pub fn example_loss_and_grads(model: &QuantizedModel, ex: &Example) -> Result<(f32, Vec<Tensor>)> {
     let mut tape = Tape::new();
-    let vars = register(&mut tape, model)?;
-    let loss = sequence_loss(&mut tape, model, &vars, ex)?;
-    tape.backward(loss)?;
-    let value = tape.value(loss).f32s("e2e_qp")?[0];
+    let vars = register(&mut tape, model, &Device::Cpu)?;
+    let value = sequence_backward(&mut tape, model, &vars, ex, 1.0)?;
     let grads = vars
         .scales
         .iter()
@@ -167,45 +245,13 @@ pub fn example_loss_and_grads(model: &QuantizedModel, ex: &Example) -> Result<(f
     Ok((value, grads))
 }
 
-/// Trains the scales of `model` in place on `data`; returns the loss of every optimizer step.
-pub fn train_e2e(
-    model: &mut QuantizedModel,
-    data: &[Example],
-    opts: &E2eOptions,
-    on_step: impl FnMut(E2eStep),
-) -> Result<Vec<f32>> {
-    train_e2e_dist(model, data, opts, &SingleRank, on_step)
-}
-
-/// Data-parallel [`train_e2e`]: every rank holds the whole `data` and the same `model`, and takes its contiguous
-/// slice ([`shard`]) of every global batch. Each rank accumulates loss/global_batch over its sequences, exactly
-/// as the single rank does over all of them; the summed gradients (`all_reduce_sum`) are then the single-rank
-/// gradients up to the order of the f32 additions, and every rank clips and steps identically, so the scales
-/// stay equal on all ranks. Returns the loss of every optimizer step (the global-batch mean).
-pub fn train_e2e_dist(
-    model: &mut QuantizedModel,
-    data: &[Example],
-    opts: &E2eOptions,
-    comm: &dyn Communicator,
-    mut on_step: impl FnMut(E2eStep),
-) -> Result<Vec<f32>> {
-    let world = comm.world_size();
-    if opts.global_batch < world {
+fn check_data(data: &[Example], global_batch: usize) -> Result<()> {
+    if global_batch == 0 || data.len() < global_batch {
         return Err(Error::invalid(
             "e2e_qp",
             format!(
-                "a global batch of {} cannot give each of {world} ranks a sequence",
-                opts.global_batch
-            ),
-        ));
-    }
-    if opts.global_batch == 0 || data.len() < opts.global_batch {
-        return Err(Error::invalid(
-            "e2e_qp",
-            format!(
-                "{} training sequences cannot fill one global batch of {}",
+                "{} training sequences cannot fill one global batch of {global_batch}",
                 data.len(),
-                opts.global_batch
             ),
         ));
     }
@@ -223,19 +269,133 @@ pub fn train_e2e_dist(
             ),
         ));
     }
-    let mut tape = Tape::new();
-    let vars = register(&mut tape, model)?;
-    let params: Vec<Var> = vars.scales.iter().flatten().copied().collect();
-    let mut opt = AdamW::new(
-        vec![ParamGroup {
-            params,
-            lr: opts.lr,
-            weight_decay: opts.weight_decay,
-        }],
-        0.9,
-        0.999,
-        1e-8,
-    )?;
+    Ok(())
+}
+
+/// The training state of E2E-QP on one model: the tape with the scales (on `opts.device`) and AdamW. The
+/// model passed to `step` and `finish` must be the one given to `new`.
+pub struct E2eTrainer {
+    tape: Tape,
+    vars: ModelVars,
+    opt: AdamW,
+    max_grad_norm: f32,
+}
+
+impl E2eTrainer {
+    pub fn new(model: &QuantizedModel, opts: &E2eOptions) -> Result<E2eTrainer> {
+        let mut tape = Tape::new();
+        let vars = register(&mut tape, model, &opts.device)?;
+        let params: Vec<Var> = vars.scales.iter().flatten().copied().collect();
+        let opt = AdamW::new(
+            vec![ParamGroup {
+                params,
+                lr: opts.lr,
+                weight_decay: opts.weight_decay,
+            }],
+            0.9,
+            0.999,
+            1e-8,
+        )?;
+        Ok(E2eTrainer {
+            tape,
+            vars,
+            opt,
+            max_grad_norm: opts.max_grad_norm,
+        })
+    }
+
+    /// One optimizer step on `batch` (gradient accumulation over its sequences, each weighted 1/len): returns
+    /// the mean loss and the gradient norm before clipping.
+    pub fn step(
+        &mut self,
+        model: &QuantizedModel,
+        batch: &[Example],
+        lr_factor: f32,
+    ) -> Result<(f32, f32)> {
+        self.step_dist(model, batch, lr_factor, &SingleRank)
+    }
+
+    /// [`E2eTrainer::step`] data-parallel: this rank takes its slice ([`shard`]) of the global `batch`, and the
+    /// gradients and loss are summed over the ranks before every rank clips and steps identically.
+    pub fn step_dist(
+        &mut self,
+        model: &QuantizedModel,
+        batch: &[Example],
+        lr_factor: f32,
+        comm: &dyn Communicator,
+    ) -> Result<(f32, f32)> {
+        check_data(batch, batch.len())?;
+        let world = comm.world_size();
+        self.tape.zero_grad();
+        let mut loss_sum = 0.0f64;
+        let weight = 1.0 / batch.len() as f32;
+        let mine = shard(batch.len(), comm.rank(), world);
+        for ex in &batch[mine] {
+            loss_sum += sequence_backward(&mut self.tape, model, &self.vars, ex, weight)? as f64;
+        }
+        if world > 1 {
+            loss_sum = all_reduce_grads(&mut self.tape, comm, loss_sum as f32)? as f64;
+        }
+        let grad_norm = clip_grad_norm(&mut self.tape, self.max_grad_norm)?;
+        self.opt.step(&mut self.tape, lr_factor)?;
+        Ok(((loss_sum / batch.len() as f64) as f32, grad_norm))
+    }
+
+    /// Writes the trained scales back into `model` (downloaded from the device).
+    pub fn finish(self, model: &mut QuantizedModel) -> Result<()> {
+        for (b, s) in model.blocks.iter_mut().zip(&self.vars.scales) {
+            for (l, &v) in b.linears.iter_mut().zip(s) {
+                l.set_scales(self.tape.value(v).to_host()?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Trains the scales of `model` in place on `data`; returns the loss of every optimizer step.
+pub fn train_e2e(
+    model: &mut QuantizedModel,
+    data: &[Example],
+    opts: &E2eOptions,
+    on_step: impl FnMut(E2eStep),
+) -> Result<Vec<f32>> {
+    train_e2e_dist(model, data, opts, &SingleRank, on_step)
+}
+
+/// Data-parallel [`train_e2e`]: every rank holds the whole `data` and the same `model`, and takes its contiguous
+/// slice ([`shard`]) of every global batch. Each rank accumulates loss/global_batch over its sequences, exactly
+/// as the single rank does over all of them; the summed gradients (`all_reduce_sum`) are then the single-rank
+/// gradients up to the order of the f32 additions, and every rank clips and steps identically, so the scales
+/// stay equal on all ranks. Returns the loss of every optimizer step (the global-batch mean). Several ranks
+/// need host gradients (the communicator sums host buffers): `opts.device` must then be the CPU.
+pub fn train_e2e_dist(
+    model: &mut QuantizedModel,
+    data: &[Example],
+    opts: &E2eOptions,
+    comm: &dyn Communicator,
+    mut on_step: impl FnMut(E2eStep),
+) -> Result<Vec<f32>> {
+    let world = comm.world_size();
+    if opts.global_batch < world {
+        return Err(Error::invalid(
+            "e2e_qp",
+            format!(
+                "a global batch of {} cannot give each of {world} ranks a sequence",
+                opts.global_batch
+            ),
+        ));
+    }
+    if world > 1 && !opts.device.is_cpu() {
+        return Err(Error::invalid(
+            "e2e_qp",
+            format!(
+                "data-parallel E2E-QP ({world} ranks) sums host gradients: run it on the CPU, not {}",
+                opts.device.name()
+            ),
+        ));
+    }
+    check_data(data, opts.global_batch)?;
+    let mut trainer = E2eTrainer::new(model, opts)?;
     let steps_per_epoch = data.len() / opts.global_batch;
     let total = steps_per_epoch * opts.epochs;
     let warmup = (opts.warmup_ratio as f64 * total as f64).ceil() as u64;
@@ -246,30 +406,15 @@ pub fn train_e2e_dist(
     let mut losses = Vec::with_capacity(total);
     for step in 0..total {
         let first = (step % steps_per_epoch) * opts.global_batch;
-        tape.zero_grad();
-        let mut loss_sum = 0.0f64;
-        let mine = shard(opts.global_batch, comm.rank(), world);
-        for ex in &data[first + mine.start..first + mine.end] {
-            tape.reset();
-            let loss = sequence_loss(&mut tape, model, &vars, ex)?;
-            // Mean over the global batch: scale each sequence's gradient by 1/global_batch.
-            let scaled = crate::ops::scale::scale(&mut tape, loss, 1.0 / opts.global_batch as f32)?;
-            let l = tape.value(loss).f32s("e2e_qp")?[0];
-            if !l.is_finite() {
-                return Err(Error::NonFinite {
-                    what: format!("E2E-QP loss at step {step}"),
-                });
-            }
-            loss_sum += l as f64;
-            tape.backward(scaled)?;
-        }
-        tape.reset();
-        if world > 1 {
-            loss_sum = all_reduce_grads(&mut tape, comm, loss_sum as f32)? as f64;
-        }
-        let grad_norm = clip_grad_norm(&mut tape, opts.max_grad_norm)?;
-        opt.step(&mut tape, schedule.lr_factor(step as u64))?;
-        let loss = (loss_sum / opts.global_batch as f64) as f32;
+        let batch = &data[first..first + opts.global_batch];
+        let (loss, grad_norm) = trainer
+            .step_dist(model, batch, schedule.lr_factor(step as u64), comm)
+            .map_err(|e| match e {
+                Error::NonFinite { what } => Error::NonFinite {
+                    what: format!("{what} at step {step}"),
+                },
+                e => e,
+            })?;
         losses.push(loss);
         on_step(E2eStep {
             step,
@@ -278,11 +423,7 @@ pub fn train_e2e_dist(
             grad_norm,
         });
     }
-    for (b, s) in model.blocks.iter_mut().zip(&vars.scales) {
-        for (l, &v) in b.linears.iter_mut().zip(s) {
-            l.set_scales(tape.value(v).clone())?;
-        }
-    }
+    trainer.finish(model)?;
     Ok(losses)
 }
 

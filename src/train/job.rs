@@ -67,7 +67,7 @@ pub struct TrainArgs {
     pub host_mem: Option<u64>,
     pub resume: bool,
     pub seed: u64,
-    /// Where Block-AP trains and propagates the block inputs; E2E-QP and evaluation run on the CPU.
+    /// Where Block-AP trains and propagates the block inputs, and where E2E-QP trains; evaluation runs on the CPU.
     pub device: Device,
     /// Perplexity text and protocol; None skips evaluation.
     pub eval: Option<(PathBuf, EvalOptions)>,
@@ -391,11 +391,15 @@ pub fn run_train(
         return Ok(summary);
     }
 
-    // E2E-QP (on the CPU: its GPU path is not wired into the job yet).
+    // E2E-QP on the job's device (the trained scales come back to the host).
     let data = e2e_data.expect("read for Phase::All");
     let start = Instant::now();
     let mut log_err = None;
-    let e2e_losses = train_e2e(&mut qm, &data, &args.e2e, |s| {
+    let e2e = E2eOptions {
+        device: args.device.clone(),
+        ..args.e2e.clone()
+    };
+    let e2e_losses = train_e2e(&mut qm, &data, &e2e, |s| {
         pause.step(&mut say);
         if (s.step + 1) % 4 == 0 || s.step + 1 == s.total_steps {
             say(&format!(

@@ -4,9 +4,15 @@
 //! memory back: no cuMemAlloc after the first step) and runs cuBLAS on it. The backward dequantizes again for
 //! dx, then reuses the scratch for dW = doutᵀ·x, from which the dscales kernel sums each group's dW·(q − z).
 //! The formulas are in linear.rs's header.
+//!
+//! In the context's bf16 mode (`GpuContext::set_matmul_bf16`) the products take bf16-rounded operands with f32
+//! accumulation (as `ops::linear` does there); Ŵ is still dequantized in f32 and dscales summed in f32.
+//! A layer made by [`QuantizedLinear::on_device`] (synthetic benchmark weights) has no host copy of its integers.
 use super::QuantizedLinear;
 use crate::error::{Error, Result};
 use crate::gpu::{Arg, GpuBuf, GpuContext, KernelSource};
+use crate::ops::linear::cast_bf16_cuda;
+use crate::tensor::Tensor;
 use std::sync::Arc;
 
 pub const CUDA: KernelSource = KernelSource {
@@ -22,6 +28,51 @@ pub struct DevicePacked {
 }
 
 impl QuantizedLinear {
+    /// A layer whose packed integers and zeros exist only on the GPU of `packed` (`qweight` [out, ⌈in/p⌉] words
+    /// in the internal layout, `zeros` [out, groups] as f32 levels) with `scales` [out, groups] on that GPU:
+    /// synthetic weights generated there, never on the host. Host-side methods (`int_weights`, `dequantize`)
+    /// error for it.
+    pub fn on_device(
+        wbits: u32,
+        group_size: usize,
+        in_features: usize,
+        out_features: usize,
+        packed: DevicePacked,
+        scales: Tensor,
+    ) -> Result<QuantizedLinear> {
+        crate::quant::pack::check_bits(wbits, "real_quant")?;
+        if group_size == 0 || in_features == 0 || !in_features.is_multiple_of(group_size) {
+            return Err(Error::invalid(
+                "real_quant",
+                format!("group_size {group_size} must divide in_features {in_features} (both ≥ 1)"),
+            ));
+        }
+        let ng = in_features / group_size;
+        let wpr = in_features.div_ceil(32 / wbits as usize);
+        check_len("qweight", packed.qweight.len(), out_features * wpr)?;
+        check_len("zeros", packed.zeros.len(), out_features * ng)?;
+        if scales.shape() != [out_features, ng] || !scales.is_cuda() {
+            return Err(Error::shape(
+                "real_quant_cuda",
+                format!(
+                    "scales {:?} on {} must be [{out_features}, {ng}] on the GPU",
+                    scales.shape(),
+                    scales.device_name()
+                ),
+            ));
+        }
+        Ok(QuantizedLinear {
+            wbits,
+            group_size,
+            in_features,
+            out_features,
+            qweight: Arc::from(Vec::new()),
+            zeros: Arc::from(Vec::new()),
+            scales: Arc::new(scales),
+            device: Arc::new(std::sync::Mutex::new(Some(Arc::new(packed)))),
+        })
+    }
+
     /// The packed integers and zeros on `ctx`: uploaded on first use and kept, shared by every clone of the layer
     /// (a layer asked for on another GPU is uploaded there and kept instead).
     pub fn device_packed(&self, ctx: &Arc<GpuContext>) -> Result<Arc<DevicePacked>> {
@@ -31,6 +82,7 @@ impl QuantizedLinear {
                 return Ok(p.clone());
             }
         }
+        self.check_host()?;
         let zeros: Vec<f32> = self.zeros.iter().map(|&z| z as f32).collect();
         let p = Arc::new(DevicePacked {
             qweight: ctx.upload_bits(&self.qweight)?,
@@ -40,9 +92,9 @@ impl QuantizedLinear {
         Ok(p)
     }
 
-    /// Words per row of `qweight`.
+    /// Words per row of `qweight`: ⌈in / p⌉ with p = ⌊32 / wbits⌋ values per word.
     fn words_per_row(&self) -> usize {
-        self.qweight.len() / self.out_features.max(1)
+        self.in_features.div_ceil(32 / self.wbits as usize)
     }
 }
 
@@ -127,6 +179,11 @@ pub fn real_quant_linear_fwd_cuda(
     let packed = qlin.device_packed(&ctx)?;
     let mut w = ctx.alloc(n * k)?;
     real_quant_dequant_cuda(&mut w, qlin, &packed, scales)?;
+    if ctx.matmul_bf16() {
+        let (xb, wb) = (cast_bf16_cuda(x)?, cast_bf16_cuda(&w)?);
+        drop(w);
+        return ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xb, &wb, 0.0, out);
+    }
     ctx.sgemm(false, true, rows, n, k, 1.0, x, &w, 0.0, out)
 }
 
@@ -144,12 +201,28 @@ pub fn real_quant_linear_bwd_cuda(
     let ctx = dout.ctx().clone();
     let packed = qlin.device_packed(&ctx)?;
     let mut scratch = ctx.alloc(n * k)?;
+    let doutb = match ctx.matmul_bf16() {
+        true => Some(cast_bf16_cuda(dout)?),
+        false => None,
+    };
     if let Some(dx) = dx {
         real_quant_dequant_cuda(&mut scratch, qlin, &packed, scales)?;
-        ctx.sgemm(false, false, rows, k, n, 1.0, dout, &scratch, 0.0, dx)?;
+        match &doutb {
+            Some(doutb) => {
+                let wb = cast_bf16_cuda(&scratch)?;
+                ctx.gemm_bf16(false, false, rows, k, n, 1.0, doutb, &wb, 0.0, dx)?;
+            }
+            None => ctx.sgemm(false, false, rows, k, n, 1.0, dout, &scratch, 0.0, dx)?,
+        }
     }
     if let Some(ds) = dscales {
-        ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, &mut scratch)?;
+        match &doutb {
+            Some(doutb) => {
+                let xb = cast_bf16_cuda(x)?;
+                ctx.gemm_bf16(true, false, n, k, rows, 1.0, doutb, &xb, 0.0, &mut scratch)?;
+            }
+            None => ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, &mut scratch)?,
+        }
         real_quant_dscales_cuda(ds, &scratch, qlin, &packed)?;
     }
     Ok(())

@@ -91,6 +91,7 @@ pub fn real_quant_dscales_cpu(
     dw: &[f32],
     qlin: &QuantizedLinear,
 ) -> Result<()> {
+    qlin.check_host()?;
     let (k, g, ng) = (qlin.in_features(), qlin.group_size(), qlin.groups());
     if dscales.len() != qlin.out_features() * ng || dw.len() != qlin.out_features() * k {
         return Err(Error::shape(

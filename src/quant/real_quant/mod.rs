@@ -235,8 +235,23 @@ impl QuantizedLinear {
         Ok(())
     }
 
+    /// Errors for a layer whose packed integers exist only on a GPU (`cuda::QuantizedLinear::on_device`).
+    fn check_host(&self) -> Result<()> {
+        if self.qweight.is_empty() && self.out_features * self.in_features > 0 {
+            return Err(Error::invalid(
+                "real_quant",
+                format!(
+                    "layer [{}, {}]: its packed integers live only on a GPU",
+                    self.out_features, self.in_features
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The integer weights [out, in].
     pub fn int_weights(&self) -> Result<Vec<u32>> {
+        self.check_host()?;
         unpack_cols(
             self.wbits,
             INTERNAL_LAYOUT,
@@ -257,6 +272,7 @@ impl QuantizedLinear {
     /// out [out, in] = (q − z) · scales, with `scales` [out, groups] given (the trainable copy in E2E-QP).
     /// Rows in parallel; each decodes its words into the output row, then shifts and scales it group by group.
     pub fn dequantize_into(&self, scales: &[f32], out: &mut [f32]) -> Result<()> {
+        self.check_host()?;
         let (k, ng) = (self.in_features, self.groups());
         if scales.len() != self.out_features * ng || out.len() != self.out_features * k {
             return Err(Error::shape(

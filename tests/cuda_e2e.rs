@@ -1,0 +1,114 @@
+//! E2E-QP on the GPU against the CPU: the same random Block-AP-quantized Llama (tests/common), the same data and
+//! options, trained a few optimizer steps on each device; the per-step losses, gradient norms and the final
+//! scales must agree within f32 tolerance. The GPU run covers embedding, the real-quant linears, rmsnorm, rope,
+//! attention, swiglu, the head, cross-entropy, per-block recomputation, the device clip and AdamW. Without a GPU
+//! it prints `skipped: no CUDA device`.
+#![cfg(feature = "cuda")]
+
+mod common;
+mod cuda_common;
+
+use common::{data, rtn_model};
+use cuda_common::*;
+use eqat::quant::fake_quant::QuantConfig;
+use eqat::testing::to_f64;
+use eqat::train::device::Device;
+use eqat::train::e2e_qp::{train_e2e, E2eOptions};
+
+/// Loss and gradient-norm bar: each is a reduction over the whole model of values that agree to ~1e-6 relative
+/// between cuBLAS and the CPU GEMM (different summation orders), so 1e-4 relative leaves two orders of margin.
+const LOSS_RTOL: f64 = 1e-4;
+
+/// Scales: each step moves a scale by about lr (Adam's normalized update), so the devices' scales agree to
+/// ~1e-6 relative of lr per step; 1e-5 relative of the scale plus 1e-3·lr·steps absolute covers that. A
+/// gradient within rounding of 0 can take the other sign on the other device and move its scale by up to 2·lr
+/// the other way: such elements (at most 1 in 1000) are allowed, each within 2·lr·steps.
+const SCALE_RTOL: f64 = 1e-5;
+
+#[test]
+fn e2e_qp_on_the_gpu_matches_the_cpu() {
+    let Some(ctx) = device("e2e_qp_on_the_gpu_matches_the_cpu") else {
+        return;
+    };
+    // New device buffers are NaN-poisoned: an unwritten output cannot pass.
+    let mut r = Report::new("e2e_qp gpu vs cpu");
+    // T = 70 crosses the attention kernel's 64-row tiles; T = 12 is a single partial tile.
+    for (seed, wbits, group, t) in [(21u64, 2u32, 8i64, 12usize), (22, 4, 16, 70)] {
+        let quant = QuantConfig::new(wbits, group).unwrap();
+        let model = rtn_model(seed, quant);
+        let train = data(6, t, seed);
+        let mut opts = E2eOptions::recipe(wbits);
+        opts.global_batch = 2;
+        opts.warmup_ratio = 0.0;
+        let steps = train.len() / opts.global_batch;
+        let mut cpu = model.clone();
+        let (mut cpu_norms, mut gpu_norms) = (Vec::new(), Vec::new());
+        let cpu_losses =
+            train_e2e(&mut cpu, &train, &opts, |s| cpu_norms.push(s.grad_norm)).unwrap();
+        let mut gpu = model.clone();
+        opts.device = Device::Cuda(ctx.clone());
+        let gpu_losses =
+            train_e2e(&mut gpu, &train, &opts, |s| gpu_norms.push(s.grad_norm)).unwrap();
+        let name = format!("w{wbits}g{group} T {t}");
+        r.check_tol(
+            &format!("{name} losses"),
+            &gpu_losses,
+            &to_f64(&cpu_losses),
+            0.0,
+            LOSS_RTOL,
+        );
+        r.check_tol(
+            &format!("{name} grad norms"),
+            &gpu_norms,
+            &to_f64(&cpu_norms),
+            0.0,
+            LOSS_RTOL,
+        );
+        let lr = opts.lr as f64;
+        let (mut n, mut loose, mut moved) = (0usize, 0usize, 0usize);
+        for (bi, ((b0, bc), bg)) in model
+            .blocks
+            .iter()
+            .zip(&cpu.blocks)
+            .zip(&gpu.blocks)
+            .enumerate()
+        {
+            for (li, ((l0, lc), lg)) in b0
+                .linears
+                .iter()
+                .zip(&bc.linears)
+                .zip(&bg.linears)
+                .enumerate()
+            {
+                let s0 = l0.scales().f32s("t").unwrap();
+                let sc = lc.scales().f32s("t").unwrap();
+                let sg = lg.scales().f32s("t").unwrap();
+                assert!(!lg.scales().is_cuda(), "the scales come back to the host");
+                for ((&a, &c), &g) in s0.iter().zip(sc).zip(sg) {
+                    n += 1;
+                    moved += (c != a) as usize;
+                    let d = (g as f64 - c as f64).abs();
+                    let tight = SCALE_RTOL * (c as f64).abs() + 1e-3 * lr * steps as f64;
+                    if d > tight {
+                        loose += 1;
+                        r.expect(
+                            &format!(
+                                "{name} block {bi} linear {li} scale {c} vs {g} within 2·lr·steps"
+                            ),
+                            d <= 2.0 * lr * steps as f64 + tight,
+                        );
+                    }
+                }
+            }
+        }
+        say(&format!(
+            "{name}: losses cpu {cpu_losses:?} gpu {gpu_losses:?}; {moved} of {n} scales moved, {loose} beyond the tight bar"
+        ));
+        r.expect(&format!("{name}: the scales train"), moved * 2 > n);
+        r.expect(
+            &format!("{name}: {loose} of {n} scales beyond the tight bar (at most 1 in 1000)"),
+            loose * 1000 <= n.max(1000),
+        );
+    }
+    r.finish();
+}
