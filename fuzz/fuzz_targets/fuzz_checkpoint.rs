@@ -76,6 +76,7 @@ fn record() -> &'static BlockRecord {
             block,
             step_losses: vec![0.5],
             val_losses: vec![],
+            epochs_run: 1,
         }
     })
 }
