@@ -1,6 +1,6 @@
 //! `engine bench`: the arguments and the printout of the speed benchmarks (the work is in `eqat::bench`).
 use clap::{Args, Subcommand};
-use eqat::bench::{run_block_ap_bench, BenchShape, BlockApBench, MatmulDType};
+use eqat::bench::{describe_peak, run_block_ap_bench, BenchShape, BlockApBench, MatmulDType};
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::device::Device;
 
@@ -78,7 +78,6 @@ pub fn bench(args: BenchArgs) -> eqat::Result<()> {
         seed,
     };
     let r = run_block_ap_bench(&b)?;
-    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     println!(
         "block-ap {shape} w{wbits}g{group_size} batch {batch} seqlen {seqlen} on {} ({dtype:?} GEMMs)",
         r.device
@@ -91,14 +90,7 @@ pub fn bench(args: BenchArgs) -> eqat::Result<()> {
         r.losses.first().copied().unwrap_or(f32::NAN),
         r.losses.last().copied().unwrap_or(f32::NAN)
     );
-    let peak = match r.peak_reserved_bytes {
-        Some(res) => format!(
-            "peak {:.2} GiB in use ({:.2} GiB reserved)",
-            gib(r.peak_bytes),
-            gib(res)
-        ),
-        None => format!("peak RSS {:.2} GiB", gib(r.peak_bytes)),
-    };
+    let peak = describe_peak(r.peak_bytes, r.peak_reserved_bytes);
     println!(
         "  median step {:.2} ms, {:.2} TFLOP/s, {peak}",
         r.median_ms(),

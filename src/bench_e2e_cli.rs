@@ -2,7 +2,7 @@
 use crate::bench_cli::parse_dtype;
 use clap::Args;
 use eqat::bench::e2e::{run_e2e_qp_bench, E2eQpBench};
-use eqat::bench::BenchShape;
+use eqat::bench::{describe_peak, BenchShape};
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::device::Device;
 
@@ -73,14 +73,7 @@ pub fn bench_e2e_qp(a: E2eQpArgs) -> eqat::Result<()> {
         r.losses.first().copied().unwrap_or(f32::NAN),
         r.losses.last().copied().unwrap_or(f32::NAN)
     );
-    let peak = match r.peak_reserved_bytes {
-        Some(res) => format!(
-            "peak {:.2} GiB in use ({:.2} GiB reserved)",
-            gib(r.peak_bytes),
-            gib(res)
-        ),
-        None => format!("peak RSS {:.2} GiB", gib(r.peak_bytes)),
-    };
+    let peak = describe_peak(r.peak_bytes, r.peak_reserved_bytes);
     println!(
         "  median step {:.1} ms, {:.0} tokens/s, {:.1} TFLOP/s (8·params·tokens), {peak}; packed weights {:.2} GiB",
         r.median_ms(),

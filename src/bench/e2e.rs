@@ -9,7 +9,7 @@
 //! achieved TFLOP/s counted as 8·params·tokens (forward, recomputed forward, and backward's 4; params = the
 //! blocks' linear weights, as in gpu.md's PyTorch table), and the peak memory of the timed steps (GPU: the
 //! caching allocator's peak in use; CPU: peak RSS).
-use super::{peak_rss_bytes, BenchShape, MatmulDType};
+use super::{median, peak_memory, reset_peak, synchronize, BenchShape, MatmulDType};
 use crate::error::{Error, Result};
 use crate::model::llama::LlamaConfig;
 use crate::model::quantized::{QuantizedBlock, QuantizedModel};
@@ -54,13 +54,7 @@ pub struct E2eQpReport {
 
 impl E2eQpReport {
     pub fn median_ms(&self) -> f64 {
-        let mut v = self.step_ms.clone();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
-            n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-        }
+        median(&self.step_ms)
     }
 
     pub fn tokens_per_s(&self) -> f64 {
@@ -253,29 +247,18 @@ pub fn run_e2e_qp_bench(b: &E2eQpBench) -> Result<E2eQpReport> {
     let batch = [Example::causal(ids)];
     let (mut step_ms, mut losses) = (Vec::new(), Vec::new());
     for i in 0..b.warmup + b.steps {
-        #[cfg(feature = "cuda")]
-        if let (true, Device::Cuda(ctx)) = (i == b.warmup, &b.device) {
-            ctx.reset_peak();
+        if i == b.warmup {
+            reset_peak(&b.device);
         }
         let t0 = Instant::now();
         let (loss, _) = trainer.step(&model, &batch, 1.0)?;
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(ctx) = &b.device {
-            ctx.synchronize()?;
-        }
+        synchronize(&b.device)?;
         if i >= b.warmup {
             step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
             losses.push(loss);
         }
     }
-    let (peak_bytes, peak_reserved_bytes) = match &b.device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(ctx) => {
-            let m = ctx.memory_stats();
-            (m.peak_in_use, Some(m.peak_reserved))
-        }
-        _ => (peak_rss_bytes(), None),
-    };
+    let (peak_bytes, peak_reserved_bytes) = peak_memory(&b.device);
     let shapes = cfg.linear_shapes();
     let params = cfg.n_layers * shapes.iter().map(|&(_, n, k)| n * k).sum::<usize>();
     let packed_bytes = cfg.n_layers

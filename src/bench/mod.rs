@@ -162,13 +162,7 @@ pub struct BenchReport {
 
 impl BenchReport {
     pub fn median_ms(&self) -> f64 {
-        let mut v = self.step_ms.clone();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
-            n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-        }
+        median(&self.step_ms)
     }
 
     pub fn tflops(&self) -> f64 {
@@ -226,6 +220,52 @@ fn synchronize(device: &Device) -> Result<()> {
     }
 }
 
+/// The median of the timed steps' milliseconds; NaN when none ran.
+fn median(step_ms: &[f64]) -> f64 {
+    let mut v = step_ms.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// Starts the peak-memory window of [`peak_memory`] (on a GPU; the CPU's peak RSS cannot be reset).
+fn reset_peak(device: &Device) {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ctx) => ctx.reset_peak(),
+        _ => {}
+    }
+}
+
+/// (peak bytes, peak reserved bytes) since [`reset_peak`]: on a GPU the caching allocator's peak in use and
+/// peak reserved; on the CPU the process's peak RSS and None.
+fn peak_memory(device: &Device) -> (usize, Option<usize>) {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ctx) => {
+            let m = ctx.memory_stats();
+            (m.peak_in_use, Some(m.peak_reserved))
+        }
+        _ => (peak_rss_bytes(), None),
+    }
+}
+
+/// The peak-memory part of a report line, in GiB.
+pub fn describe_peak(peak_bytes: usize, peak_reserved_bytes: Option<usize>) -> String {
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    match peak_reserved_bytes {
+        Some(res) => format!(
+            "peak {:.2} GiB in use ({:.2} GiB reserved)",
+            gib(peak_bytes),
+            gib(res)
+        ),
+        None => format!("peak RSS {:.2} GiB", gib(peak_bytes)),
+    }
+}
+
 /// Runs `warmup` + `steps` Block-AP steps of the synthetic block and times the last `steps`.
 pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
     if b.steps == 0 || b.batch == 0 || b.seqlen == 0 {
@@ -265,10 +305,7 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
     let mut losses = Vec::with_capacity(b.steps);
     for i in 0..b.warmup + b.steps {
         if i == b.warmup {
-            #[cfg(feature = "cuda")]
-            if let Device::Cuda(ctx) = &b.device {
-                ctx.reset_peak();
-            }
+            reset_peak(&b.device);
         }
         let t0 = Instant::now();
         let loss = train_step(
@@ -286,14 +323,7 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
             losses.push(loss);
         }
     }
-    let (peak_bytes, peak_reserved_bytes) = match &b.device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(ctx) => {
-            let m = ctx.memory_stats();
-            (m.peak_in_use, Some(m.peak_reserved))
-        }
-        _ => (peak_rss_bytes(), None),
-    };
+    let (peak_bytes, peak_reserved_bytes) = peak_memory(&b.device);
     Ok(BenchReport {
         device: b.device.name(),
         flops: StepFlops::new(&cfg, b.batch, b.seqlen),

@@ -81,16 +81,8 @@ impl GpuContext {
         c: &mut GpuBuf,
     ) -> Result<()> {
         check_lens("sgemm_cuda", m, n, k, a.len(), b.len(), c.len())?;
-        if m == 0 || n == 0 {
+        if self.gemm_without_product(m * n, k, beta, c)? {
             return Ok(());
-        }
-        if k == 0 {
-            // An empty sum: C = beta·C, and with beta = 0 C must be written without being read.
-            return if beta == 0.0 {
-                c.zero()
-            } else {
-                self.sscal(m * n, beta, c)
-            };
         }
         self.sgemm_raw(transa, transb, m, n, k, alpha, a, b, beta, c)
     }
@@ -155,15 +147,8 @@ impl GpuContext {
         c: &mut GpuBuf,
     ) -> Result<()> {
         check_lens("gemm_bf16", m, n, k, a.len(), b.len(), c.len())?;
-        if m == 0 || n == 0 {
+        if self.gemm_without_product(m * n, k, beta, c)? {
             return Ok(());
-        }
-        if k == 0 {
-            return if beta == 0.0 {
-                c.zero()
-            } else {
-                self.sscal(m * n, beta, c)
-            };
         }
         let [mi, ni, ki, ldai, ldbi] = dims_i32("gemm_bf16", transa, transb, m, n, k)?;
         self.ctx
@@ -232,32 +217,17 @@ impl GpuContext {
                 ),
             ));
         }
-        if batch == 0 || m == 0 || n == 0 {
+        if self.gemm_without_product(batch * sc, k, beta, c)? {
             return Ok(());
         }
-        if k == 0 {
-            return if beta == 0.0 {
-                c.zero()
-            } else {
-                self.sscal(batch * sc, beta, c)
-            };
-        }
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let dim = |x: usize| {
-            i32::try_from(x).map_err(|_| {
-                Error::invalid("sgemm_strided_batched_cuda", format!("{x} exceeds i32"))
-            })
-        };
-        let lda = if transa { m } else { k };
-        let ldb = if transb { k } else { n };
-        let (mi, ni, ki, ldai, ldbi, bi) =
-            (dim(m)?, dim(n)?, dim(k)?, dim(lda)?, dim(ldb)?, dim(batch)?);
+        let [mi, ni, ki, ldai, ldbi] =
+            dims_i32("sgemm_strided_batched_cuda", transa, transb, m, n, k)?;
+        let bi = i32::try_from(batch).map_err(|_| {
+            Error::invalid(
+                "sgemm_strided_batched_cuda",
+                format!("batch {batch} exceeds i32"),
+            )
+        })?;
         let (ap, bp, cp) = (a.ptr(), b.ptr(), c.ptr());
         self.ctx
             .bind_to_thread()
@@ -268,8 +238,8 @@ impl GpuContext {
         unsafe {
             cudarc::cublas::result::sgemm_strided_batched(
                 *self.blas.handle(),
-                op(transb),
-                op(transa),
+                cublas_op(transb),
+                cublas_op(transa),
                 ni,
                 mi,
                 ki,
@@ -292,6 +262,30 @@ impl GpuContext {
                 "cuBLAS sgemm_strided_batched batch {batch} m {m} n {n} k {k}: {e}"
             ))
         })
+    }
+
+    /// Handles the products with nothing to multiply and returns true when it did: with no C values
+    /// (`c_values` = batch·m·n is 0) there is nothing to write; with k = 0 the sum is empty, so C = beta·C,
+    /// and with beta = 0 C must be written without being read.
+    fn gemm_without_product(
+        &self,
+        c_values: usize,
+        k: usize,
+        beta: f32,
+        c: &mut GpuBuf,
+    ) -> Result<bool> {
+        if c_values == 0 {
+            return Ok(true);
+        }
+        if k != 0 {
+            return Ok(false);
+        }
+        if beta == 0.0 {
+            c.zero()?;
+        } else {
+            self.sscal(c_values, beta, c)?;
+        }
+        Ok(true)
     }
 
     /// x[..n] *= alpha.

@@ -215,23 +215,8 @@ impl Module<'_> {
                 },
                 e => e,
             })?;
-            let record = BlockRecord {
-                block: QuantizedBlock::freeze(
-                    &t.weights,
-                    &t.scales,
-                    &t.zeros,
-                    opts.block_ap.quant,
-                )?,
-                step_losses: t.step_losses,
-                val_losses: t.val_losses,
-                epochs_run: t.epochs_run,
-            };
-            let _ = self.events.send(Event::BlockDone {
-                block: i,
-                train_loss: record.step_losses.last().copied().unwrap_or(f32::NAN),
-                val_loss: record.val_losses.last().copied(),
-                epochs_run: record.epochs_run,
-            });
+            let record = BlockRecord::freeze(t, opts.block_ap.quant)?;
+            let _ = self.events.send(record.done_event(i));
             let deq = record.block.dequantized()?;
             // Module 0 trains on the store's quantized stream (the sequential pipeline); later modules rebuild
             // their inputs from the mix, so only their validation stream moves on.

@@ -12,8 +12,9 @@ use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use crate::model::quantized::QuantizedBlock;
+use crate::quant::fake_quant::QuantConfig;
 use crate::tensor::Tensor;
-use crate::train::block_ap::{train_block, BlockApOptions, StepInfo};
+use crate::train::block_ap::{train_block, BlockApOptions, StepInfo, TrainedBlock};
 use crate::train::device::Device;
 use crate::train::store::{BlockInputStore, Offload, StoreDType, Stream};
 
@@ -33,6 +34,28 @@ pub struct BlockRecord {
     pub val_losses: Vec<f32>,
     /// Epochs the block trained (fewer than the recipe's when early stop ended it).
     pub epochs_run: usize,
+}
+
+impl BlockRecord {
+    /// Quantizes a trained block for good, keeping the losses of its training.
+    pub(crate) fn freeze(t: TrainedBlock, quant: QuantConfig) -> Result<Self> {
+        Ok(BlockRecord {
+            block: QuantizedBlock::freeze(&t.weights, &t.scales, &t.zeros, quant)?,
+            step_losses: t.step_losses,
+            val_losses: t.val_losses,
+            epochs_run: t.epochs_run,
+        })
+    }
+
+    /// The `BlockDone` event that reports this record as block `block`.
+    pub(crate) fn done_event(&self, block: usize) -> Event {
+        Event::BlockDone {
+            block,
+            train_loss: self.step_losses.last().copied().unwrap_or(f32::NAN),
+            val_loss: self.val_losses.last().copied(),
+            epochs_run: self.epochs_run,
+        }
+    }
 }
 
 /// Where frozen blocks go (a checkpoint directory, or memory in tests).
@@ -173,24 +196,9 @@ pub fn run_block_ap(
                 },
                 e => e,
             })?;
-            let record = BlockRecord {
-                block: QuantizedBlock::freeze(
-                    &t.weights,
-                    &t.scales,
-                    &t.zeros,
-                    opts.block_ap.quant,
-                )?,
-                step_losses: t.step_losses,
-                val_losses: t.val_losses,
-                epochs_run: t.epochs_run,
-            };
+            let record = BlockRecord::freeze(t, opts.block_ap.quant)?;
             sink.save_block(i, &record)?;
-            on_event(Event::BlockDone {
-                block: i,
-                train_loss: record.step_losses.last().copied().unwrap_or(f32::NAN),
-                val_loss: record.val_losses.last().copied(),
-                epochs_run: record.epochs_run,
-            });
+            on_event(record.done_event(i));
             record
         };
         let frozen = trained.block.dequantized()?;
