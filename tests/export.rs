@@ -5,6 +5,7 @@
 //!   (tests/fixtures/gptq/read_gptq_dir.py) gets the same weights bit for bit.
 //! - fake: the dequantized weights rounded to f16; perplexity within f16 rounding of the checkpoint's.
 //! - bad input: not a checkpoint, an unfinished one, an occupied --out, layers GPTQ cannot pack, v1 zeros 0.
+mod common;
 mod shared_data;
 use eqat::eval::{eval_ids, eval_windows, perplexity_of_windows};
 use eqat::io::checkpoint::{open_checkpoint, CheckpointDir, RunIdentity};
@@ -14,7 +15,6 @@ use eqat::model::hf::HfWeights;
 use eqat::model::llama::LlamaConfig;
 use eqat::model::quantized::{QuantizedBlock, QuantizedModel};
 use eqat::model::{open_model, LlamaModel, WeightSource};
-use eqat::ops::rope::RopeLayout;
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::quant::pack::ZeroConvention::{V1, V2};
 use eqat::quant::real_quant::QuantizedLinear;
@@ -30,20 +30,11 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// The random model's shape with an lm_head of its own.
 fn config() -> LlamaConfig {
     LlamaConfig {
-        hidden: 32,
-        intermediate: 48,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 8,
-        n_layers: 3,
-        vocab: 50,
-        rms_eps: 1e-5,
-        rope_base: 10_000.0,
-        rope_layout: RopeLayout::HalfSplit,
         tie_embeddings: false,
-        attn_bias: false,
+        ..common::tiny_config()
     }
 }
 
@@ -326,7 +317,7 @@ fn bad_input_is_refused_naming_the_path_and_leaves_nothing_behind() {
 
 #[test]
 fn stories260k_checkpoint_exports_evaluate_like_the_checkpoint() {
-    use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
+    use eqat::train::job::{run_train, TrainArgs};
     let (Some(gguf), Some(wiki)) = (
         shared_data::shared_data("tinyllamas/stories260K/stories260K.gguf"),
         shared_data::shared_data("wikitext-2-raw/wiki.test.raw"),
@@ -336,34 +327,20 @@ fn stories260k_checkpoint_exports_evaluate_like_the_checkpoint() {
     let root = tmp("stories");
     let (fp, tok) = open_model(&gguf).unwrap();
     // 8 bits, group 4: the FFN width 172 is a multiple of 4 (GPTQ 8-bit packing) but not of 8 (4-bit).
+    let defaults = TrainArgs::new(gguf, root.join("ck"), QuantConfig::new(8, 4).unwrap());
     let args = TrainArgs {
-        model: gguf,
-        out: root.join("ck"),
-        quant: QuantConfig::new(8, 4).unwrap(),
-        calib: Calibration::SelfGenerated,
-        phase: Phase::All,
         train_size: 4,
         val_size: 1,
         seqlen: 16,
         epochs: 1,
-        batch_size: 2,
-        quant_lr: 1e-4,
-        weight_lr: 1e-5,
         e2e: eqat::train::e2e_qp::E2eOptions {
             global_batch: 2,
-            ..eqat::train::e2e_qp::E2eOptions::recipe(8)
+            ..defaults.e2e.clone()
         },
-        early_stop: 0,
-        e2e_data: eqat::train::e2e_data::E2eData::Calibration,
         e2e_seqlen: 16,
         e2e_train_size: 4,
-        mrem: None,
-        offload_disk: false,
-        host_mem: None,
-        device: eqat::train::device::Device::Cpu,
-        resume: false,
         seed: 2,
-        eval: None,
+        ..defaults
     };
     run_train(&args, &tok, &fp, |_| {}).unwrap();
     let text = eqat::eval::data::read_eval_text(&wiki).unwrap();

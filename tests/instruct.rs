@@ -3,9 +3,8 @@
 mod common;
 mod shared_data;
 
-use common::RandomModel;
-use eqat::model::quantized::{QuantizedBlock, QuantizedModel};
-use eqat::quant::fake_quant::{init_minmax, QuantConfig};
+use common::rtn_model;
+use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::e2e_data::{read_e2e_file, E2eRecords};
 use eqat::train::e2e_qp::{example_loss_and_grads, Example, IGNORE};
 use eqat::train::instruct::{instruction_examples, Instruction};
@@ -137,40 +136,6 @@ fn fixture_records_tokenize_with_the_loss_on_the_response_only() {
     );
 }
 
-/// The random model with every linear at its min-max quantization (w4g8).
-fn rtn_model(seed: u64) -> QuantizedModel {
-    let quant = QuantConfig::new(4, 8).unwrap();
-    let m = RandomModel::new(seed);
-    let blocks = m
-        .blocks
-        .iter()
-        .map(|w| {
-            let (mut scales, mut zeros) = (Vec::new(), Vec::new());
-            for l in &w.linears {
-                let (s, z) = init_minmax(l, quant).unwrap();
-                scales.push(s);
-                zeros.push(z);
-            }
-            QuantizedBlock::freeze(
-                w,
-                &scales.try_into().unwrap(),
-                &zeros.try_into().unwrap(),
-                quant,
-            )
-            .unwrap()
-        })
-        .collect();
-    let (v, c) = (m.cfg.vocab, m.cfg.hidden);
-    QuantizedModel {
-        cfg: m.cfg.clone(),
-        embedding: Tensor::from_vec(&[v, c], m.embedding.clone()).unwrap(),
-        final_norm: Tensor::full(&[c], 1.0),
-        lm_head: None,
-        blocks,
-        path: "random".into(),
-    }
-}
-
 /// |got - want| <= 1e-6 + 1e-4 |want| for every scale gradient: f32 sums in another order.
 fn assert_grads_close(what: &str, got: &[Tensor], want: &[Vec<f64>]) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -185,7 +150,7 @@ fn assert_grads_close(what: &str, got: &[Tensor], want: &[Vec<f64>]) {
 
 #[test]
 fn masked_positions_add_nothing_to_the_loss_or_the_scale_gradients() {
-    let model = rtn_model(21);
+    let model = rtn_model(21, QuantConfig::new(4, 8).unwrap());
     let mut rng = Rng::new(4);
     let ids: Vec<u32> = (0..11).map(|_| rng.below(50) as u32).collect();
     let ex = Example::response_only(ids.clone(), 5);

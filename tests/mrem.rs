@@ -3,13 +3,12 @@
 mod common;
 mod shared_data;
 
-use common::RandomModel;
+use common::{block_bits, pipeline_options, windows, RandomModel};
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::block_ap::BlockApOptions;
 use eqat::train::mrem::{run_block_ap_mrem, MremOptions};
-use eqat::train::pipeline::{run_block_ap, BlockRecord, BlockSink, Event, PipelineOptions};
-use eqat::train::store::{Offload, StoreDType};
-use eqat::{Result, Rng};
+use eqat::train::pipeline::{run_block_ap, BlockRecord, BlockSink, Event};
+use eqat::train::store::Offload;
+use eqat::Result;
 
 #[derive(Default)]
 struct MemorySink(Vec<BlockRecord>);
@@ -28,19 +27,6 @@ impl BlockSink for MemorySink {
     }
 }
 
-fn options() -> PipelineOptions {
-    let mut block_ap = BlockApOptions::recipe(QuantConfig::new(2, 8).unwrap());
-    block_ap.quant_lr = 1e-3;
-    block_ap.weight_lr = 1e-4;
-    PipelineOptions {
-        block_ap,
-        offload: Offload::Ram,
-        offload_val: Offload::Ram,
-        store_dtype: StoreDType::F16,
-        forward_batch: 3,
-    }
-}
-
 fn mrem(modules: usize, anneal_steps: Option<usize>) -> MremOptions {
     MremOptions {
         modules,
@@ -49,24 +35,9 @@ fn mrem(modules: usize, anneal_steps: Option<usize>) -> MremOptions {
     }
 }
 
-fn windows(seed: u64, n: usize) -> Vec<Vec<u32>> {
-    let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| (0..12).map(|_| rng.below(50) as u32).collect())
-        .collect()
-}
-
 /// Every bit of a block record: packed weights, zeros, scales, norms and the losses.
 fn bits(r: &BlockRecord) -> Vec<u32> {
-    let mut v: Vec<u32> = Vec::new();
-    for l in &r.block.linears {
-        v.extend(l.qweight());
-        v.extend(l.zeros().iter().map(|&z| z as u32));
-        v.extend(l.scales().f32s("t").unwrap().iter().map(|x| x.to_bits()));
-    }
-    for n in [&r.block.attn_norm, &r.block.ffn_norm] {
-        v.extend(n.f32s("t").unwrap().iter().map(|x| x.to_bits()));
-    }
+    let mut v = block_bits(r);
     v.extend(
         r.step_losses
             .iter()
@@ -80,9 +51,15 @@ fn run_mrem(model: &RandomModel, m: &MremOptions) -> (MemorySink, Vec<Event>) {
     let (train, val) = (windows(2, 8), windows(3, 2));
     let mut sink = MemorySink::default();
     let mut events = Vec::new();
-    run_block_ap_mrem(model, &train, &val, &options(), m, &mut sink, |e| {
-        events.push(e)
-    })
+    run_block_ap_mrem(
+        model,
+        &train,
+        &val,
+        &pipeline_options(Offload::Ram),
+        m,
+        &mut sink,
+        |e| events.push(e),
+    )
     .unwrap();
     (sink, events)
 }
@@ -95,7 +72,7 @@ fn one_module_is_exactly_the_sequential_pipeline() {
         &model,
         &windows(2, 8),
         &windows(3, 2),
-        &options(),
+        &pipeline_options(Offload::Ram),
         &mut seq,
         |_| {},
     )
@@ -155,7 +132,7 @@ fn bad_module_counts_and_partial_resume_are_refused() {
             &model,
             &train,
             &val,
-            &options(),
+            &pipeline_options(Offload::Ram),
             &mrem(k, None),
             &mut MemorySink::default(),
             |_| {},
@@ -170,7 +147,7 @@ fn bad_module_counts_and_partial_resume_are_refused() {
         &model,
         &train,
         &val,
-        &options(),
+        &pipeline_options(Offload::Ram),
         &mrem(2, None),
         &mut done,
         |_| {},
@@ -189,8 +166,7 @@ fn bad_module_counts_and_partial_resume_are_refused() {
 fn two_modules_on_stories260k_end_near_the_sequential_perplexity() {
     use eqat::eval::EvalOptions;
     use eqat::model::open_model;
-    use eqat::train::e2e_qp::E2eOptions;
-    use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
+    use eqat::train::job::{run_train, Phase, TrainArgs};
     const MARGIN: f64 = 0.05;
     let (Some(model), Some(wiki)) = (
         shared_data::shared_data("tinyllamas/stories260K/stories260K.gguf"),
@@ -202,27 +178,14 @@ fn two_modules_on_stories260k_end_near_the_sequential_perplexity() {
     let out = std::env::temp_dir().join(format!("eqat-mrem-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let args = |name: &str, mrem: Option<MremOptions>| TrainArgs {
-        model: model.clone(),
-        out: out.join(name),
-        quant: QuantConfig::new(3, 4).unwrap(),
-        calib: Calibration::SelfGenerated,
         phase: Phase::BlockAp,
         train_size: 32,
         val_size: 2,
         seqlen: 64,
-        epochs: 2,
-        batch_size: 2,
         quant_lr: 1e-3,
         weight_lr: 1e-4,
-        early_stop: 0,
-        e2e: E2eOptions::recipe(2),
-        e2e_data: eqat::train::e2e_data::E2eData::Calibration,
         e2e_seqlen: 64,
         e2e_train_size: 32,
-        offload_disk: false,
-        host_mem: None,
-        device: eqat::train::device::Device::Cpu,
-        resume: false,
         seed: 3,
         eval: Some((
             wiki.clone(),
@@ -233,6 +196,11 @@ fn two_modules_on_stories260k_end_near_the_sequential_perplexity() {
             },
         )),
         mrem,
+        ..TrainArgs::new(
+            model.clone(),
+            out.join(name),
+            QuantConfig::new(3, 4).unwrap(),
+        )
     };
     let seq = run_train(&args("seq", None), &tok, &fp, |_| {}).unwrap();
     let par = run_train(&args("par", Some(mrem(2, None))), &tok, &fp, |_| {}).unwrap();

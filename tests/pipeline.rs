@@ -2,12 +2,11 @@
 //! same bits as an uninterrupted one.
 mod common;
 
-use common::RandomModel;
+use common::{block_bits, pipeline_options, windows, RandomModel};
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::block_ap::BlockApOptions;
 use eqat::train::pipeline::{run_block_ap, BlockRecord, BlockSink, Event, PipelineOptions};
-use eqat::train::store::{Offload, StoreDType};
-use eqat::{Error, Result, Rng};
+use eqat::train::store::Offload;
+use eqat::{Error, Result};
 
 #[derive(Default)]
 struct MemorySink {
@@ -35,52 +34,6 @@ impl BlockSink for MemorySink {
     }
 }
 
-fn options(offload: Offload) -> PipelineOptions {
-    let mut block_ap = BlockApOptions::recipe(QuantConfig::new(2, 8).unwrap());
-    block_ap.quant_lr = 1e-3;
-    block_ap.weight_lr = 1e-4;
-    PipelineOptions {
-        block_ap,
-        offload: offload.clone(),
-        offload_val: offload,
-        store_dtype: StoreDType::F16,
-        forward_batch: 3,
-    }
-}
-
-fn windows(seed: u64, n: usize) -> Vec<Vec<u32>> {
-    let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| (0..12).map(|_| rng.below(50) as u32).collect())
-        .collect()
-}
-
-fn bits(r: &BlockRecord) -> Vec<u32> {
-    let mut v: Vec<u32> = Vec::new();
-    for l in &r.block.linears {
-        v.extend(l.qweight());
-        v.extend(l.zeros().iter().map(|&z| z as u32));
-        v.extend(l.scales().f32s("t").unwrap().iter().map(|x| x.to_bits()));
-    }
-    v.extend(
-        r.block
-            .attn_norm
-            .f32s("t")
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits()),
-    );
-    v.extend(
-        r.block
-            .ffn_norm
-            .f32s("t")
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits()),
-    );
-    v
-}
-
 #[test]
 fn block_ap_trains_every_block_and_resumes_to_identical_bits() {
     let model = RandomModel::new(1);
@@ -91,7 +44,7 @@ fn block_ap_trains_every_block_and_resumes_to_identical_bits() {
         &model,
         &train,
         &val,
-        &options(Offload::Ram),
+        &pipeline_options(Offload::Ram),
         &mut full,
         |e| events.push(e),
     )
@@ -125,7 +78,7 @@ fn block_ap_trains_every_block_and_resumes_to_identical_bits() {
         &model,
         &train,
         &val,
-        &options(Offload::Ram),
+        &pipeline_options(Offload::Ram),
         &mut sink,
         |_| {},
     )
@@ -137,7 +90,7 @@ fn block_ap_trains_every_block_and_resumes_to_identical_bits() {
     let opts = PipelineOptions {
         offload: Offload::Disk(dir.join("train.bin")),
         offload_val: Offload::Disk(dir.join("val.bin")),
-        ..options(Offload::Ram)
+        ..pipeline_options(Offload::Ram)
     };
     run_block_ap(&model, &train, &val, &opts, &mut sink, |e| {
         if let Event::BlockStart { block, .. } = e {
@@ -152,7 +105,7 @@ fn block_ap_trains_every_block_and_resumes_to_identical_bits() {
     );
     for i in 0..3 {
         assert!(
-            bits(&sink.blocks[i]) == bits(&full.blocks[i]),
+            block_bits(&sink.blocks[i]) == block_bits(&full.blocks[i]),
             "block {i} differs after resume"
         );
         assert_eq!(sink.blocks[i].step_losses, full.blocks[i].step_losses);
@@ -206,7 +159,7 @@ fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
     let (train, val) = (windows(6, 4), windows(7, 2));
     let root = std::env::temp_dir().join(format!("eqat-ckpt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let opts = options(Offload::Ram);
+    let opts = pipeline_options(Offload::Ram);
     let run = RunIdentity {
         source: "random:5".into(),
         quant: opts.block_ap.quant,
@@ -304,7 +257,7 @@ fn block_input_placement_gives_byte_identical_checkpoints() {
         let opts = PipelineOptions {
             offload,
             offload_val,
-            ..options(Offload::Ram)
+            ..pipeline_options(Offload::Ram)
         };
         let run = RunIdentity {
             source: "random:8".into(),
@@ -337,34 +290,20 @@ fn block_input_placement_gives_byte_identical_checkpoints() {
 /// files.
 #[test]
 fn train_job_checks_host_memory_before_starting() {
-    use eqat::train::e2e_qp::E2eOptions;
-    use eqat::train::job::{check_host_memory, Calibration, Phase, TrainArgs};
+    use eqat::train::job::{check_host_memory, Phase, TrainArgs};
     let model = RandomModel::new(1);
     let mut args = TrainArgs {
-        model: "random".into(),
-        out: std::env::temp_dir().join("eqat-unused"),
-        quant: QuantConfig::new(2, 8).unwrap(),
-        calib: Calibration::SelfGenerated,
         phase: Phase::BlockAp,
-        train_size: 64,
-        val_size: 8,
         seqlen: 128,
         epochs: 1,
-        batch_size: 2,
-        quant_lr: 1e-4,
         weight_lr: 1e-5,
-        e2e: E2eOptions::recipe(2),
-        early_stop: 0,
-        e2e_data: eqat::train::e2e_data::E2eData::Calibration,
         e2e_seqlen: 128,
-        e2e_train_size: 64,
-        mrem: None,
-        offload_disk: false,
         host_mem: Some(1 << 16),
-        device: eqat::train::device::Device::Cpu,
-        resume: false,
-        seed: 0,
-        eval: None,
+        ..TrainArgs::new(
+            "random".into(),
+            std::env::temp_dir().join("eqat-unused"),
+            QuantConfig::new(2, 8).unwrap(),
+        )
     };
     let e = check_host_memory(&args, &model.cfg)
         .unwrap_err()
@@ -402,7 +341,7 @@ fn train_job_checks_host_memory_before_starting() {
 /// Learning rates 0: the blocks never change, so every epoch after the first fails to beat the best
 /// validation loss.
 fn frozen_options(epochs: usize, early_stop: usize) -> PipelineOptions {
-    let mut o = options(Offload::Ram);
+    let mut o = pipeline_options(Offload::Ram);
     o.block_ap.epochs = epochs;
     o.block_ap.quant_lr = 0.0;
     o.block_ap.weight_lr = 0.0;
@@ -443,7 +382,7 @@ fn early_stop_ends_blocks_that_stop_improving_and_resumes_to_identical_bytes() {
 
     // Training whose validation loss improves in epoch 2 goes on to epoch 3 at early stop 1 (whatever epoch 3
     // brings, it is the last).
-    let mut improving = options(Offload::Ram);
+    let mut improving = pipeline_options(Offload::Ram);
     improving.block_ap.epochs = 3;
     improving.block_ap.early_stop = 1;
     let mut sink = MemorySink::default();

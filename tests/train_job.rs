@@ -27,34 +27,25 @@ fn train_job_quantizes_stories260k_and_its_checkpoint_evaluates_the_same() {
         max_windows: Some(2),
         batch: 2,
     };
+    let defaults = TrainArgs::new(
+        model.clone(),
+        out.join("self"),
+        QuantConfig::new(4, 4).unwrap(),
+    );
     let mut args = TrainArgs {
-        model: model.clone(),
-        out: out.join("self"),
-        quant: QuantConfig::new(4, 4).unwrap(),
-        calib: Calibration::SelfGenerated,
-        phase: Phase::All,
         train_size: 8,
         val_size: 2,
         seqlen: 32,
         epochs: 1,
-        batch_size: 2,
-        quant_lr: 1e-4,
-        weight_lr: 1e-5,
-        early_stop: 0,
         e2e: E2eOptions {
             global_batch: 4,
-            ..E2eOptions::recipe(4)
+            ..defaults.e2e.clone()
         },
-        e2e_data: E2eData::Calibration,
         e2e_seqlen: 32,
         e2e_train_size: 8,
-        offload_disk: false,
-        host_mem: None,
-        resume: false,
         seed: 1,
-        device: eqat::train::device::Device::Cpu,
         eval: Some((wiki.clone(), eval)),
-        mrem: None,
+        ..defaults
     };
     let mut lines = Vec::new();
     let s = run_train(&args, &tok, &fp, |l| lines.push(l.to_string())).unwrap();
@@ -130,35 +121,29 @@ fn train_job_runs_e2e_on_alpaca_records_and_stops_blocks_early() {
     };
     prompts.sort();
     let e2e_seqlen = prompts[4] + 4;
+    let defaults = TrainArgs::new(
+        model.clone(),
+        out.join("run"),
+        QuantConfig::new(4, 4).unwrap(),
+    );
     let mut args = TrainArgs {
-        model: model.clone(),
-        out: out.join("run"),
-        quant: QuantConfig::new(4, 4).unwrap(),
-        calib: Calibration::SelfGenerated,
-        phase: Phase::All,
         train_size: 4,
         val_size: 2,
         seqlen: 16,
         epochs: 3,
-        batch_size: 2,
         // Block-AP learning rates 0: no block changes, so early stop 1 ends each after 2 of its 3 epochs.
         quant_lr: 0.0,
         weight_lr: 0.0,
         early_stop: 1,
         e2e: E2eOptions {
             global_batch: 2,
-            ..E2eOptions::recipe(4)
+            ..defaults.e2e.clone()
         },
         e2e_data: E2eData::File(fixture.clone()),
         e2e_seqlen,
         e2e_train_size: 4,
-        mrem: None,
-        offload_disk: false,
-        host_mem: None,
-        device: eqat::train::device::Device::Cpu,
-        resume: false,
         seed: 2,
-        eval: None,
+        ..defaults
     };
     let mut lines = Vec::new();
     run_train(&args, &tok, &fp, |l| lines.push(l.to_string())).unwrap();

@@ -75,6 +75,46 @@ pub struct TrainArgs {
     pub mrem: Option<MremOptions>,
 }
 
+impl TrainArgs {
+    /// The `engine train` defaults (src/main.rs) for `model` at `quant`, without evaluation: self-generated
+    /// calibration, Block-AP then E2E-QP, 64 + 8 sequences of 256 tokens, 2 epochs of batch 2, the recipe's
+    /// learning rates, E2E-QP on the calibration windows with batch 8, block inputs in RAM, on the CPU, seed 0.
+    /// `e2e_seqlen` and `e2e_train_size` are copies of `seqlen` and `train_size`: set them with those.
+    pub fn new(model: PathBuf, out: PathBuf, quant: QuantConfig) -> TrainArgs {
+        let block_ap = BlockApOptions::recipe(quant);
+        let (train_size, seqlen) = (64, 256);
+        TrainArgs {
+            model,
+            out,
+            quant,
+            calib: Calibration::SelfGenerated,
+            phase: Phase::All,
+            train_size,
+            val_size: 8,
+            seqlen,
+            epochs: block_ap.epochs,
+            batch_size: block_ap.batch_size,
+            quant_lr: block_ap.quant_lr,
+            weight_lr: block_ap.weight_lr,
+            early_stop: 0,
+            e2e: E2eOptions {
+                global_batch: 8,
+                ..E2eOptions::recipe(quant.wbits)
+            },
+            e2e_data: E2eData::Calibration,
+            e2e_seqlen: seqlen,
+            e2e_train_size: train_size,
+            offload_disk: false,
+            host_mem: None,
+            resume: false,
+            seed: 0,
+            device: Device::Cpu,
+            eval: None,
+            mrem: None,
+        }
+    }
+}
+
 /// Perplexities and wall times of a finished job.
 #[derive(Clone, Debug, Default)]
 pub struct TrainSummary {

@@ -1,10 +1,15 @@
-//! Shared by the integration tests: a small random Llama model served block by block.
+//! Shared by the integration tests: a small random Llama model served block by block, its data and the
+//! Block-AP pipeline settings they train it with.
+// Each test crate uses a part of this module.
+#![allow(dead_code)]
 use eqat::model::llama::{BlockWeights, LlamaConfig};
 use eqat::model::quantized::{QuantizedBlock, QuantizedModel};
 use eqat::ops::rope::RopeLayout;
 use eqat::quant::fake_quant::{init_minmax, QuantConfig};
+use eqat::train::block_ap::BlockApOptions;
 use eqat::train::e2e_qp::Example;
-use eqat::train::pipeline::BlockSource;
+use eqat::train::pipeline::{BlockRecord, BlockSource, PipelineOptions};
+use eqat::train::store::{Offload, StoreDType};
 use eqat::{Result, Rng, Tensor};
 
 pub struct RandomModel {
@@ -13,22 +18,27 @@ pub struct RandomModel {
     pub embedding: Vec<f32>,
 }
 
+/// The random model's shape: 3 blocks, hidden 32, 4 heads over 2 KV heads, vocabulary 50, tied embeddings.
+pub fn tiny_config() -> LlamaConfig {
+    LlamaConfig {
+        hidden: 32,
+        intermediate: 48,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        n_layers: 3,
+        vocab: 50,
+        rms_eps: 1e-5,
+        rope_base: 10_000.0,
+        rope_layout: RopeLayout::HalfSplit,
+        tie_embeddings: true,
+        attn_bias: false,
+    }
+}
+
 impl RandomModel {
     pub fn new(seed: u64) -> Self {
-        let cfg = LlamaConfig {
-            hidden: 32,
-            intermediate: 48,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
-            n_layers: 3,
-            vocab: 50,
-            rms_eps: 1e-5,
-            rope_base: 10_000.0,
-            rope_layout: RopeLayout::HalfSplit,
-            tie_embeddings: true,
-            attn_bias: false,
-        };
+        let cfg = tiny_config();
         let mut rng = Rng::new(seed);
         let blocks = (0..cfg.n_layers)
             .map(|_| BlockWeights::random(&cfg, &mut rng))
@@ -60,7 +70,6 @@ impl BlockSource for RandomModel {
 }
 
 /// The random model with every linear at its min-max (RTN) quantization.
-#[allow(dead_code)] // used by the E2E-QP tests only
 pub fn rtn_model(seed: u64, quant: QuantConfig) -> QuantizedModel {
     let m = RandomModel::new(seed);
     let blocks = m
@@ -94,7 +103,6 @@ pub fn rtn_model(seed: u64, quant: QuantConfig) -> QuantizedModel {
 }
 
 /// Text with structure to learn: each sequence counts upwards from a random start.
-#[allow(dead_code)] // used by the E2E-QP tests only
 pub fn data(n: usize, t: usize, seed: u64) -> Vec<Example> {
     let mut rng = Rng::new(seed);
     (0..n)
@@ -103,4 +111,41 @@ pub fn data(n: usize, t: usize, seed: u64) -> Vec<Example> {
             Example::causal((0..t as u32).map(|i| (s + i) % 50).collect())
         })
         .collect()
+}
+
+/// `n` windows of 12 random token ids of the random model's vocabulary.
+pub fn windows(seed: u64, n: usize) -> Vec<Vec<u32>> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| (0..12).map(|_| rng.below(50) as u32).collect())
+        .collect()
+}
+
+/// w2g8 Block-AP at learning rates that move the random model within a few steps, f16 block inputs kept in
+/// `offload`, forward batches of 3.
+pub fn pipeline_options(offload: Offload) -> PipelineOptions {
+    let mut block_ap = BlockApOptions::recipe(QuantConfig::new(2, 8).unwrap());
+    block_ap.quant_lr = 1e-3;
+    block_ap.weight_lr = 1e-4;
+    PipelineOptions {
+        block_ap,
+        offload: offload.clone(),
+        offload_val: offload,
+        store_dtype: StoreDType::F16,
+        forward_batch: 3,
+    }
+}
+
+/// Every bit of a trained block: packed weights, zeros, scales and norms.
+pub fn block_bits(r: &BlockRecord) -> Vec<u32> {
+    let mut v: Vec<u32> = Vec::new();
+    for l in &r.block.linears {
+        v.extend(l.qweight());
+        v.extend(l.zeros().iter().map(|&z| z as u32));
+        v.extend(l.scales().f32s("t").unwrap().iter().map(|x| x.to_bits()));
+    }
+    for n in [&r.block.attn_norm, &r.block.ffn_norm] {
+        v.extend(n.f32s("t").unwrap().iter().map(|x| x.to_bits()));
+    }
+    v
 }
