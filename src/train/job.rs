@@ -176,7 +176,7 @@ pub fn check_host_memory(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(StoreSp
         batch: args.batch_size,
         epochs: args.epochs,
         dtype: ComputeDType::F32,
-        e2e_seqlen: args.seqlen,
+        e2e_seqlen: args.e2e_seqlen,
     };
     let policy = match (args.offload_disk, args.host_mem) {
         (true, _) => StorePolicy::Disk,
