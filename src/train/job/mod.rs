@@ -8,10 +8,8 @@ use crate::io::tokenizer::{save_tokenizer_files, Tokenizer};
 use crate::model::llama::LlamaConfig;
 use crate::model::quantized::{QuantizedBlock, QuantizedModel};
 use crate::model::LlamaModel;
-use crate::plan::host::{available_memory, check_train, StorePolicy};
-use crate::plan::{human, ComputeDType, PlanInput, StoreSplit};
+use crate::plan::human;
 use crate::quant::fake_quant::{init_minmax, QuantConfig};
-use crate::quant::pack::SUPPORTED_BITS;
 use crate::tensor::Tensor;
 use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
@@ -20,11 +18,18 @@ use crate::train::e2e_data::{file_examples, E2eData};
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
 use crate::train::mrem::{run_block_ap_mrem, MremOptions};
 use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
-use crate::train::store::{BlockInputStore, Offload, StoreDType};
+use crate::train::store::{BlockInputStore, StoreDType};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+mod checks;
+mod pause;
+
+use checks::{check_args, offloads};
+pub use checks::{check_host_memory, FORWARD_BATCH};
+use pause::PauseHook;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Calibration {
@@ -160,64 +165,6 @@ fn quantized_model(fp: &LlamaModel, blocks: Vec<QuantizedBlock>) -> Result<Quant
         blocks,
         path: src.path().to_path_buf(),
     })
-}
-
-/// Samples per forward batch when the pipeline propagates the activation streams.
-pub const FORWARD_BATCH: usize = 4;
-
-/// The host-memory check of `args` on `cfg` (plan::host): where the block inputs go, before anything runs.
-pub fn check_host_memory(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(StoreSplit, u64)> {
-    let input = PlanInput {
-        cfg: cfg.clone(),
-        quant: args.quant,
-        train_size: args.train_size,
-        val_size: args.val_size,
-        seqlen: args.seqlen,
-        batch: args.batch_size,
-        epochs: args.epochs,
-        dtype: ComputeDType::F32,
-        e2e_seqlen: args.e2e_seqlen,
-    };
-    let policy = match (args.offload_disk, args.host_mem) {
-        (true, _) => StorePolicy::Disk,
-        (false, Some(_)) => StorePolicy::Budget,
-        (false, None) => StorePolicy::Ram,
-    };
-    // Without a budget and without /proc/meminfo there is nothing to check against.
-    let budget = args.host_mem.or_else(available_memory).unwrap_or(u64::MAX);
-    let split = check_train(
-        &input,
-        FORWARD_BATCH,
-        args.phase == Phase::All,
-        policy,
-        budget,
-    )?;
-    Ok((split, budget))
-}
-
-/// Where the training and validation stores go for a split whose RAM part is `split.ram`: the training store
-/// takes RAM first.
-fn offloads(args: &TrainArgs, split: StoreSplit, train_bytes: u64) -> (Offload, Offload) {
-    let file = |name: &str| args.out.join(name);
-    if split.disk == 0 {
-        return (Offload::Ram, Offload::Ram);
-    }
-    if split.ram == 0 {
-        return (
-            Offload::Disk(file("block_inputs.train.bin")),
-            Offload::Disk(file("block_inputs.val.bin")),
-        );
-    }
-    (
-        Offload::Budget {
-            ram_bytes: split.ram.min(train_bytes),
-            path: file("block_inputs.train.bin"),
-        },
-        Offload::Budget {
-            ram_bytes: split.ram.saturating_sub(train_bytes),
-            path: file("block_inputs.val.bin"),
-        },
-    )
 }
 
 /// Runs the job; `say` hears progress lines.
@@ -480,75 +427,6 @@ fn block_ap_stage(
     match &args.mrem {
         Some(m) => run_block_ap_mrem(fp, train, val, popts, m, ckpt, on_event),
         None => run_block_ap(fp, train, val, popts, ckpt, on_event),
-    }
-}
-
-/// Refuses settings the run cannot finish with, before anything is read or written; errors name the flag.
-fn check_args(args: &TrainArgs, cfg: &LlamaConfig) -> Result<()> {
-    let bad = |msg: String| Err(Error::invalid("engine train", msg));
-    let wbits = args.quant.wbits;
-    if !SUPPORTED_BITS.contains(&wbits) {
-        return bad(format!(
-            "--wbits {wbits}: the checkpoint packs 2, 3, 4 or 8 bits"
-        ));
-    }
-    for (name, _, k) in cfg.linear_shapes() {
-        if args.quant.group_len(k).is_err() {
-            return bad(format!(
-                "--group-size {} does not divide the {k} in_features of {name} in {}; use a divisor of {k} or -1",
-                args.quant.group_size,
-                args.model.display()
-            ));
-        }
-    }
-    if args.batch_size == 0 || args.train_size < args.batch_size {
-        return bad(format!(
-            "--train-size {} with --batch-size {}: Block-AP needs at least one full batch of training sequences",
-            args.train_size, args.batch_size
-        ));
-    }
-    if let Some(m) = &args.mrem {
-        crate::train::mrem::module_ranges(cfg.n_layers, m.modules)?;
-        if !args.device.is_cpu() {
-            return bad(format!(
-                "--parallel modules with --device {}: MREM modules train on the CPU only so far; use --parallel off",
-                args.device.name()
-            ));
-        }
-    }
-    for (flag, v) in [("seqlen", args.seqlen), ("epochs", args.epochs)] {
-        if v == 0 {
-            return bad(format!("--{flag} 0: must be at least 1"));
-        }
-    }
-    Ok(())
-}
-
-/// Test hook for tests/kill_resume.rs: with EQAT_TEST_PAUSE_AT_STEP=N the run prints "paused at step N" and
-/// sleeps for a minute at its N-th training step (Block-AP and E2E-QP steps counted together from 1), so that a
-/// test can SIGKILL it at a known point in the middle of a block.
-struct PauseHook {
-    at: Option<usize>,
-    steps: usize,
-}
-
-impl PauseHook {
-    fn from_env() -> Self {
-        let at = std::env::var("EQAT_TEST_PAUSE_AT_STEP").ok();
-        PauseHook {
-            at: at.and_then(|v| v.parse().ok()),
-            steps: 0,
-        }
-    }
-    fn step(&mut self, say: &mut impl FnMut(&str)) {
-        self.steps += 1;
-        if self.at == Some(self.steps) {
-            say(&format!(
-                "paused at step {} (EQAT_TEST_PAUSE_AT_STEP)",
-                self.steps
-            ));
-            std::thread::sleep(std::time::Duration::from_secs(60));
-        }
     }
 }
 
