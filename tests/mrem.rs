@@ -3,35 +3,18 @@
 mod common;
 mod shared_data;
 
-use common::{block_bits, pipeline_options, windows, RandomModel};
+use common::{block_bits, pipeline_options, windows, MemorySink, RandomModel};
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::mrem::{run_block_ap_mrem, MremOptions};
-use eqat::train::pipeline::{run_block_ap, BlockRecord, BlockSink, Event};
+use eqat::train::pipeline::{run_block_ap, BlockRecord, Event};
 use eqat::train::store::Offload;
-use eqat::Result;
-
-#[derive(Default)]
-struct MemorySink(Vec<BlockRecord>);
-
-impl BlockSink for MemorySink {
-    fn save_block(&mut self, i: usize, r: &BlockRecord) -> Result<()> {
-        assert_eq!(i, self.0.len(), "blocks are saved in order");
-        self.0.push(r.clone());
-        Ok(())
-    }
-    fn load_block(&self, i: usize) -> Result<BlockRecord> {
-        Ok(self.0[i].clone())
-    }
-    fn blocks_done(&self) -> usize {
-        self.0.len()
-    }
-}
 
 fn mrem(modules: usize, anneal_steps: Option<usize>) -> MremOptions {
     MremOptions {
         modules,
         anneal_steps,
         queue_depth: 2,
+        devices: Vec::new(),
     }
 }
 

@@ -109,9 +109,15 @@ const CASES: &[Case] = &[
         kept: &[],
     },
     Case {
-        name: "--gpus on a build without NCCL",
+        name: "--gpus where no GPU can be opened (CI: built without cuda, or no device)",
         setup: |_| flags(&["--parallel", "modules", "--gpus", "0,1"]),
-        names: &["--gpus 0,1", "NCCL"],
+        names: &["--gpus 0,1", "GPU 0"],
+        kept: &[],
+    },
+    Case {
+        name: "--gpus with a word for an ordinal",
+        setup: |_| flags(&["--parallel", "modules", "--gpus", "0,a"]),
+        names: &["--gpus 0,a", "`a` is not a GPU ordinal"],
         kept: &[],
     },
     Case {

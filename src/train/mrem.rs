@@ -50,6 +50,9 @@ pub struct MremOptions {
     pub anneal_steps: Option<usize>,
     /// Messages module m−1 may run ahead of module m.
     pub queue_depth: usize,
+    /// Where each module trains (`--gpus 0,1`: module m on the m-th entry, one GPU context each; an ordinal
+    /// may repeat to run several modules on one GPU). Empty: every module on the Block-AP options' device.
+    pub devices: Vec<Device>,
 }
 
 /// λ_t = max(1 − t/T0, 0): the FP share of a module's input at its training step t (T0 = 0: quantized at once).
@@ -86,6 +89,8 @@ struct Module<'a> {
     upstream: Option<Receiver<QuantOutput>>,
     downstream: Option<SyncSender<QuantOutput>>,
     events: mpsc::Sender<Event>,
+    /// The Block-AP options with this module's device.
+    block_ap: crate::train::block_ap::BlockApOptions,
 }
 
 fn module_offload(o: &Offload, m: usize, k: usize) -> Offload {
@@ -112,6 +117,7 @@ fn store_of(x: &Tensor, opts: &PipelineOptions, offload: Offload) -> Result<Bloc
 impl Module<'_> {
     fn run(mut self, x_train: &Tensor, x_val: Option<&Tensor>) -> Result<Vec<BlockRecord>> {
         let (cfg, opts, fb) = (self.cfg, self.opts, self.opts.forward_batch.max(1));
+        let device = self.block_ap.device.clone();
         let mut store = store_of(
             x_train,
             opts,
@@ -128,8 +134,8 @@ impl Module<'_> {
         // The FP model up to the module's first block: both streams start at the FP activation there.
         for w in &self.blocks[..self.range.start] {
             for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-                propagate(s, Stream::Fp, cfg, w, fb, &Device::Cpu)?;
-                propagate(s, Stream::Quant, cfg, w, fb, &Device::Cpu)?;
+                propagate(s, Stream::Fp, cfg, w, fb, &device)?;
+                propagate(s, Stream::Quant, cfg, w, fb, &device)?;
             }
         }
         let fp_in = if self.upstream.is_some() {
@@ -145,7 +151,7 @@ impl Module<'_> {
         let rtn: Vec<BlockWeights> = if self.downstream.is_some() {
             self.blocks[self.range.clone()]
                 .iter()
-                .map(|w| rtn_block(w, opts.block_ap.quant))
+                .map(|w| device.copy_block(&rtn_block(w, opts.block_ap.quant)?))
                 .collect::<Result<_>>()?
         } else {
             Vec::new()
@@ -156,7 +162,7 @@ impl Module<'_> {
         for (j, i) in self.range.clone().enumerate() {
             let fp = &self.blocks[i];
             for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-                propagate(s, Stream::Fp, cfg, fp, fb, &Device::Cpu)?;
+                propagate(s, Stream::Fp, cfg, fp, fb, &device)?;
             }
             let _ = self.events.send(Event::BlockStart {
                 block: i,
@@ -168,6 +174,7 @@ impl Module<'_> {
                     cfg,
                     store: &store,
                     fp_in,
+                    device: &device,
                     frozen: &frozen,
                     upstream: up,
                     step0,
@@ -185,7 +192,8 @@ impl Module<'_> {
             let downstream = &mut self.downstream;
             let mut send = |step: usize, start: usize, out: &Tensor| -> Result<()> {
                 if let Some(tx) = downstream.as_ref() {
-                    let output = forward_blocks(cfg, later, out.clone())?;
+                    // On the host: the next module may train on another GPU.
+                    let output = forward_blocks(cfg, later, out.clone(), &device)?.to_host()?;
                     let msg = QuantOutput {
                         step: step0 + step,
                         start,
@@ -203,7 +211,7 @@ impl Module<'_> {
                 fp,
                 train,
                 val_ref,
-                &opts.block_ap,
+                &self.block_ap,
                 |info| {
                     let _ = events.send(Event::Step { block: i, info });
                 },
@@ -226,9 +234,9 @@ impl Module<'_> {
                 None
             };
             for s in train_store.into_iter().chain(val_store.as_mut()) {
-                propagate(s, Stream::Quant, cfg, &deq, fb, &Device::Cpu)?;
+                propagate(s, Stream::Quant, cfg, &deq, fb, &device)?;
             }
-            frozen.push(deq);
+            frozen.push(device.copy_block(&deq)?);
             records.push(record);
         }
         Ok(records)
@@ -270,6 +278,16 @@ pub fn run_block_ap_mrem(
         ));
     }
     let ranges = module_ranges(cfg.n_layers, mrem.modules)?;
+    if !mrem.devices.is_empty() && mrem.devices.len() != mrem.modules {
+        return Err(Error::invalid(
+            "mrem",
+            format!(
+                "{} devices for {} modules: give one device per module",
+                mrem.devices.len(),
+                mrem.modules
+            ),
+        ));
+    }
     let n = train.len();
     if opts.block_ap.batch_size == 0 || n < opts.block_ap.batch_size {
         return Err(Error::invalid(
@@ -316,6 +334,10 @@ pub fn run_block_ap_mrem(
             } else {
                 (None, None)
             };
+            let mut block_ap = opts.block_ap.clone();
+            if let Some(d) = mrem.devices.get(index) {
+                block_ap.device = d.clone();
+            }
             let module = Module {
                 index,
                 modules: ranges.len(),
@@ -327,6 +349,7 @@ pub fn run_block_ap_mrem(
                 upstream: upstream.take(),
                 downstream,
                 events: events_tx.clone(),
+                block_ap,
             };
             upstream = next_upstream;
             let (x_train, x_val) = (&x_train, x_val.as_ref());

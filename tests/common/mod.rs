@@ -8,7 +8,7 @@ use eqat::ops::rope::RopeLayout;
 use eqat::quant::fake_quant::{init_minmax, QuantConfig};
 use eqat::train::block_ap::BlockApOptions;
 use eqat::train::e2e_qp::Example;
-use eqat::train::pipeline::{BlockRecord, BlockSource, PipelineOptions};
+use eqat::train::pipeline::{BlockRecord, BlockSink, BlockSource, PipelineOptions};
 use eqat::train::store::{Offload, StoreDType};
 use eqat::{Result, Rng, Tensor};
 
@@ -148,4 +148,22 @@ pub fn block_bits(r: &BlockRecord) -> Vec<u32> {
         v.extend(n.f32s("t").unwrap().iter().map(|x| x.to_bits()));
     }
     v
+}
+
+/// Trained blocks kept in memory, in order.
+#[derive(Default)]
+pub struct MemorySink(pub Vec<BlockRecord>);
+
+impl BlockSink for MemorySink {
+    fn save_block(&mut self, i: usize, r: &BlockRecord) -> Result<()> {
+        assert_eq!(i, self.0.len(), "blocks are saved in order");
+        self.0.push(r.clone());
+        Ok(())
+    }
+    fn load_block(&self, i: usize) -> Result<BlockRecord> {
+        Ok(self.0[i].clone())
+    }
+    fn blocks_done(&self) -> usize {
+        self.0.len()
+    }
 }

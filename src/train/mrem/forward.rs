@@ -3,14 +3,17 @@ use crate::autograd::Tape;
 use crate::error::Result;
 use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use crate::tensor::Tensor;
+use crate::train::device::Device;
 
-/// `x` [B, T, C] through `blocks` in order, without gradients; `x` itself when `blocks` is empty.
+/// `x` [B, T, C] through `blocks` (already on `device`) in order on `device`, without gradients; `x` itself
+/// (moved to `device`) when `blocks` is empty.
 pub(super) fn forward_blocks(
     cfg: &LlamaConfig,
     blocks: &[BlockWeights],
     x: Tensor,
+    device: &Device,
 ) -> Result<Tensor> {
-    let mut x = x;
+    let mut x = device.put(x)?;
     for w in blocks {
         let mut tape = Tape::new();
         let vars = BlockVars::register(&mut tape, w, None)?;

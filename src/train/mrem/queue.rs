@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::llama::{BlockWeights, LlamaConfig};
 use crate::tensor::Tensor;
 use crate::train::block_ap::{take_samples, BlockSamples};
+use crate::train::device::Device;
 use crate::train::store::{BlockInputStore, Stream};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -69,6 +70,8 @@ pub(super) struct MixedInputs<'a> {
     pub cfg: &'a LlamaConfig,
     pub store: &'a BlockInputStore,
     pub fp_in: &'a Tensor,
+    /// Where the module trains; `frozen` lives there.
+    pub device: &'a Device,
     pub frozen: &'a [BlockWeights],
     pub upstream: &'a RefCell<Upstream>,
     pub step0: usize,
@@ -92,7 +95,7 @@ impl MixedInputs<'_> {
                 .collect();
             Tensor::from_vec(fp.shape(), mix)?
         };
-        forward_blocks(self.cfg, self.frozen, x)
+        forward_blocks(self.cfg, self.frozen, x, self.device)
     }
 }
 
