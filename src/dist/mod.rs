@@ -1,12 +1,13 @@
 //! Distributed training: the collective operations data-parallel E2E-QP needs, behind one trait, and how ranks
 //! find each other (`launch`).
 //!
-//! Implementations: [`SingleRank`] (world of one, every collective is the identity) and [`loopback`] (K ranks as
-//! threads of one process, for tests and CPU runs). An NCCL implementation belongs beside them behind the `cuda`
-//! feature (cudarc's `nccl` feature, the unique id handed out by [`launch::tcp_rendezvous`]); it is not written
-//! yet because no machine with several GPUs was available to exercise it.
+//! Implementations: [`SingleRank`] (world of one, every collective is the identity), [`loopback`] (K ranks as
+//! threads of one process, for tests and CPU runs) and, with the `cuda` feature, [`nccl`] (GPUs, the unique id
+//! handed out by [`launch::tcp_rendezvous`]).
 pub mod launch;
 pub mod loopback;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use crate::error::Result;
 
@@ -15,8 +16,9 @@ use crate::error::Result;
 pub trait Communicator: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    /// Element-wise sum over all ranks, written back into `buf` on every rank. Implementations add the ranks'
-    /// buffers in rank order (0, 1, ..), so the result does not depend on which rank arrived first.
+    /// Element-wise sum over all ranks, written back into `buf` on every rank. The result never depends on
+    /// which rank arrived first: the loopback group adds in rank order (0, 1, ..); NCCL in its ring/tree order,
+    /// fixed for a given topology.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
     /// Copies `root`'s `buf` into every rank's `buf`.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
