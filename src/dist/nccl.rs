@@ -31,20 +31,28 @@ pub struct NcclComm {
 unsafe impl Send for NcclComm {}
 
 fn nccl_err(what: &str) -> impl FnOnce(cudarc::nccl::result::NcclError) -> Error + '_ {
-    move |e| {
-        Error::invalid(
-            "nccl",
-            format!(
-                "{what}: {e:?} (is libnccl.so.2 on the loader path? NCCL_DEBUG=INFO says more)"
-            ),
-        )
+    move |e| Error::invalid("nccl", format!("{what}: {e:?} (NCCL_DEBUG=INFO says more)"))
+}
+
+/// The NCCL library must be loadable before any NCCL call: cudarc panics where it is not.
+fn nccl_present() -> Result<()> {
+    // SAFETY: only tries to open the library by its candidate names.
+    if unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return Ok(());
     }
+    Err(Error::invalid(
+        "nccl",
+        "libnccl could not be loaded: put a directory with libnccl.so (or libnccl.so.13) on LD_LIBRARY_PATH; \
+         the libnccl.so.2 of the nvidia-nccl wheels needs a libnccl.so link beside it"
+            .to_string(),
+    ))
 }
 
 impl NcclComm {
     /// One communicator per GPU of this process, rank i on `ctxs[i]` (distinct GPUs: NCCL refuses two ranks
     /// on one GPU).
     pub fn group(ctxs: &[Arc<GpuContext>]) -> Result<Vec<NcclComm>> {
+        nccl_present()?;
         let streams = ctxs.iter().map(|c| c.stream().clone()).collect();
         let comms = Comm::from_devices(streams).map_err(nccl_err("ncclCommInitAll"))?;
         Ok(comms
@@ -64,6 +72,7 @@ impl NcclComm {
         ctx: &Arc<GpuContext>,
         timeout: Duration,
     ) -> Result<NcclComm> {
+        nccl_present()?;
         let id = if env.rank == 0 {
             let id = Id::new().map_err(nccl_err("ncclGetUniqueId"))?;
             id.internal().iter().map(|&c| c as u8).collect()
@@ -93,6 +102,7 @@ impl NcclComm {
                 format!("rank {rank} of a world of {world}"),
             ));
         }
+        nccl_present()?;
         let id = Id::uninit(bytes.map(|b| b as std::ffi::c_char));
         let comm = Comm::from_rank(ctx.stream().clone(), rank, world, id)
             .map_err(nccl_err("ncclCommInitRank"))?;
