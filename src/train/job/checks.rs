@@ -96,12 +96,6 @@ pub(super) fn check_args(args: &TrainArgs, cfg: &LlamaConfig) -> Result<()> {
     }
     if let Some(m) = &args.mrem {
         crate::train::mrem::module_ranges(cfg.n_layers, m.modules)?;
-        if !args.device.is_cpu() {
-            return bad(format!(
-                "--parallel modules with --device {}: MREM modules train on the CPU only so far; use --parallel off",
-                args.device.name()
-            ));
-        }
     }
     for (flag, v) in [("seqlen", args.seqlen), ("epochs", args.epochs)] {
         if v == 0 {
