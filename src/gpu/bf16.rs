@@ -47,7 +47,8 @@ impl GpuContext {
     }
 
     /// With `on`, the linears on this device multiply bf16-rounded operands (f32 accumulation and output)
-    /// instead of running true f32 SGEMMs: the bf16 mixed-precision mode. Off by default.
+    /// instead of running true f32 SGEMMs, and attention at head dims 64 and 128 runs its tensor-core kernels
+    /// (bf16 operands, f32 accumulation): the bf16 mixed-precision mode. Off by default.
     pub fn set_matmul_bf16(&self, on: bool) {
         self.matmul_bf16.store(on, Ordering::Relaxed);
     }

@@ -74,11 +74,12 @@ impl Arg {
 }
 
 /// Every `cuda/<op>.cu` of the crate (for warming the compile cache and for compile checks).
-pub fn kernel_sources() -> [KernelSource; 20] {
+pub fn kernel_sources() -> [KernelSource; 21] {
     [
         crate::bench::random::CUDA,
         crate::ops::add::CUDA,
         crate::ops::attention::CUDA,
+        crate::ops::attention::CUDA_BF16,
         crate::ops::cross_entropy::cuda::CUDA,
         crate::ops::embedding::CUDA,
         crate::ops::linear::CUDA,

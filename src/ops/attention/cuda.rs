@@ -1,7 +1,9 @@
 //! The f32 GPU path: launches of `cuda/attention.cu` (FlashAttention-2's recipe on the CUDA cores; the tiling is
-//! described in the kernel file's header). Compiled head dims: 64 and 128; a smaller D runs in the smaller
+//! described in the kernel file's header). In the context's bf16 mode at D 64 and 128 the launchers hand over to
+//! the tensor-core kernels of `cuda_bf16.rs` instead. Compiled head dims: 64 and 128; a smaller D runs in the smaller
 //! kernel, zero-padded. dQ is accumulated with atomics by the key blocks, so its last bits may differ from run to
 //! run; dK and dV are summed in a fixed order.
+use super::cuda_bf16::{self, runs_bf16, Bf16Inputs};
 use super::AttentionShape;
 use crate::error::{Error, Result};
 use crate::gpu::{Arg, GpuBuf, GpuContext, KernelSource};
@@ -70,7 +72,25 @@ pub fn attention_fwd_cuda(
     v: &GpuBuf,
     s: AttentionShape,
 ) -> Result<()> {
+    attention_fwd_cuda_keep(out, lse, q, k, v, s).map(drop)
+}
+
+/// `attention_fwd_cuda`, returning the bf16 copies of q, k and v when it ran the bf16 kernels, for
+/// `attention_bwd_cuda_with` to reuse.
+pub(super) fn attention_fwd_cuda_keep(
+    out: &mut GpuBuf,
+    lse: &mut GpuBuf,
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    s: AttentionShape,
+) -> Result<Option<Bf16Inputs>> {
     check_cuda(s)?;
+    if runs_bf16(out.ctx(), s) {
+        let x = Bf16Inputs::cast(q, k, v)?;
+        cuda_bf16::fwd(out, lse, &x, s)?;
+        return Ok(Some(x));
+    }
     let dm = dmax(s);
     let kernel = if dm == 64 {
         "attention_fwd_f32_d64"
@@ -99,7 +119,8 @@ pub fn attention_fwd_cuda(
             d,
             scale,
         ],
-    )
+    )?;
+    Ok(None)
 }
 
 /// Backward: dq [B, T, H, D], dk and dv [B, T, G, D] (each written when present) from dout, the inputs, the
@@ -117,8 +138,37 @@ pub fn attention_bwd_cuda(
     lse: &GpuBuf,
     s: AttentionShape,
 ) -> Result<()> {
+    attention_bwd_cuda_with(dq, dk, dv, dout, q, k, v, out, lse, None, s)
+}
+
+/// `attention_bwd_cuda` with the bf16 copies of q, k and v the forward kept (`attention_fwd_cuda_keep`), if any.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_bwd_cuda_with(
+    dq: Option<&mut GpuBuf>,
+    dk: Option<&mut GpuBuf>,
+    dv: Option<&mut GpuBuf>,
+    dout: &GpuBuf,
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    out: &GpuBuf,
+    lse: &GpuBuf,
+    kept: Option<&Bf16Inputs>,
+    s: AttentionShape,
+) -> Result<()> {
     check_cuda(s)?;
     let ctx = dout.ctx().clone();
+    if runs_bf16(&ctx, s) {
+        let cast;
+        let x = match kept {
+            Some(x) => x,
+            None => {
+                cast = Bf16Inputs::cast(q, k, v)?;
+                &cast
+            }
+        };
+        return cuda_bf16::bwd(dq, dk, dv, dout, x, out, lse, s);
+    }
     let rows = s.b * s.t * s.h;
     let delta = ctx.alloc(rows)?;
     ctx.launch_1d(
@@ -232,7 +282,8 @@ impl AttentionTiming {
 }
 
 /// Times the kernels on random inputs (made on the host, uploaded once): `reps` synchronised runs of each after
-/// two warm-ups (which also compile the kernels), median of the host clock around each run.
+/// two warm-ups (which also compile the kernels), median of the host clock around each run. The context's mode
+/// picks the kernels (f32, or bf16 at D 64 and 128, the bf16 casts included in the times).
 pub fn time_attention_cuda(
     ctx: &Arc<GpuContext>,
     s: AttentionShape,
@@ -252,9 +303,10 @@ pub fn time_attention_cuda(
         for i in 0..reps.max(1) + 2 {
             ctx.synchronize()?;
             let start = Instant::now();
-            attention_fwd_cuda(&mut out, &mut lse, &q, &k, &v, s)?;
+            // As the tape runs it: the backward reuses the forward's bf16 copies.
+            let kept = attention_fwd_cuda_keep(&mut out, &mut lse, &q, &k, &v, s)?;
             if bwd {
-                attention_bwd_cuda(
+                attention_bwd_cuda_with(
                     Some(&mut dq),
                     Some(&mut dk),
                     Some(&mut dv),
@@ -264,6 +316,7 @@ pub fn time_attention_cuda(
                     &v,
                     &out,
                     &lse,
+                    kept.as_ref(),
                     s,
                 )?;
             }

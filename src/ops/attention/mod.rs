@@ -15,10 +15,14 @@
 //! (3 × the size of q) before they are scattered or summed into the [B, T, ., D] layouts.
 //!
 //! On the GPU (inputs with CUDA storage, the `cuda` feature) the same algorithm runs fused in `cuda/attention.cu`
-//! (see `cuda.rs`): one kernel writes out and lse, the backward recomputes P tile by tile; D <= 128 there.
+//! (see `cuda.rs`): one kernel writes out and lse, the backward recomputes P tile by tile; D <= 128 there. In the
+//! context's bf16 mode (`GpuContext::set_matmul_bf16`) D 64 and 128 run on the tensor cores instead
+//! (`cuda/attention_bf16.cu`, see `cuda_bf16.rs`): bf16 operands, f32 accumulation, f32 tensors in and out.
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_bf16;
 mod reference;
 #[cfg(test)]
 mod tests;
@@ -29,6 +33,8 @@ pub use cuda::{
     attention_bwd_cuda, attention_fwd_cuda, time_attention_cuda, AttentionTiming, CUDA,
     MAX_HEAD_DIM,
 };
+#[cfg(feature = "cuda")]
+pub use cuda_bf16::{runs_bf16, CUDA as CUDA_BF16};
 pub use reference::{attention_bwd_ref, attention_fwd_ref};
 
 use crate::autograd::{Backward, Tape, Var};
@@ -118,13 +124,17 @@ pub fn attention(tape: &mut Tape, q: Var, k: Var, v: Var) -> Result<Var> {
             tape.value(k).gpu(OP)?,
             tape.value(v).gpu(OP)?,
         );
-        attention_fwd_cuda(&mut out, &mut lse, qb, kb, vb, s)?;
+        let bf16 = cuda::attention_fwd_cuda_keep(&mut out, &mut lse, qb, kb, vb, s)?;
         let lse = Tensor::from_gpu(&[s.b, s.h, s.t], lse)?;
         let out = Tensor::from_gpu(&out_shape, out)?;
         return Ok(tape.push_op(
             out,
             &[q, k, v],
-            Box::new(AttentionBackward { shape: s, lse }),
+            Box::new(AttentionBackward {
+                shape: s,
+                lse,
+                bf16,
+            }),
         ));
     }
     let mut out = tape.alloc(&out_shape);
@@ -143,6 +153,8 @@ pub fn attention(tape: &mut Tape, q: Var, k: Var, v: Var) -> Result<Var> {
         Box::new(AttentionBackward {
             shape: s,
             lse: Tensor::from_vec(&[s.b, s.h, s.t], lse)?,
+            #[cfg(feature = "cuda")]
+            bf16: None,
         }),
     ))
 }
@@ -157,6 +169,9 @@ struct AttentionBackward {
     shape: AttentionShape,
     /// Log-sum-exp of each scaled, masked score row, [B, H, T], where the forward ran (host or device).
     lse: Tensor,
+    /// The bf16 copies of q, k, v the forward's tensor-core kernels read (GPU bf16 mode), reused by the backward.
+    #[cfg(feature = "cuda")]
+    bf16: Option<cuda_bf16::Bf16Inputs>,
 }
 
 impl Backward for AttentionBackward {
@@ -176,7 +191,7 @@ impl Backward for AttentionBackward {
             let [dq, dk, dv] = d else {
                 unreachable!("attention has three inputs")
             };
-            return attention_bwd_cuda(
+            return cuda::attention_bwd_cuda_with(
                 gpu_grad(dq)?,
                 gpu_grad(dk)?,
                 gpu_grad(dv)?,
@@ -186,6 +201,7 @@ impl Backward for AttentionBackward {
                 x[2].gpu(OP)?,
                 out.gpu(OP)?,
                 self.lse.gpu(OP)?,
+                self.bf16.as_ref(),
                 self.shape,
             );
         }
