@@ -291,6 +291,10 @@ pub fn run_block_ap_at(
     mut on_event: impl FnMut(Event),
 ) -> Result<()> {
     let cfg = src.config().clone();
+    // A resumed run with every block saved has nothing to train, so no stream needs replaying.
+    if sink.blocks_done() >= cfg.n_layers {
+        return Ok(());
+    }
     let mut store = Streams::new(src, train, opts.offload.clone(), opts, at)?;
     let mut val_store = if val.is_empty() {
         None
