@@ -10,6 +10,11 @@
 //! and training stops once the counter reaches N. So N counts epochs without improvement, not necessarily in a
 //! row. The block keeps its last parameters (the official code restores no best state), and the cosine
 //! schedule keeps its length of `epochs` epochs.
+//!
+//! On the host every step's loss is checked before its update. On a GPU the losses stay on the device and are
+//! read back `LOSS_READBACK_STEPS` at a time and at each epoch's end (`train::device::LossQueue`), so that the
+//! host keeps queueing steps; a non-finite loss is then an error naming its step, found up to 63 steps later
+//! (the block is not saved either way).
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};

@@ -1,6 +1,8 @@
 //! Where Block-AP runs: the host, or a GPU (the `cuda` feature). On a GPU a block's weights, scales, zeros and
-//! optimizer state live in device memory for the block's training; calibration batches are uploaded from the
-//! `BlockInputStore` step by step and the trained block is downloaded for the checkpoint.
+//! optimizer state live in device memory for the block's training; calibration batches come from the streams in
+//! GPU memory (`device_store`), or are uploaded from the host `BlockInputStore` step by step when the streams do not
+//! fit there; step losses are read back a batch of steps at a time ([`LossQueue`]), and the trained block is
+//! downloaded for the checkpoint.
 use crate::error::{Error, Result};
 use crate::model::llama::BlockWeights;
 use crate::tensor::Tensor;
