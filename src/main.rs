@@ -109,9 +109,13 @@ enum Command {
         resume: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Where Block-AP and E2E-QP run: cpu, cuda or cuda:N (evaluation stays on the CPU).
+        /// Where Block-AP, E2E-QP and the perplexity evaluations run: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// GEMMs of the training on a GPU: f32, or bf16 (bf16 operands, f32 accumulation, f32 master weights
+        /// and optimizer state). Evaluation runs f32 GEMMs.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// Perplexity text (default: shared/data/wikitext-2-raw/wiki.test.raw); `none` skips evaluation.
         #[arg(long)]
         eval_data: Option<PathBuf>,
@@ -144,6 +148,9 @@ enum Command {
         /// Windows run together, block by block.
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Where the forward runs: cpu, cuda or cuda:N (f32 either way).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// A finished checkpoint as a Hugging Face model directory: GPTQ tensors (v1 or v2 zero points) or
     /// dequantized f16 weights, with config.json and the tokenizer.
@@ -165,7 +172,8 @@ fn main() {
             ctx,
             max_windows,
             batch,
-        } => eval(model, data, ctx, max_windows, batch),
+            device,
+        } => eval(model, data, ctx, max_windows, batch, &device),
         Command::Export(args) => export_cli::run(args),
         Command::Plan(args) => plan_cli::plan(args),
         Command::Bench(args) => bench_cli::bench(args),
@@ -182,7 +190,9 @@ fn eval(
     ctx: usize,
     max_windows: Option<usize>,
     batch: usize,
+    device: &str,
 ) -> eqat::Result<()> {
+    let device = eqat::train::device::Device::parse(device)?;
     let model_path = model_path(model)?;
     let data = match data {
         Some(p) => p,
@@ -228,7 +238,9 @@ fn eval(
     );
     let t0 = Instant::now();
     let tok_per_s = |p: &Perplexity| (p.windows * ctx) as f64 / t0.elapsed().as_secs_f64();
-    let result = perplexity_of_windows(&model, &windows, ids.len(), batch, |p| {
+    let scorer = eqat::eval::scorer(&model, &device)?;
+    println!("forward on {}", device.name());
+    let result = perplexity_of_windows(&*scorer, &windows, ids.len(), batch, |p| {
         println!(
             "[{:>4}/{}] ppl {:.4} ({:.0} tokens/s)",
             p.windows,
@@ -283,6 +295,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         resume,
         seed,
         device,
+        dtype,
         eval_data,
         eval_ctx,
         eval_windows,
@@ -358,6 +371,11 @@ fn train(cmd: Command) -> eqat::Result<()> {
         resume,
         seed,
         device: eqat::train::device::Device::parse(&device)?,
+        dtype: match dtype.as_str() {
+            "f32" => eqat::plan::ComputeDType::F32,
+            "bf16" => eqat::plan::ComputeDType::Bf16,
+            other => return Err(flag("dtype", other, "f32 or bf16")),
+        },
         eval: eval.map(|p| {
             (
                 p,

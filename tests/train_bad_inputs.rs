@@ -121,6 +121,18 @@ const CASES: &[Case] = &[
         kept: &[],
     },
     Case {
+        name: "--dtype bf16 on the CPU",
+        setup: |_| flags(&["--dtype", "bf16"]),
+        names: &["--dtype bf16", "--device cuda"],
+        kept: &[],
+    },
+    Case {
+        name: "--dtype f16",
+        setup: |_| flags(&["--dtype", "f16"]),
+        names: &["--dtype f16", "f32 or bf16"],
+        kept: &[],
+    },
+    Case {
         name: "--train-size 0",
         setup: |_| flags(&["--train-size", "0"]),
         names: &["--train-size 0"],

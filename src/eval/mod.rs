@@ -16,6 +16,7 @@ pub mod default_model;
 use crate::error::{Error, Result};
 use crate::io::tokenizer::Tokenizer;
 use crate::model::LlamaModel;
+use crate::train::device::Device;
 
 /// How to evaluate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,9 +101,38 @@ pub fn perplexity(
     perplexity_of_windows(model, &windows, ids.len(), opts.batch, progress)
 }
 
+/// What perplexity needs of a model: the summed next-token NLL of a batch of windows and the number of
+/// predictions (`LlamaModel::nll` on the CPU, `model::forward_cuda::CudaModel` on a GPU).
+pub trait NllModel {
+    fn nll(&self, windows: &[Vec<u32>]) -> Result<(f64, usize)>;
+}
+
+impl NllModel for LlamaModel {
+    fn nll(&self, windows: &[Vec<u32>]) -> Result<(f64, usize)> {
+        LlamaModel::nll(self, windows)
+    }
+}
+
+impl<T: NllModel + ?Sized> NllModel for &T {
+    fn nll(&self, windows: &[Vec<u32>]) -> Result<(f64, usize)> {
+        (**self).nll(windows)
+    }
+}
+
+/// `model` scored where `device` says: itself on the CPU; on a GPU, with its resident tensors uploaded.
+pub fn scorer<'a>(model: &'a LlamaModel, device: &Device) -> Result<Box<dyn NllModel + 'a>> {
+    match device {
+        Device::Cpu => Ok(Box::new(model)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ctx) => Ok(Box::new(crate::model::forward_cuda::CudaModel::new(
+            model, ctx,
+        )?)),
+    }
+}
+
 /// Perplexity over prepared windows, `batch` windows at a time; `text_tokens` is reported back as is.
 pub fn perplexity_of_windows(
-    model: &LlamaModel,
+    model: &dyn NllModel,
     windows: &[Vec<u32>],
     text_tokens: usize,
     batch: usize,

@@ -74,7 +74,7 @@ impl Arg {
 }
 
 /// Every `cuda/<op>.cu` of the crate (for warming the compile cache and for compile checks).
-pub fn kernel_sources() -> [KernelSource; 21] {
+pub fn kernel_sources() -> [KernelSource; 22] {
     [
         crate::bench::random::CUDA,
         crate::ops::add::CUDA,
@@ -97,6 +97,7 @@ pub fn kernel_sources() -> [KernelSource; 21] {
         crate::quant::real_quant::cuda::CUDA,
         crate::train::adamw::CUDA,
         crate::train::clip::CUDA,
+        crate::train::device_store::CUDA,
     ]
 }
 
@@ -193,6 +194,13 @@ impl GpuContext {
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// (free, total) bytes of device memory as the driver counts them: the allocator's cached buffers are used.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| Error::Gpu(format!("cuda:{} memory info: {e}", self.ordinal)))
     }
 
     /// Waits for all queued work; reports an asynchronous kernel fault (an illegal address, say) if one happened.

@@ -88,7 +88,7 @@ impl LlamaModel {
 
     /// The common length T of `windows`, after checking that there is at least one, all have T > 0 tokens
     /// and every id is in the vocabulary.
-    fn check_windows(&self, windows: &[Vec<u32>]) -> Result<usize> {
+    pub(crate) fn check_windows(&self, windows: &[Vec<u32>]) -> Result<usize> {
         let t = match windows.first() {
             Some(w) if !w.is_empty() => w.len(),
             _ => return Err(Error::invalid(OP, "needs at least one non-empty sequence")),
@@ -196,7 +196,7 @@ impl LlamaModel {
 }
 
 /// One block on hidden states x [B, T, C], no-grad; `qkv_bias` adds to the q, k and v projections.
-fn run_block(
+pub(crate) fn run_block(
     cfg: &LlamaConfig,
     weights: &BlockWeights,
     qkv_bias: Option<&[Tensor; 3]>,

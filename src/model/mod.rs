@@ -1,5 +1,7 @@
 //! The Llama block and model, built from ops, and the sources of their weights.
 pub mod forward;
+#[cfg(feature = "cuda")]
+pub mod forward_cuda;
 pub mod generate;
 pub mod gguf;
 pub mod gptq;

@@ -10,7 +10,12 @@
 //! and training stops once the counter reaches N. So N counts epochs without improvement, not necessarily in a
 //! row. The block keeps its last parameters (the official code restores no best state), and the cosine
 //! schedule keeps its length of `epochs` epochs.
-use crate::autograd::Tape;
+//!
+//! On the host every step's loss is checked before its update. On a GPU the losses stay on the device and are
+//! read back `LOSS_READBACK_STEPS` at a time and at each epoch's end (`train::device::LossQueue`), so that the
+//! host keeps queueing steps; a non-finite loss is then an error naming its step, found up to 63 steps later
+//! (the block is not saved either way).
+use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use crate::ops::mse::mse;
@@ -19,7 +24,7 @@ use crate::quant::fake_quant::QuantConfig;
 use crate::tensor::Storage;
 use crate::tensor::Tensor;
 use crate::train::adamw::{AdamW, ParamGroup};
-use crate::train::device::{block_to_host, Device};
+use crate::train::device::{block_to_host, Device, LossQueue};
 use crate::train::schedule::CosineSchedule;
 use crate::train::store::{BlockInputStore, Stream};
 
@@ -188,6 +193,16 @@ pub fn train_block_with(
         )?,
     };
     let mut opt = block_ap_optimizer(&vars, opts)?;
+    // On a GPU the losses are read back a batch of steps at a time (`LossQueue`), and the non-finite check
+    // moves from each update's gradients to those losses.
+    let mut queue = match opts.device.is_cpu() {
+        true => None,
+        false => {
+            #[cfg(feature = "cuda")]
+            opt.skip_device_gradient_check();
+            Some(LossQueue::new())
+        }
+    };
     let steps_per_epoch = n / opts.batch_size;
     let total_steps = steps_per_epoch * opts.epochs;
     let schedule = CosineSchedule::new(total_steps as u64, opts.min_lr_factor)?;
@@ -195,33 +210,52 @@ pub fn train_block_with(
     let mut val_losses = Vec::with_capacity(opts.epochs);
     let mut early_stop = EarlyStop::new(opts.early_stop);
     let mut epochs_run = 0;
+    let mut done = Vec::new();
     for epoch in 0..opts.epochs {
         epochs_run = epoch + 1;
-        for i in 0..steps_per_epoch {
-            let step = epoch * steps_per_epoch + i;
-            let (xs, ys) = train.train_pair(step, i * opts.batch_size, opts.batch_size)?;
-            let loss_value = train_step(
-                &mut tape,
-                cfg,
-                &vars,
-                &mut opt,
-                (xs, ys),
-                schedule.lr_factor(step as u64),
-                &mut |out| on_output(step, i * opts.batch_size, out),
-            )
-            .map_err(|e| match e {
+        let at = |step: usize| {
+            move |e| match e {
                 Error::NonFinite { what } => Error::NonFinite {
                     what: format!("{what} at epoch {epoch} step {step}"),
                 },
                 e => e,
-            })?;
-            step_losses.push(loss_value);
-            on_step(StepInfo {
-                step,
-                total_steps,
-                epoch,
-                loss: loss_value,
-            });
+            }
+        };
+        for i in 0..steps_per_epoch {
+            let step = epoch * steps_per_epoch + i;
+            let batch = train.train_pair(step, i * opts.batch_size, opts.batch_size)?;
+            let lr_factor = schedule.lr_factor(step as u64);
+            let on_out = &mut |out: &Tensor| on_output(step, i * opts.batch_size, out);
+            match queue.as_mut() {
+                None => done.push((
+                    step,
+                    train_step(&mut tape, cfg, &vars, &mut opt, batch, lr_factor, on_out)
+                        .map_err(at(step))?,
+                )),
+                Some(q) => {
+                    let loss = train_step_queued(
+                        &mut tape, cfg, &vars, &mut opt, batch, lr_factor, on_out,
+                    )
+                    .map_err(at(step))?;
+                    q.push(step, loss);
+                    if q.is_full() || i + 1 == steps_per_epoch {
+                        done = q.read_back()?;
+                    }
+                }
+            }
+            for (step, loss) in done.drain(..) {
+                if !loss.is_finite() {
+                    let what = "Block-AP loss (read back after the steps queued behind it ran)";
+                    return Err(at(step)(Error::NonFinite { what: what.into() }));
+                }
+                step_losses.push(loss);
+                on_step(StepInfo {
+                    step,
+                    total_steps,
+                    epoch,
+                    loss,
+                });
+            }
         }
         if let Some(val) = val {
             let v = eval_block_loss(&mut tape, cfg, &vars, val, opts.batch_size)?;
@@ -287,19 +321,11 @@ pub fn train_step(
     cfg: &LlamaConfig,
     vars: &BlockVars,
     opt: &mut AdamW,
-    (xs, ys): (Tensor, Tensor),
+    batch: (Tensor, Tensor),
     lr_factor: f32,
     on_output: &mut dyn FnMut(&Tensor) -> Result<()>,
 ) -> Result<f32> {
-    tape.reset();
-    let (xs, ys) = to_param_device(tape, vars, xs, ys)?;
-    let x = tape.input(xs);
-    let y = tape.input(ys);
-    let out = block_forward(tape, cfg, vars, x)?;
-    on_output(tape.value(out))?;
-    let loss = mse(tape, out, y)?;
-    tape.clear_grads();
-    tape.backward(loss)?;
+    let loss = forward_backward(tape, cfg, vars, batch, on_output)?;
     // Read after the backward is queued: on a GPU the download waits for the whole step's work so far, once.
     let loss_value = tape.value(loss).to_host()?.f32s("train_step")?[0];
     if !loss_value.is_finite() {
@@ -309,6 +335,42 @@ pub fn train_step(
     }
     opt.step(tape, lr_factor)?;
     Ok(loss_value)
+}
+
+/// [`train_step`] without waiting for the loss: the update is queued whatever the loss is, and the loss comes
+/// back as a tensor where it was computed (on a GPU, read later by a `LossQueue`).
+pub fn train_step_queued(
+    tape: &mut Tape,
+    cfg: &LlamaConfig,
+    vars: &BlockVars,
+    opt: &mut AdamW,
+    batch: (Tensor, Tensor),
+    lr_factor: f32,
+    on_output: &mut dyn FnMut(&Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let loss = forward_backward(tape, cfg, vars, batch, on_output)?;
+    opt.step(tape, lr_factor)?;
+    Ok(std::mem::replace(tape.value_mut(loss), Tensor::scalar(0.0)))
+}
+
+/// The forward under fake quantization, the MSE against `ys` and its backward; returns the loss.
+fn forward_backward(
+    tape: &mut Tape,
+    cfg: &LlamaConfig,
+    vars: &BlockVars,
+    (xs, ys): (Tensor, Tensor),
+    on_output: &mut dyn FnMut(&Tensor) -> Result<()>,
+) -> Result<Var> {
+    tape.reset();
+    let (xs, ys) = to_param_device(tape, vars, xs, ys)?;
+    let x = tape.input(xs);
+    let y = tape.input(ys);
+    let out = block_forward(tape, cfg, vars, x)?;
+    on_output(tape.value(out))?;
+    let loss = mse(tape, out, y)?;
+    tape.clear_grads();
+    tape.backward(loss)?;
+    Ok(loss)
 }
 
 /// (xs, ys) on the device of the block's parameters.

@@ -1,6 +1,8 @@
 //! Where Block-AP runs: the host, or a GPU (the `cuda` feature). On a GPU a block's weights, scales, zeros and
-//! optimizer state live in device memory for the block's training; calibration batches are uploaded from the
-//! `BlockInputStore` step by step and the trained block is downloaded for the checkpoint.
+//! optimizer state live in device memory for the block's training; calibration batches come from the streams in
+//! GPU memory (`device_store`), or are uploaded from the host `BlockInputStore` step by step when the streams do not
+//! fit there; step losses are read back a batch of steps at a time ([`LossQueue`]), and the trained block is
+//! downloaded for the checkpoint.
 use crate::error::{Error, Result};
 use crate::model::llama::BlockWeights;
 use crate::tensor::Tensor;
@@ -86,6 +88,23 @@ impl Device {
         })
     }
 
+    /// Turns the bf16 GEMM mode of a GPU (`GpuContext::set_matmul_bf16`: bf16 operands, f32 accumulation) on
+    /// or off; the CPU computes in f32 only, so `on` is an error there.
+    pub fn set_matmul_bf16(&self, on: bool) -> Result<()> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ctx) => {
+                ctx.set_matmul_bf16(on);
+                Ok(())
+            }
+            _ if on => Err(Error::invalid(
+                "device",
+                "bf16 GEMMs run on a GPU: use --dtype bf16 with --device cuda",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
     }
@@ -102,4 +121,36 @@ pub fn block_to_host(w: &BlockWeights) -> Result<BlockWeights> {
         ffn_norm: w.ffn_norm.to_host()?,
         linears: linears.try_into().expect("seven linears"),
     })
+}
+
+/// Steps whose losses a [`LossQueue`] holds on the device before reading them back together.
+pub const LOSS_READBACK_STEPS: usize = 64;
+
+/// The step losses of a block training on a GPU, left on the device and read back [`LOSS_READBACK_STEPS`] at a
+/// time (and at each epoch's end) with one wait for the device: read every step, the wait would leave the GPU
+/// idle while the host queues the next step.
+#[derive(Default)]
+pub struct LossQueue(Vec<(usize, Tensor)>);
+
+impl LossQueue {
+    pub fn new() -> LossQueue {
+        LossQueue::default()
+    }
+
+    /// Queues the loss of step `step` (a scalar, where it was computed).
+    pub fn push(&mut self, step: usize, loss: Tensor) {
+        self.0.push((step, loss));
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.0.len() >= LOSS_READBACK_STEPS
+    }
+
+    /// (step, loss) of every queued step, oldest first; the queue is left empty.
+    pub fn read_back(&mut self) -> Result<Vec<(usize, f32)>> {
+        self.0
+            .drain(..)
+            .map(|(step, t)| Ok((step, t.to_host()?.f32s("LossQueue")?[0])))
+            .collect()
+    }
 }

@@ -4,6 +4,8 @@ pub mod block_ap;
 pub mod calib;
 pub mod clip;
 pub mod device;
+#[cfg(feature = "cuda")]
+pub mod device_store;
 pub mod e2e_data;
 pub mod e2e_qp;
 pub mod instruct;

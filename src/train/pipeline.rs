@@ -14,7 +14,7 @@ use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
 use crate::model::quantized::QuantizedBlock;
 use crate::quant::fake_quant::QuantConfig;
 use crate::tensor::Tensor;
-use crate::train::block_ap::{train_block, BlockApOptions, StepInfo, TrainedBlock};
+use crate::train::block_ap::{train_block, BlockApOptions, BlockSamples, StepInfo, TrainedBlock};
 use crate::train::device::Device;
 use crate::train::store::{BlockInputStore, Offload, StoreDType, Stream};
 
@@ -130,13 +130,8 @@ pub(crate) fn propagate(
     Ok(())
 }
 
-fn fill_store(
-    src: &dyn BlockSource,
-    windows: &[Vec<u32>],
-    offload: Offload,
-    opts: &PipelineOptions,
-) -> Result<BlockInputStore> {
-    let cfg = src.config();
+/// The common length of the calibration windows (0 when there are none).
+fn window_len(windows: &[Vec<u32>]) -> Result<usize> {
     let t = windows.first().map(|w| w.len()).unwrap_or(0);
     if let Some(w) = windows.iter().find(|w| w.len() != t) {
         return Err(Error::invalid(
@@ -144,6 +139,17 @@ fn fill_store(
             format!("calibration windows of {} and {} tokens", t, w.len()),
         ));
     }
+    Ok(t)
+}
+
+fn fill_store(
+    src: &dyn BlockSource,
+    windows: &[Vec<u32>],
+    offload: Offload,
+    opts: &PipelineOptions,
+) -> Result<BlockInputStore> {
+    let cfg = src.config();
+    let t = window_len(windows)?;
     let mut store = BlockInputStore::new(windows.len(), t, cfg.hidden, opts.store_dtype, offload)?;
     for (i, chunk) in windows.chunks(opts.forward_batch.max(1)).enumerate() {
         let ids: Vec<u32> = chunk.concat();
@@ -155,27 +161,150 @@ fn fill_store(
     Ok(store)
 }
 
-/// Block-AP over every block of `src`, resuming after the blocks `sink` already holds.
+/// Where the pipeline keeps the two activation streams of the training and validation samples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamsAt {
+    /// A `BlockInputStore` in RAM and/or files (`PipelineOptions::offload`); batches go to the GPU and back.
+    Host,
+    /// GPU memory (`train::device_store`), when Block-AP trains on a GPU with room for them.
+    Device,
+}
+
+/// Where [`run_block_ap`] keeps the streams of `samples` (training + validation) sequences of `seqlen` tokens:
+/// on the GPU when the block trains there and they fit beside `device_store::DEVICE_RESERVE`, else on the host.
+pub fn streams_at(
+    opts: &PipelineOptions,
+    samples: usize,
+    seqlen: usize,
+    hidden: usize,
+) -> Result<StreamsAt> {
+    let bytes = BlockInputStore::bytes_needed(samples, seqlen, hidden, opts.store_dtype)?;
+    Ok(match device_has_room(&opts.block_ap.device, bytes)? {
+        true => StreamsAt::Device,
+        false => StreamsAt::Host,
+    })
+}
+
+/// Whether `device` is a GPU with room for `bytes` of streams.
+#[cfg(feature = "cuda")]
+fn device_has_room(device: &Device, bytes: u64) -> Result<bool> {
+    match device {
+        Device::Cuda(ctx) => crate::train::device_store::fits_on_device(ctx, bytes),
+        Device::Cpu => Ok(false),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_has_room(_: &Device, _: u64) -> Result<bool> {
+    Ok(false)
+}
+
+/// Samples embedded on the host and uploaded at once when the streams start on a GPU (fewer, larger copies).
+#[cfg(feature = "cuda")]
+const DEVICE_FILL_BATCH: usize = 64;
+
+/// The activation streams of one sample set, wherever they are kept.
+enum Streams {
+    Host(BlockInputStore),
+    #[cfg(feature = "cuda")]
+    Device(crate::train::device_store::DeviceStore),
+}
+
+impl Streams {
+    fn new(
+        src: &dyn BlockSource,
+        windows: &[Vec<u32>],
+        offload: Offload,
+        opts: &PipelineOptions,
+        at: StreamsAt,
+    ) -> Result<Streams> {
+        match (at, &opts.block_ap.device) {
+            #[cfg(feature = "cuda")]
+            (StreamsAt::Device, Device::Cuda(ctx)) => {
+                let t = window_len(windows)?;
+                let hidden = src.config().hidden;
+                let mut store = crate::train::device_store::DeviceStore::new(
+                    ctx,
+                    windows.len(),
+                    t,
+                    hidden,
+                    opts.store_dtype,
+                )?;
+                for (i, chunk) in windows.chunks(DEVICE_FILL_BATCH).enumerate() {
+                    let x = src.embed(&chunk.concat(), chunk.len(), t)?.to_device(ctx)?;
+                    store.write(Stream::Fp, i * DEVICE_FILL_BATCH, &x)?;
+                    store.write(Stream::Quant, i * DEVICE_FILL_BATCH, &x)?;
+                }
+                Ok(Streams::Device(store))
+            }
+            _ => Ok(Streams::Host(fill_store(src, windows, offload, opts)?)),
+        }
+    }
+
+    fn samples(&self) -> &dyn BlockSamples {
+        match self {
+            Streams::Host(s) => s,
+            #[cfg(feature = "cuda")]
+            Streams::Device(s) => s,
+        }
+    }
+
+    fn propagate(
+        &mut self,
+        stream: Stream,
+        cfg: &LlamaConfig,
+        w: &BlockWeights,
+        opts: &PipelineOptions,
+    ) -> Result<()> {
+        let fb = opts.forward_batch.max(1);
+        match self {
+            Streams::Host(s) => propagate(s, stream, cfg, w, fb, &opts.block_ap.device),
+            #[cfg(feature = "cuda")]
+            Streams::Device(s) => s.propagate(stream, cfg, w, fb),
+        }
+    }
+}
+
+/// Block-AP over every block of `src`, resuming after the blocks `sink` already holds; the activation streams
+/// are kept where [`streams_at`] says.
 pub fn run_block_ap(
     src: &dyn BlockSource,
     train: &[Vec<u32>],
     val: &[Vec<u32>],
     opts: &PipelineOptions,
     sink: &mut dyn BlockSink,
+    on_event: impl FnMut(Event),
+) -> Result<()> {
+    let seqlen = window_len(train)?;
+    let at = streams_at(opts, train.len() + val.len(), seqlen, src.config().hidden)?;
+    run_block_ap_at(src, train, val, opts, at, sink, on_event)
+}
+
+/// [`run_block_ap`] with the streams kept `at` the given place (`StreamsAt::Device` needs a GPU device).
+pub fn run_block_ap_at(
+    src: &dyn BlockSource,
+    train: &[Vec<u32>],
+    val: &[Vec<u32>],
+    opts: &PipelineOptions,
+    at: StreamsAt,
+    sink: &mut dyn BlockSink,
     mut on_event: impl FnMut(Event),
 ) -> Result<()> {
     let cfg = src.config().clone();
-    let mut store = fill_store(src, train, opts.offload.clone(), opts)?;
+    // A resumed run with every block saved has nothing to train, so no stream needs replaying.
+    if sink.blocks_done() >= cfg.n_layers {
+        return Ok(());
+    }
+    let mut store = Streams::new(src, train, opts.offload.clone(), opts, at)?;
     let mut val_store = if val.is_empty() {
         None
     } else {
-        Some(fill_store(src, val, opts.offload_val.clone(), opts)?)
+        Some(Streams::new(src, val, opts.offload_val.clone(), opts, at)?)
     };
-    let fb = opts.forward_batch.max(1);
     for i in 0..cfg.n_layers {
         let fp = src.block(i)?;
         for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-            propagate(s, Stream::Fp, &cfg, &fp, fb, &opts.block_ap.device)?;
+            s.propagate(Stream::Fp, &cfg, &fp, opts)?;
         }
         let trained = if i < sink.blocks_done() {
             sink.load_block(i)?
@@ -184,12 +313,15 @@ pub fn run_block_ap(
                 block: i,
                 blocks: cfg.n_layers,
             });
-            let val_ref = val_store
-                .as_ref()
-                .map(|v| v as &dyn crate::train::block_ap::BlockSamples);
-            let t = train_block(&cfg, &fp, &store, val_ref, &opts.block_ap, |info| {
-                on_event(Event::Step { block: i, info })
-            })
+            let val_ref = val_store.as_ref().map(Streams::samples);
+            let t = train_block(
+                &cfg,
+                &fp,
+                store.samples(),
+                val_ref,
+                &opts.block_ap,
+                |info| on_event(Event::Step { block: i, info }),
+            )
             .map_err(|e| match e {
                 Error::NonFinite { what } => Error::NonFinite {
                     what: format!("block {i}: {what} (the {i} blocks before it are saved)"),
@@ -203,7 +335,7 @@ pub fn run_block_ap(
         };
         let frozen = trained.block.dequantized()?;
         for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-            propagate(s, Stream::Quant, &cfg, &frozen, fb, &opts.block_ap.device)?;
+            s.propagate(Stream::Quant, &cfg, &frozen, opts)?;
         }
     }
     Ok(())

@@ -60,6 +60,9 @@ pub struct AdamW {
     /// and again after `load_state`, so that loaded host moments are uploaded).
     #[cfg(feature = "cuda")]
     device: Vec<Option<DeviceMoments>>,
+    /// Check device gradients for non-finite values before each update (one wait for the GPU per step).
+    #[cfg(feature = "cuda")]
+    check_device_grads: bool,
 }
 
 /// The f32 constants of one parameter's update.
@@ -187,7 +190,16 @@ impl AdamW {
             },
             #[cfg(feature = "cuda")]
             device: (0..n).map(|_| None).collect(),
+            #[cfg(feature = "cuda")]
+            check_device_grads: true,
         })
+    }
+
+    /// Stops checking GPU gradients before each update, for a caller that checks the losses instead (Block-AP
+    /// on a GPU: a non-finite gradient makes the parameters, and so the next losses, non-finite).
+    #[cfg(feature = "cuda")]
+    pub fn skip_device_gradient_check(&mut self) {
+        self.check_device_grads = false;
     }
 
     pub fn groups(&self) -> &[ParamGroup] {
@@ -310,7 +322,7 @@ impl AdamW {
             }
         }
         #[cfg(feature = "cuda")]
-        {
+        if self.check_device_grads {
             let grads: Vec<&crate::gpu::GpuBuf> = on_device
                 .iter()
                 .map(|(.., g)| g.gpu("AdamW"))

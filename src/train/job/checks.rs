@@ -21,7 +21,7 @@ pub fn check_host_memory(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(StoreSp
         seqlen: args.seqlen,
         batch: args.batch_size,
         epochs: args.epochs,
-        dtype: ComputeDType::F32,
+        dtype: args.dtype,
         e2e_seqlen: args.e2e_seqlen,
     };
     let policy = match (args.offload_disk, args.host_mem) {
@@ -96,6 +96,12 @@ pub(super) fn check_args(args: &TrainArgs, cfg: &LlamaConfig) -> Result<()> {
     }
     if let Some(m) = &args.mrem {
         crate::train::mrem::module_ranges(cfg.n_layers, m.modules)?;
+    }
+    if args.dtype == ComputeDType::Bf16 && args.device.is_cpu() {
+        return bad(
+            "--dtype bf16 runs the GEMMs in bf16 on a GPU: use it with --device cuda (the CPU trains in f32)"
+                .into(),
+        );
     }
     for (flag, v) in [("seqlen", args.seqlen), ("epochs", args.epochs)] {
         if v == 0 {

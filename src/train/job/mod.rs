@@ -2,13 +2,13 @@
 //! scales, and perplexity before and after, with a JSONL log of every step. The CLI only parses flags into
 //! [`TrainArgs`] and prints what [`run_train`] reports.
 use crate::error::{Error, Result};
-use crate::eval::{eval_ids, eval_windows, perplexity_of_windows, EvalOptions};
+use crate::eval::{eval_ids, eval_windows, perplexity_of_windows, scorer, EvalOptions};
 use crate::io::checkpoint::{CheckpointDir, RunIdentity};
 use crate::io::tokenizer::{save_tokenizer_files, Tokenizer};
 use crate::model::llama::LlamaConfig;
 use crate::model::quantized::{QuantizedBlock, QuantizedModel};
 use crate::model::LlamaModel;
-use crate::plan::human;
+use crate::plan::{human, ComputeDType};
 use crate::quant::fake_quant::{init_minmax, QuantConfig};
 use crate::tensor::Tensor;
 use crate::train::block_ap::BlockApOptions;
@@ -17,7 +17,9 @@ use crate::train::device::Device;
 use crate::train::e2e_data::{file_examples, E2eData};
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
 use crate::train::mrem::{run_block_ap_mrem, MremOptions};
-use crate::train::pipeline::{run_block_ap, BlockSink, Event, PipelineOptions};
+use crate::train::pipeline::{
+    run_block_ap, streams_at, BlockSink, Event, PipelineOptions, StreamsAt,
+};
 use crate::train::store::{BlockInputStore, StoreDType};
 use serde_json::json;
 use std::io::Write;
@@ -72,8 +74,11 @@ pub struct TrainArgs {
     pub host_mem: Option<u64>,
     pub resume: bool,
     pub seed: u64,
-    /// Where Block-AP trains and propagates the block inputs, and where E2E-QP trains; evaluation runs on the CPU.
+    /// Where Block-AP trains and propagates the block inputs, where E2E-QP trains and where perplexity runs.
     pub device: Device,
+    /// The GEMMs of Block-AP and E2E-QP on a GPU: f32, or bf16 operands with f32 accumulation (master weights
+    /// and optimizer state stay f32). Evaluation always runs f32 GEMMs.
+    pub dtype: ComputeDType,
     /// Perplexity text and protocol; None skips evaluation.
     pub eval: Option<(PathBuf, EvalOptions)>,
     /// Block-AP with K modules trained concurrently (`--parallel modules`); None = one block after another.
@@ -114,6 +119,7 @@ impl TrainArgs {
             resume: false,
             seed: 0,
             device: Device::Cpu,
+            dtype: ComputeDType::F32,
             eval: None,
             mrem: None,
         }
@@ -150,8 +156,25 @@ impl Log {
     }
 }
 
-fn ppl(model: &LlamaModel, windows: &[Vec<u32>], opts: &EvalOptions) -> Result<f64> {
-    Ok(perplexity_of_windows(model, windows, 0, opts.batch, |_| {})?.ppl())
+/// Perplexity on `device` with f32 GEMMs.
+fn ppl(
+    model: &LlamaModel,
+    windows: &[Vec<u32>],
+    opts: &EvalOptions,
+    device: &Device,
+) -> Result<f64> {
+    device.set_matmul_bf16(false)?;
+    let scorer = scorer(model, device)?;
+    Ok(perplexity_of_windows(&*scorer, windows, 0, opts.batch, |_| {})?.ppl())
+}
+
+/// Runs `phase` with the GEMM mode of `args.dtype`, then goes back to f32.
+fn with_dtype<T>(args: &TrainArgs, phase: impl FnOnce() -> Result<T>) -> Result<T> {
+    args.device
+        .set_matmul_bf16(args.dtype == ComputeDType::Bf16)?;
+    let out = phase();
+    args.device.set_matmul_bf16(false)?;
+    out
 }
 
 /// A quantized model with the resident tensors of `fp` and the given blocks.
@@ -246,6 +269,9 @@ pub fn run_train(
     if args.early_stop > 0 {
         recipe["early_stop"] = json!(args.early_stop);
     }
+    if args.dtype == ComputeDType::Bf16 {
+        recipe["dtype"] = json!("bf16");
+    }
     let run = RunIdentity {
         source: fp.source().path().display().to_string(),
         quant: args.quant,
@@ -256,12 +282,12 @@ pub fn run_train(
     let mut log = Log::open(&args.out)?;
 
     if let Some((w, o)) = &eval_windows_ids {
-        let p = ppl(fp, w, o)?;
+        let p = ppl(fp, w, o, &args.device)?;
         say(&format!("perplexity FP: {p:.3}"));
         log.write(json!({"event": "eval", "model": "fp", "ppl": p}))?;
         summary.ppl_fp = Some(p);
         let rtn = rtn_model(fp, args.quant)?;
-        let p = ppl(&LlamaModel::new(Box::new(rtn))?, w, o)?;
+        let p = ppl(&LlamaModel::new(Box::new(rtn))?, w, o, &args.device)?;
         say(&format!(
             "perplexity RTN w{}g{}: {p:.3}",
             args.quant.wbits, args.quant.group_size
@@ -277,24 +303,15 @@ pub fn run_train(
     block_ap.quant_lr = args.quant_lr;
     block_ap.weight_lr = args.weight_lr;
     block_ap.device = args.device.clone();
-    say(&format!("Block-AP on {}", args.device.name()));
+    say(&format!(
+        "Block-AP on {}, {} GEMMs",
+        args.device.name(),
+        args.dtype.name()
+    ));
     let train_bytes =
         BlockInputStore::bytes_needed(args.train_size, args.seqlen, cfg.hidden, StoreDType::F16)?;
     let (offload, offload_val) = offloads(args, split, train_bytes);
     block_ap.early_stop = args.early_stop;
-    say(&format!(
-        "block inputs: {:.1} MiB for {} samples x {} tokens (FP and quantized streams, f16): {:.1} MiB in RAM, \
-         {:.1} MiB in files beside the checkpoint (host budget {})",
-        split.total as f64 / (1 << 20) as f64,
-        n,
-        args.seqlen,
-        split.ram as f64 / (1 << 20) as f64,
-        split.disk as f64 / (1 << 20) as f64,
-        match budget {
-            u64::MAX => "unknown".to_string(),
-            b => human(b),
-        }
-    ));
     let popts = PipelineOptions {
         block_ap,
         offload,
@@ -302,22 +319,42 @@ pub fn run_train(
         store_dtype: StoreDType::F16,
         forward_batch: FORWARD_BATCH,
     };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let inputs = format!(
+        "block inputs: {:.1} MiB for {} samples x {} tokens (FP and quantized streams, f16)",
+        mib(split.total),
+        n,
+        args.seqlen
+    );
+    match streams_at(&popts, n, args.seqlen, cfg.hidden)? {
+        StreamsAt::Device => say(&format!("{inputs}: in GPU memory")),
+        StreamsAt::Host => say(&format!(
+            "{inputs}: {:.1} MiB in RAM, {:.1} MiB in files beside the checkpoint (host budget {})",
+            mib(split.ram),
+            mib(split.disk),
+            match budget {
+                u64::MAX => "unknown".to_string(),
+                b => human(b),
+            }
+        )),
+    }
     let start = Instant::now();
     let mut block_start = Instant::now();
     let mut log_err = None;
-    block_ap_stage(args, fp, (&train, &val), &popts, &mut ckpt, |e| {
-        let line = match e {
-            Event::BlockStart { block, blocks } => {
-                block_start = Instant::now();
-                say(&format!("block {}/{blocks}", block + 1));
-                json!({"event": "block_start", "block": block})
-            }
-            Event::Step { block, info } => {
-                pause.step(&mut say);
-                let done = info.step + 1;
-                if done % 16 == 0 || done == info.total_steps {
-                    let per = block_start.elapsed().as_secs_f64() / done as f64;
-                    say(&format!(
+    with_dtype(args, || {
+        block_ap_stage(args, fp, (&train, &val), &popts, &mut ckpt, |e| {
+            let line = match e {
+                Event::BlockStart { block, blocks } => {
+                    block_start = Instant::now();
+                    say(&format!("block {}/{blocks}", block + 1));
+                    json!({"event": "block_start", "block": block})
+                }
+                Event::Step { block, info } => {
+                    pause.step(&mut say);
+                    let done = info.step + 1;
+                    if done % 16 == 0 || done == info.total_steps {
+                        let per = block_start.elapsed().as_secs_f64() / done as f64;
+                        say(&format!(
                         "  block {} step {done}/{} epoch {} loss {:.4e} ({:.0} s left in this block)",
                         block + 1,
                         info.total_steps,
@@ -325,32 +362,33 @@ pub fn run_train(
                         info.loss,
                         per * (info.total_steps - done) as f64
                     ));
-                }
-                json!({"event": "step", "phase": "block-ap", "block": block, "step": info.step, "epoch": info.epoch, "loss": info.loss})
-            }
-            Event::BlockDone {
-                block,
-                train_loss,
-                val_loss,
-                epochs_run,
-            } => {
-                say(&format!(
-                    "block {} done: train loss {train_loss:.4e}, val loss {} ({:.1} s){}",
-                    block + 1,
-                    val_loss.map(|v| format!("{v:.4e}")).unwrap_or("-".into()),
-                    block_start.elapsed().as_secs_f64(),
-                    if epochs_run < args.epochs {
-                        format!("; early stop after {epochs_run} of {} epochs", args.epochs)
-                    } else {
-                        String::new()
                     }
-                ));
-                json!({"event": "block_done", "block": block, "train_loss": train_loss, "val_loss": val_loss, "epochs": epochs_run})
+                    json!({"event": "step", "phase": "block-ap", "block": block, "step": info.step, "epoch": info.epoch, "loss": info.loss})
+                }
+                Event::BlockDone {
+                    block,
+                    train_loss,
+                    val_loss,
+                    epochs_run,
+                } => {
+                    say(&format!(
+                        "block {} done: train loss {train_loss:.4e}, val loss {} ({:.1} s){}",
+                        block + 1,
+                        val_loss.map(|v| format!("{v:.4e}")).unwrap_or("-".into()),
+                        block_start.elapsed().as_secs_f64(),
+                        if epochs_run < args.epochs {
+                            format!("; early stop after {epochs_run} of {} epochs", args.epochs)
+                        } else {
+                            String::new()
+                        }
+                    ));
+                    json!({"event": "block_done", "block": block, "train_loss": train_loss, "val_loss": val_loss, "epochs": epochs_run})
+                }
+            };
+            if let Err(e) = log.write(line) {
+                log_err.get_or_insert(e);
             }
-        };
-        if let Err(e) = log.write(line) {
-            log_err.get_or_insert(e);
-        }
+        })
     })?;
     if let Some(e) = log_err {
         return Err(e);
@@ -369,7 +407,7 @@ pub fn run_train(
     let mut qm = quantized_model(fp, blocks)?;
     ckpt.save_head(&qm)?;
     if let Some((w, o)) = &eval_windows_ids {
-        let p = ppl(&LlamaModel::new(Box::new(qm.clone()))?, w, o)?;
+        let p = ppl(&LlamaModel::new(Box::new(qm.clone()))?, w, o, &args.device)?;
         say(&format!("perplexity Block-AP: {p:.3}"));
         log.write(json!({"event": "eval", "model": "block-ap", "ppl": p}))?;
         summary.ppl_block_ap = Some(p);
@@ -386,20 +424,22 @@ pub fn run_train(
         device: args.device.clone(),
         ..args.e2e.clone()
     };
-    let e2e_losses = train_e2e(&mut qm, &data, &e2e, |s| {
-        pause.step(&mut say);
-        if (s.step + 1) % 4 == 0 || s.step + 1 == s.total_steps {
-            say(&format!(
-                "E2E-QP step {}/{} loss {:.4} grad norm {:.3}",
-                s.step + 1,
-                s.total_steps,
-                s.loss,
-                s.grad_norm
-            ));
-        }
-        if let Err(e) = log.write(json!({"event": "step", "phase": "e2e-qp", "step": s.step, "loss": s.loss, "grad_norm": s.grad_norm})) {
+    let e2e_losses = with_dtype(args, || {
+        train_e2e(&mut qm, &data, &e2e, |s| {
+            pause.step(&mut say);
+            if (s.step + 1) % 4 == 0 || s.step + 1 == s.total_steps {
+                say(&format!(
+                    "E2E-QP step {}/{} loss {:.4} grad norm {:.3}",
+                    s.step + 1,
+                    s.total_steps,
+                    s.loss,
+                    s.grad_norm
+                ));
+            }
+            if let Err(e) = log.write(json!({"event": "step", "phase": "e2e-qp", "step": s.step, "loss": s.loss, "grad_norm": s.grad_norm})) {
             log_err.get_or_insert(e);
         }
+        })
     })?;
     if let Some(e) = log_err {
         return Err(e);
@@ -407,7 +447,7 @@ pub fn run_train(
     summary.e2e_seconds = start.elapsed().as_secs_f64();
     ckpt.save_e2e_scales(&qm.blocks, &e2e_losses)?;
     if let Some((w, o)) = &eval_windows_ids {
-        let p = ppl(&LlamaModel::new(Box::new(qm.clone()))?, w, o)?;
+        let p = ppl(&LlamaModel::new(Box::new(qm.clone()))?, w, o, &args.device)?;
         say(&format!("perplexity Block-AP + E2E-QP: {p:.3}"));
         log.write(json!({"event": "eval", "model": "e2e-qp", "ppl": p}))?;
         summary.ppl_e2e = Some(p);
