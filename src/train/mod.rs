@@ -12,3 +12,4 @@ pub mod mrem;
 pub mod pipeline;
 pub mod schedule;
 pub mod store;
+pub mod stream;
