@@ -106,8 +106,10 @@ pub fn bench_stream(b: BlockApBench, a: &StreamArgs) -> eqat::Result<()> {
         100.0 * (1.0 - ((st - res) / copy_med).clamp(0.0, 1.0))
     );
     println!(
-        "  streamed phase: GPU {}; host peak RSS {:.2} GiB",
+        "  streamed phase: GPU {}, {:.2} GiB used on the device at the end (cuMemGetInfo); host peak RSS \
+         {:.2} GiB",
         describe_peak(r.peak_gpu, Some(r.peak_reserved)),
+        gib(r.device_used as f64),
         gib(r.peak_rss as f64)
     );
     Ok(())

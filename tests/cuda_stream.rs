@@ -12,10 +12,12 @@ use eqat::bench::{BenchShape, BlockApBench, MatmulDType};
 use eqat::model::llama::{BlockVars, BlockWeights, LlamaConfig};
 use eqat::ops::rope::RopeLayout;
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::block_ap::{block_ap_optimizer, train_step, BlockApOptions};
+use eqat::train::block_ap::{
+    block_ap_optimizer, train_block, train_step, BlockApOptions, BlockSamples, TensorPairs,
+};
 use eqat::train::device::Device;
 use eqat::train::store::Stream;
-use eqat::train::stream::{BatchLoader, BatchWriter, PinnedStore};
+use eqat::train::stream::{BatchLoader, BatchWriter, PinnedStore, StreamedSamples};
 use eqat::{Rng, Tape, Tensor};
 use half::f16;
 use std::path::PathBuf;
@@ -198,6 +200,49 @@ fn training_on_streamed_batches_matches_training_on_uploaded_batches() {
     drop(loader);
     drop(store);
     let _ = std::fs::remove_file(spill("train"));
+    r.finish();
+}
+
+#[test]
+fn train_block_on_streamed_samples_matches_train_block_on_tensors() {
+    let Some(ctx) = device("stream train_block") else {
+        return;
+    };
+    let mut r = Report::new("stream/train_block");
+    let (mut store, fp, q) = filled_store(&ctx, "block");
+    let w = BlockWeights::random(&tiny_block(), &mut Rng::new(5));
+    let mut opts = BlockApOptions::recipe(QuantConfig::new(2, 16).unwrap());
+    opts.device = Device::Cuda(ctx.clone());
+    let (inputs, targets) = (
+        Tensor::from_vec(&[6, 8, 64], q).unwrap(),
+        Tensor::from_vec(&[6, 8, 64], fp).unwrap(),
+    );
+    let plain = TensorPairs {
+        inputs: &inputs,
+        targets: &targets,
+    };
+    let want = train_block(&tiny_block(), &w, &plain, Some(&plain), &opts, |_| {}).unwrap();
+    let copy = Arc::new(ctx.copy_stream().unwrap());
+    let streamed =
+        StreamedSamples::new(&ctx, &copy, &mut store, opts.batch_size, opts.epochs).unwrap();
+    r.expect("six samples", streamed.len() == 6);
+    let val: &dyn BlockSamples = &streamed;
+    let got = train_block(&tiny_block(), &w, &streamed, Some(val), &opts, |_| {}).unwrap();
+    say(&format!(
+        "train_block losses: tensors {:?}, streamed {:?}; val {:?} / {:?}",
+        want.step_losses, got.step_losses, want.val_losses, got.val_losses
+    ));
+    r.expect("2 epochs × 3 steps", got.step_losses.len() == 6);
+    r.expect("step losses equal", got.step_losses == want.step_losses);
+    r.expect("validation losses equal", got.val_losses == want.val_losses);
+    let e = streamed.train_pair(0, 0, 2).unwrap_err().to_string();
+    r.expect(
+        &format!("out-of-order step refused: {e}"),
+        e.contains("StreamedSamples"),
+    );
+    drop(streamed);
+    drop(store);
+    let _ = std::fs::remove_file(spill("block"));
     r.finish();
 }
 

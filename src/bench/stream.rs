@@ -5,12 +5,12 @@
 //! 2. The store (`train::stream::PinnedStore`): `samples` random sequences in both streams, pinned up to
 //!    `host_mem`, the rest in a file under `spill`.
 //! 3. Resident baseline: block 0 trains `warmup + steps` steps on one batch already on the GPU.
-//! 4. Streamed: per block, the FP stream is pushed through the block (in place, batch by batch), the block
-//!    trains one epoch over the store (inputs from the quantized stream, targets from the FP stream, copied
-//!    double-buffered while the previous step computes), and the quantized stream is pushed through the
-//!    trained block. Meanwhile the next block's weights are generated on the host and copied, one tensor per
-//!    step (`prefetch.rs`). Both propagations run the block under fake quantization (as the bench registers
-//!    it), which costs what the FP forward does plus the fake-quant kernels.
+//! 4. Streamed, as `train::pipeline` orders it: per block, the FP stream is pushed through the FP block (in
+//!    place, batch by batch; that tape is dropped before training), the block trains one epoch over the store
+//!    (inputs from the quantized stream, targets from the FP stream, copied double-buffered while the previous
+//!    step computes), and the quantized stream is pushed through the trained block (under fake quantization,
+//!    which costs the frozen block's forward plus the fake-quant kernels). Meanwhile the next block's weights
+//!    are generated on the host and copied, one tensor per step (`prefetch.rs`).
 //!
 //! Step times end with a synchronisation of the compute stream, so the streamed step includes any wait for its
 //! batch; its median against the resident one is the overhead that overlap did not hide.
@@ -65,9 +65,11 @@ pub struct StreamReport {
     pub weight_bytes: usize,
     /// The store's bytes in pinned RAM and in the file.
     pub placement: (u64, u64),
-    /// GPU allocator peaks over the streamed phase, and the process's peak RSS.
+    /// GPU allocator peaks over the streamed phase, the whole GPU's memory in use at its end (the pool still
+    /// holds its peak reservation then), and the process's peak RSS.
     pub peak_gpu: usize,
     pub peak_reserved: usize,
+    pub device_used: usize,
     pub peak_rss: usize,
 }
 
@@ -229,6 +231,8 @@ pub fn run_block_ap_stream(b: &StreamBench) -> Result<StreamReport> {
         }
     }
     ctx.synchronize()?;
+    // The streamed phase's peaks from an empty cache: what it reserves, not what the baseline left cached.
+    ctx.empty_cache();
     ctx.reset_peak();
 
     let mut r = StreamReport {
@@ -247,26 +251,31 @@ pub fn run_block_ap_stream(b: &StreamBench) -> Result<StreamReport> {
         placement: store.placement(),
         peak_gpu: 0,
         peak_reserved: 0,
+        device_used: 0,
         peak_rss: 0,
     };
     for blk in 0..b.blocks {
         if blk + 1 < b.blocks {
             prefetch.start(blk + 1)?;
         }
+        {
+            let mut fp_tape = Tape::new();
+            let fp = BlockVars::register(&mut fp_tape, &w, None)?;
+            r.propagate_ms.push(propagate(
+                ctx,
+                &copy,
+                &mut store,
+                Stream::Fp,
+                &cfg,
+                &mut fp_tape,
+                &fp,
+                &all,
+            )?);
+        }
         let mut tape = Tape::new();
         let vars = BlockVars::register(&mut tape, &w, Some(base.quant))?;
         drop(w);
         let mut opt = block_ap_optimizer(&vars, &opts)?;
-        r.propagate_ms.push(propagate(
-            ctx,
-            &copy,
-            &mut store,
-            Stream::Fp,
-            &cfg,
-            &mut tape,
-            &vars,
-            &all,
-        )?);
         let mut loader = BatchLoader::new(
             ctx,
             &copy,
@@ -325,6 +334,7 @@ pub fn run_block_ap_stream(b: &StreamBench) -> Result<StreamReport> {
     let m = ctx.memory_stats();
     r.peak_gpu = m.peak_in_use;
     r.peak_reserved = m.peak_reserved;
+    r.device_used = ctx.device_memory_used()?;
     r.peak_rss = peak_rss_bytes();
     drop(store);
     if r.placement.1 > 0 {

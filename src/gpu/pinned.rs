@@ -55,6 +55,16 @@ impl GpuContext {
             .map_err(|e| gpu_err("compute stream waiting for an event")(e.to_string()))
     }
 
+    /// Device memory in use on the whole GPU (the driver's total − free: this process's pool, context,
+    /// modules and library workspaces, and any other process's), in bytes.
+    pub fn device_memory_used(&self) -> Result<usize> {
+        let (free, total) = self
+            .ctx
+            .mem_get_info()
+            .map_err(|e| gpu_err("cuMemGetInfo")(e.to_string()))?;
+        Ok(total - free)
+    }
+
     /// `bytes` of page-locked host memory (uninitialised until written; zeroed here, so that it is).
     pub fn alloc_pinned(self: &Arc<Self>, bytes: usize) -> Result<PinnedBuf> {
         self.ctx

@@ -5,10 +5,13 @@
 //! f32) and are converted on the device by `cuda/stream.cu`.
 //!
 //! Hook into a training loop: `BatchLoader::next` yields the step's tensors already on the device
-//! (`train_step` uses device tensors as they are).
+//! (`train_step` uses device tensors as they are); `StreamedSamples` is that loader as the `BlockSamples`
+//! `train_block` reads.
 pub mod layout;
 #[cfg(feature = "cuda")]
 mod loader;
+#[cfg(feature = "cuda")]
+mod samples;
 #[cfg(feature = "cuda")]
 mod store;
 #[cfg(feature = "cuda")]
@@ -20,6 +23,7 @@ pub use cuda::*;
 #[cfg(feature = "cuda")]
 mod cuda {
     pub use super::loader::{BatchLoader, CopyTiming};
+    pub use super::samples::StreamedSamples;
     pub use super::store::PinnedStore;
     pub use super::writer::BatchWriter;
     use crate::error::{Error, Result};
