@@ -40,6 +40,11 @@ pub enum BenchKind {
         warmup: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Streamed: a model of --blocks blocks whose weights arrive block by block and whose --samples
+        /// block inputs live in pinned host memory up to --host-mem (the rest in a file), copied to the GPU
+        /// double-buffered; compared with the resident step. GPU only.
+        #[command(flatten)]
+        stream: crate::bench_stream_cli::StreamArgs,
     },
     /// One E2E-QP training step on a synthetic quantized model (packed integer weights generated where the step
     /// runs): median step time, tokens/s, TFLOP/s (8·params·tokens) and peak memory.
@@ -47,7 +52,7 @@ pub enum BenchKind {
 }
 
 pub fn bench(args: BenchArgs) -> eqat::Result<()> {
-    let (shape, wbits, group_size, batch, seqlen, device, dtype, steps, warmup, seed) =
+    let (shape, wbits, group_size, batch, seqlen, device, dtype, steps, warmup, seed, stream) =
         match args.which {
             BenchKind::E2eQp(a) => return crate::bench_e2e_cli::bench_e2e_qp(a),
             BenchKind::BlockAp {
@@ -61,8 +66,9 @@ pub fn bench(args: BenchArgs) -> eqat::Result<()> {
                 steps,
                 warmup,
                 seed,
+                stream,
             } => (
-                shape, wbits, group_size, batch, seqlen, device, dtype, steps, warmup, seed,
+                shape, wbits, group_size, batch, seqlen, device, dtype, steps, warmup, seed, stream,
             ),
         };
     let dtype = parse_dtype(&dtype)?;
@@ -77,6 +83,9 @@ pub fn bench(args: BenchArgs) -> eqat::Result<()> {
         warmup,
         seed,
     };
+    if stream.stream {
+        return crate::bench_stream_cli::bench_stream(b, &stream);
+    }
     let r = run_block_ap_bench(&b)?;
     println!(
         "block-ap {shape} w{wbits}g{group_size} batch {batch} seqlen {seqlen} on {} ({dtype:?} GEMMs)",

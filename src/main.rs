@@ -1,6 +1,7 @@
 //! `engine`: a thin command line over the eqat library (all logic lives in the library).
 mod bench_cli;
 mod bench_e2e_cli;
+mod bench_stream_cli;
 
 use clap::{Parser, Subcommand};
 use eqat::eval::data::{default_eval_data, read_eval_text, TextRule};

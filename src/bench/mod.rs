@@ -9,7 +9,11 @@
 //! peak RSS, VmHWM).
 pub mod e2e;
 #[cfg(feature = "cuda")]
+mod prefetch;
+#[cfg(feature = "cuda")]
 pub mod random;
+#[cfg(feature = "cuda")]
+pub mod stream;
 
 use crate::autograd::Tape;
 use crate::error::{Error, Result};

@@ -14,10 +14,12 @@ mod alloc;
 mod bf16;
 mod blas;
 mod compile;
+mod pinned;
 
 pub use alloc::{size_class, GpuBuf, MemoryStats};
 pub use bf16::Bf16Buf;
 pub use compile::{cached_ptx_count, KernelSource};
+pub use pinned::{CopyStream, GpuEvent, PinnedBuf};
 
 use crate::error::{Error, Result};
 use crate::tensor::{Storage, Tensor};
@@ -74,7 +76,7 @@ impl Arg {
 }
 
 /// Every `cuda/<op>.cu` of the crate (for warming the compile cache and for compile checks).
-pub fn kernel_sources() -> [KernelSource; 22] {
+pub fn kernel_sources() -> [KernelSource; 23] {
     [
         crate::bench::random::CUDA,
         crate::ops::add::CUDA,
@@ -98,6 +100,7 @@ pub fn kernel_sources() -> [KernelSource; 22] {
         crate::train::adamw::CUDA,
         crate::train::clip::CUDA,
         crate::train::device_store::CUDA,
+        crate::train::stream::CUDA,
     ]
 }
 

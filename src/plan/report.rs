@@ -143,6 +143,25 @@ pub fn render(p: &PlanInput, budgets: &Budgets) -> Result<PlanReport> {
         human(budgets.host_mem),
         human(split.disk)
     );
+    if split.disk > 0 {
+        // Per block: the FP stream read and rewritten (propagation), `epochs` reads of both streams
+        // (training), the quantized stream read and rewritten; the spilled share of each.
+        let reads = split.disk * (p.epochs as u64 + 1);
+        let rate = match budgets.block_step_ms {
+            Some(ms) => format!(
+                "; training reads {:.2} GB/s from disk at {ms} ms per step",
+                (split.disk * p.epochs as u64) as f64 / (steps_per_block as f64 * ms * 1e-3) * 1e-9
+            ),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  disk offload per block: {} read ({} epochs of training + the two propagations), {} written{rate}",
+            human(reads),
+            p.epochs,
+            human(split.disk)
+        );
+    }
     if fixed > budgets.host_mem {
         refusals.push(format!(
             "the host side needs {} besides the block inputs, over --host-mem {}: raise --host-mem",
@@ -233,6 +252,17 @@ mod tests {
         .unwrap();
         assert!(
             r.text.contains("327680 steps") && r.text.contains("6.06 h"),
+            "{}",
+            r.text
+        );
+        // 64 GiB less the 8.33 GiB fixed part leaves 55.67 GiB of the 260 GiB store in RAM: 204.33 GiB on disk,
+        // read 3 times per block (2 epochs + propagations); training reads 2 × 204.33 GiB = 438.7 GB in
+        // 4096 × 66.6 ms = 272.8 s: 1.61 GB/s.
+        assert!(
+            r.text.contains("on disk 204.33 GiB")
+                && r.text.contains("disk offload per block: 612.98 GiB read")
+                && r.text.contains("204.33 GiB written")
+                && r.text.contains("training reads 1.61 GB/s"),
             "{}",
             r.text
         );

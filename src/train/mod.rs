@@ -14,3 +14,4 @@ pub mod mrem;
 pub mod pipeline;
 pub mod schedule;
 pub mod store;
+pub mod stream;

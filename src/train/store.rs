@@ -230,7 +230,7 @@ fn gib(bytes: u64) -> String {
 }
 
 /// Creates the offload file and writes all of it, so that a disk too small fails here with a clear error.
-fn allocate_file(path: &Path, bytes: u64) -> Result<File> {
+pub(crate) fn allocate_file(path: &Path, bytes: u64) -> Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
