@@ -76,7 +76,7 @@ impl Arg {
 }
 
 /// Every `cuda/<op>.cu` of the crate (for warming the compile cache and for compile checks).
-pub fn kernel_sources() -> [KernelSource; 23] {
+pub fn kernel_sources() -> [KernelSource; 22] {
     [
         crate::bench::random::CUDA,
         crate::ops::add::CUDA,
@@ -100,7 +100,6 @@ pub fn kernel_sources() -> [KernelSource; 23] {
         crate::train::adamw::CUDA,
         crate::train::clip::CUDA,
         crate::train::device_store::CUDA,
-        crate::train::stream::CUDA,
     ]
 }
 

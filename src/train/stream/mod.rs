@@ -2,7 +2,7 @@
 //! (`PinnedStore`: pinned RAM up to `--host-mem`, the rest in a file) and the GPU on a second stream, double
 //! buffered, so that the copy of batch i+1 runs while batch i trains (`BatchLoader`), and the outputs of a
 //! block go back while the next batch computes (`BatchWriter`). Values travel as f16 (half the PCIe bytes of
-//! f32) and are converted on the device by `cuda/stream.cu`.
+//! f32) and are converted on the device by `cuda/store.cu`.
 //!
 //! Hook into a training loop: `BatchLoader::next` yields the step's tensors already on the device
 //! (`train_step` uses device tensors as they are); `StreamedSamples` is that loader as the `BlockSamples`
@@ -27,14 +27,12 @@ mod cuda {
     pub use super::store::PinnedStore;
     pub use super::writer::BatchWriter;
     use crate::error::{Error, Result};
-    use crate::gpu::{Arg, GpuBuf, GpuContext, KernelSource};
+    use crate::gpu::{Arg, GpuBuf, GpuContext};
     use crate::tensor::{numel, Storage, Tensor};
     use std::sync::Arc;
 
-    pub const CUDA: KernelSource = KernelSource {
-        op: "stream",
-        code: include_str!("../../../cuda/stream.cu"),
-    };
+    // The store's f16 <-> f32 conversions (cuda/store.cu): the same rounding as the host store's.
+    use crate::train::device_store::CUDA;
 
     /// An f32 tensor of `shape` from the f16 values at byte `off` of `buf` (queued on the compute stream).
     pub fn f16_to_f32(
@@ -56,7 +54,7 @@ mod cuda {
         let out = ctx.alloc(n)?;
         ctx.launch_1d(
             &CUDA,
-            "stream_f16_to_f32",
+            "store_read_f16",
             n,
             &[
                 out.arg(),
@@ -87,7 +85,7 @@ mod cuda {
         }
         src.ctx().launch_1d(
             &CUDA,
-            "stream_f32_to_f16",
+            "store_write_f16",
             n,
             &[
                 Arg::Ptr(dst.ptr() + off as u64),
