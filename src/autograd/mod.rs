@@ -230,6 +230,29 @@ impl Tape {
         }
     }
 
+    /// Takes parameter `v`'s gradient off the tape (None when it has none), for a caller that keeps it elsewhere
+    /// between two backwards (E2E-QP moves each layer's scale gradient to host memory); `set_grad` puts it back.
+    pub fn take_grad(&mut self, v: Var) -> Option<Tensor> {
+        match v.0 < self.n_params {
+            true => self.grads[v.0].take(),
+            false => None,
+        }
+    }
+
+    /// Sets parameter `v`'s gradient (the next backward adds to it); errors for a non-parameter or another shape.
+    pub fn set_grad(&mut self, v: Var, g: Tensor) -> Result<()> {
+        if v.0 >= self.n_params || g.shape() != self.values[v.0].shape() {
+            return Err(Error::Autograd(format!(
+                "set_grad: entry {} (of {} parameters) with a gradient {:?}",
+                v.0,
+                self.n_params,
+                g.shape()
+            )));
+        }
+        self.grads[v.0] = Some(g);
+        Ok(())
+    }
+
     /// Parameter values and gradients together, for optimizers: (value, grad) per parameter, grad None if unused.
     pub fn params_and_grads_mut(&mut self) -> impl Iterator<Item = (&mut Tensor, Option<&Tensor>)> {
         let n = self.n_params;

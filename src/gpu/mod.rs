@@ -14,10 +14,12 @@ mod alloc;
 mod bf16;
 mod blas;
 mod compile;
+mod pinned;
 
 pub use alloc::{size_class, GpuBuf, MemoryStats};
 pub use bf16::Bf16Buf;
 pub use compile::{cached_ptx_count, KernelSource};
+pub use pinned::PinnedBuf;
 
 use crate::error::{Error, Result};
 use crate::tensor::{Storage, Tensor};
