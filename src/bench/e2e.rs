@@ -127,8 +127,8 @@ fn random_linear(
         #[cfg(feature = "cuda")]
         Device::Cuda(ctx) => {
             use super::random::{random_bits_cuda, uniform_cuda};
-            use crate::quant::real_quant::cuda::DevicePacked;
             use crate::quant::pack::pack_cols;
+            use crate::quant::real_quant::cuda::DevicePacked;
             use crate::quant::real_quant::INTERNAL_LAYOUT;
             let wpr = k.div_ceil(32 / quant.wbits as usize);
             // Every row's zero points are the same level: pack one row and repeat its words.
@@ -286,7 +286,10 @@ pub fn run_e2e_qp_bench(b: &E2eQpBench) -> Result<E2eQpReport> {
         * shapes
             .iter()
             .map(|&(_, n, k)| {
-                let (g, p) = (b.quant.group_len(k).unwrap_or(k), 32 / b.quant.wbits as usize);
+                let (g, p) = (
+                    b.quant.group_len(k).unwrap_or(k),
+                    32 / b.quant.wbits as usize,
+                );
                 4 * n * (k.div_ceil(p) + (k / g).div_ceil(p))
             })
             .sum::<usize>();

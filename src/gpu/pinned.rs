@@ -23,7 +23,12 @@ unsafe impl Sync for PinnedBuf {}
 
 impl std::fmt::Debug for PinnedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PinnedBuf({} f32 for cuda:{})", self.len, self.ctx.ordinal())
+        write!(
+            f,
+            "PinnedBuf({} f32 for cuda:{})",
+            self.len,
+            self.ctx.ordinal()
+        )
     }
 }
 

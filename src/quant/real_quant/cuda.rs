@@ -11,11 +11,11 @@
 //! cast of the f32 Ŵ would give, so no f32 copy of Ŵ exists) and dscales is summed in f32.
 //! A layer made by [`QuantizedLinear::on_device`] (synthetic benchmark weights) has no host copy of its integers.
 use super::QuantizedLinear;
-use crate::error::{Error, Result};
 use super::INTERNAL_LAYOUT;
+use crate::error::{Error, Result};
 use crate::gpu::{Arg, Bf16Buf, GpuBuf, GpuContext, KernelSource};
-use crate::quant::pack::pack_cols;
 use crate::ops::linear::cast_bf16_cuda;
+use crate::quant::pack::pack_cols;
 use crate::tensor::Tensor;
 use std::sync::Arc;
 
@@ -150,7 +150,14 @@ pub fn real_quant_dequant_cuda(
 ) -> Result<()> {
     let (n, k) = (qlin.out_features(), qlin.in_features());
     check_len("w", w.len(), n * k)?;
-    dequant_launch(w.ctx(), "real_quant_dequant_f32", w.arg(), qlin, packed, scales)
+    dequant_launch(
+        w.ctx(),
+        "real_quant_dequant_f32",
+        w.arg(),
+        qlin,
+        packed,
+        scales,
+    )
 }
 
 /// Ŵ rounded to bf16: bit for bit `cast_bf16_cuda` of [`real_quant_dequant_cuda`]'s result.
@@ -162,7 +169,14 @@ pub fn real_quant_dequant_bf16_cuda(
 ) -> Result<()> {
     let (n, k) = (qlin.out_features(), qlin.in_features());
     check_len("w", w.len(), n * k)?;
-    dequant_launch(w.ctx(), "real_quant_dequant_bf16", w.arg(), qlin, packed, scales)
+    dequant_launch(
+        w.ctx(),
+        "real_quant_dequant_bf16",
+        w.arg(),
+        qlin,
+        packed,
+        scales,
+    )
 }
 
 fn dequant_launch(

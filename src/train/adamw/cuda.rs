@@ -19,7 +19,10 @@ pub struct DeviceMoments {
 pub(super) enum Moments {
     Device(DeviceMoments),
     /// Page-locked host memory (`AdamW::set_pinned_moments`).
-    Pinned { m: PinnedBuf, v: PinnedBuf },
+    Pinned {
+        m: PinnedBuf,
+        v: PinnedBuf,
+    },
 }
 
 impl Moments {

@@ -27,9 +27,9 @@ mod cuda;
 mod tests;
 
 #[cfg(feature = "cuda")]
-pub use cuda::{adamw_update_cuda, nonfinite_cuda, DeviceMoments, CUDA};
-#[cfg(feature = "cuda")]
 use cuda::Moments;
+#[cfg(feature = "cuda")]
+pub use cuda::{adamw_update_cuda, nonfinite_cuda, DeviceMoments, CUDA};
 
 /// Parameters sharing a learning rate and weight decay (Block-AP: one group for scales/zeros, one for weights).
 #[derive(Clone, Debug)]

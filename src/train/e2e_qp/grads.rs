@@ -9,13 +9,13 @@
 //! for bit. The update then streams: each gradient is loaded, scaled by the clip coefficient, and applied by
 //! AdamW (`step_param_cuda`, moments pinned too). The arithmetic is the on-GPU path's, in the same order; only
 //! where the values wait changes.
+use super::SeqPos;
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBuf, GpuContext, PinnedBuf};
 use crate::tensor::Tensor;
 use crate::train::adamw::AdamW;
 use crate::train::clip::{clip_coefficient, cuda as clip_cuda};
-use super::SeqPos;
 use std::sync::Arc;
 
 pub struct PinnedGrads {
@@ -42,9 +42,9 @@ impl PinnedGrads {
             return Ok(());
         }
         for &v in scales {
-            let p = self.bufs[v.index()]
-                .as_ref()
-                .ok_or_else(|| Error::Autograd(format!("e2e_qp: scale {} has no gradient", v.index())))?;
+            let p = self.bufs[v.index()].as_ref().ok_or_else(|| {
+                Error::Autograd(format!("e2e_qp: scale {} has no gradient", v.index()))
+            })?;
             let mut g = p.ctx().alloc(p.len())?;
             p.load(&mut g)?;
             let shape = tape.value(v).shape().to_vec();
@@ -57,9 +57,9 @@ impl PinnedGrads {
     /// taken first on the step's last sequence).
     pub fn stash(&mut self, tape: &mut Tape, scales: &[Var], pos: SeqPos) -> Result<()> {
         for &v in scales {
-            let g = tape
-                .take_grad(v)
-                .ok_or_else(|| Error::Autograd(format!("e2e_qp: scale {} got no gradient", v.index())))?;
+            let g = tape.take_grad(v).ok_or_else(|| {
+                Error::Autograd(format!("e2e_qp: scale {} got no gradient", v.index()))
+            })?;
             let g = g.gpu("e2e_qp gradient offload")?;
             let ctx = g.ctx().clone();
             if pos.last {
@@ -103,9 +103,9 @@ impl PinnedGrads {
             .ok_or_else(|| Error::Autograd("e2e_qp: no gradient to clip".into()))?;
         let (norm, coef) = clip_coefficient(clip_cuda::sum_partials(&partials)?, max_norm)?;
         for &v in scales {
-            let p = self.bufs[v.index()]
-                .as_ref()
-                .ok_or_else(|| Error::Autograd(format!("e2e_qp: scale {} has no gradient", v.index())))?;
+            let p = self.bufs[v.index()].as_ref().ok_or_else(|| {
+                Error::Autograd(format!("e2e_qp: scale {} has no gradient", v.index()))
+            })?;
             let mut g = p.ctx().alloc(p.len())?;
             p.load(&mut g)?;
             if coef < 1.0 {
