@@ -360,3 +360,39 @@ fn accumulate(slot: &mut Option<Tensor>, d: Tensor, pool: &mut BufferPool) -> Re
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_gradient_set_back_accumulates_the_next_backward() {
+        let mut tape = Tape::new();
+        let p = tape
+            .param(Tensor::from_vec(&[3], vec![1.0, -2.0, 0.5]).unwrap())
+            .unwrap();
+        let loss = |tape: &mut Tape| {
+            let y = crate::ops::mul::mul(tape, p, p).unwrap();
+            crate::ops::sum::sum(tape, y).unwrap()
+        };
+        let l = loss(&mut tape);
+        tape.backward(l).unwrap();
+        let g = tape.take_grad(p).unwrap();
+        assert_eq!(g.f32s("t").unwrap(), [2.0, -4.0, 1.0]);
+        assert!(tape.grad(p).is_none() && tape.take_grad(p).is_none());
+        tape.reset();
+        tape.set_grad(p, g).unwrap();
+        let l = loss(&mut tape);
+        tape.backward(l).unwrap();
+        assert_eq!(tape.grad(p).unwrap().f32s("t").unwrap(), [4.0, -8.0, 2.0]);
+        let e = tape
+            .set_grad(p, Tensor::zeros(&[2]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set_grad") && e.contains("[2]"), "{e}");
+        assert!(
+            tape.set_grad(l, Tensor::zeros(&[])).is_err(),
+            "not a parameter"
+        );
+    }
+}

@@ -341,8 +341,8 @@ mod tests {
         // Untied: the head 32000 × 4096 in f32 (the embedding on the host); 65 norms of 4096.
         assert_eq!(bytes(&ph, "head, norms"), 32000 * 4096 * 4 + 65 * 4096 * 4);
         // Per token: 8C + 5·H·D + 5·G·D + 3F + 34 = 73_728 + 33_024 + 34 = 106_786 tape values, + C input,
-        // + 2F + C MLP gradients = 137_090 f32; dW of gate/up/down 11008 × 4096 f32; bf16 casts T × (F + C).
-        let block = 4096 * 137_090 * 4 + 45_088_768 * 4 + 4096 * (11008 + 4096) * 2;
+        // + 2F + C MLP gradients = 136_994 f32; dW of gate/up/down 11008 × 4096 f32; bf16 casts T × (F + C).
+        let block = 4096 * 136_994 * 4 + 45_088_768 * 4 + 4096 * (11008 + 4096) * 2;
         let head = 4096 * (3 * 4096 + 2 * 32000) * 4 + (32000 + 4096) * 4096 * 2;
         assert!(block > head);
         assert_eq!(bytes(&ph, "per-sequence working set"), block);

@@ -83,3 +83,36 @@ impl BlockInputs {
             .ok_or_else(|| Error::invalid("e2e_qp", "block inputs out of order"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::rng::Rng;
+
+    #[test]
+    fn host_inputs_come_back_last_first_and_an_empty_store_errs() {
+        let mut rng = Rng::new(5);
+        let xs: Vec<Tensor> = [3, 1, 4]
+            .iter()
+            .map(|&t| Tensor::randn(&[1, t, 7], 1.0, &mut rng))
+            .collect();
+        // Offload asks only for GPU inputs to move: host tensors are held either way.
+        for offload in [false, true] {
+            let mut inputs = BlockInputs::new(offload);
+            for x in &xs {
+                inputs.push(x.clone()).unwrap();
+            }
+            assert_eq!(inputs.len(), 3);
+            for x in xs.iter().rev() {
+                let got = inputs.pop().unwrap();
+                assert_eq!(
+                    (got.shape(), got.f32s("t").unwrap()),
+                    (x.shape(), x.f32s("t").unwrap())
+                );
+            }
+            assert!(inputs.is_empty());
+            let e = inputs.pop().unwrap_err().to_string();
+            assert!(e.contains("no block input"), "{e}");
+        }
+    }
+}
