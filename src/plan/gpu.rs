@@ -158,9 +158,10 @@ pub fn e2e_qp(p: &PlanInput) -> Result<Phase> {
     };
     // The head's tape: the last block's output, h, dx (3 × T × C) and the logits with their gradient.
     let head = prod(&[t, 3 * c + 2 * v, 4])? + head_casts;
-    let cast_note = if casts > 0 { " + bf16 casts" } else { "" };
+    let cast_note = if casts > 0 { " + casts" } else { "" };
     let work_what = format!(
-        "max(one block's backward: {t} × ({values} tape values + C input + 2F + C MLP grads) × 4 B + dW {} × 4 B{cast_note}          = {}, the head: {t} × (3C + 2V) × 4 B{cast_note} = {})",
+        "max(block backward {t} × ({values} + 2C + 2F) × 4 B + dW {} × 4 B{cast_note} = {}, \
+         head {t} × (3C + 2V) × 4 B{cast_note} = {})",
         count(b.largest_linear),
         super::human(block),
         super::human(head)

@@ -105,7 +105,7 @@ pub fn render(p: &PlanInput, budgets: &Budgets) -> Result<PlanReport> {
     let e2e = e2e_qp(p)?;
     phase_table(&mut out, &e2e, budgets.gpu_mem);
     let pinned = e2e_qp_pinned(p)?;
-    let _ = writeln!(out, "  {} (host):", pinned.name);
+    let _ = writeln!(out, "  {}:", pinned.name);
     for t in &pinned.terms {
         let _ = writeln!(
             out,
