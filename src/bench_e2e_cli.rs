@@ -38,6 +38,9 @@ pub struct E2eQpArgs {
     warmup: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Keep the block checkpoints, the AdamW moments and the embedding on the GPU (default: in host memory).
+    #[arg(long)]
+    no_offload: bool,
 }
 
 pub fn bench_e2e_qp(a: E2eQpArgs) -> eqat::Result<()> {
@@ -51,6 +54,7 @@ pub fn bench_e2e_qp(a: E2eQpArgs) -> eqat::Result<()> {
         steps: a.steps,
         warmup: a.warmup,
         seed: a.seed,
+        offload: !a.no_offload,
     };
     let r = run_e2e_qp_bench(&b)?;
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
@@ -75,11 +79,13 @@ pub fn bench_e2e_qp(a: E2eQpArgs) -> eqat::Result<()> {
     );
     let peak = describe_peak(r.peak_bytes, r.peak_reserved_bytes);
     println!(
-        "  median step {:.1} ms, {:.0} tokens/s, {:.1} TFLOP/s (8·params·tokens), {peak}; packed weights {:.2} GiB",
+        "  median step {:.1} ms, {:.0} tokens/s, {:.1} TFLOP/s (8·params·tokens), {peak}; packed weights {:.2} GiB; host peak RSS {:.2} GiB{}",
         r.median_ms(),
         r.tokens_per_s(),
         r.tflops(),
-        gib(r.packed_bytes)
+        gib(r.packed_bytes),
+        gib(r.host_peak_bytes),
+        if b.offload { "" } else { " (no offload)" }
     );
     Ok(())
 }

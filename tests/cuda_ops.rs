@@ -12,6 +12,7 @@ mod cuda_common;
 use cuda_common::*;
 use eqat::gpu::{GpuBuf, GpuContext};
 use eqat::ops::cross_entropy::{self as ce, cuda as ce_cuda};
+use eqat::ops::linear::cast_bf16_cuda;
 use eqat::ops::matmul::{self, MatmulDims};
 use eqat::ops::{embedding, mul, reshape, scale, silu, softmax, sum, transpose};
 use eqat::quant::real_quant::cuda as rq_cuda;
@@ -438,6 +439,9 @@ fn real_quant_linear_matches_ref() {
         (3, 4, 70, 9, 10),
         (4, 7, 128, 33, 32),
         (8, 3, 96, 5, 96),
+        // More groups than one word of packed zero points holds: 40 at 2 bits (3 words), 15 at 3 bits (2).
+        (2, 3, 640, 5, 16),
+        (3, 2, 240, 4, 16),
         (2, 37, 576, 64, 64),
         (4, 16, 1536, 40, 128),
     ] {
@@ -491,6 +495,46 @@ fn real_quant_linear_matches_ref() {
             &format!("dscales alone {name}"),
             down(&ds_only) == down(&ds),
         );
+    }
+    r.finish();
+}
+
+/// In bf16 mode the linear dequantizes straight into bf16: its products must equal cuBLAS on the bf16 cast of
+/// the f32 Ŵ (the path it replaced) bit for bit, forward and dx.
+#[test]
+fn real_quant_bf16_dequant_equals_the_cast() {
+    let Some(_) = device("real_quant bf16") else {
+        return;
+    };
+    // A context of its own: the bf16 mode is per context.
+    let ctx = GpuContext::new(0).unwrap();
+    ctx.set_poison(true);
+    ctx.set_matmul_bf16(true);
+    let mut r = Report::new("real_quant bf16 dequant");
+    let mut rng = Rng::new(307);
+    for (bits, rows, k, n, g) in [(2, 5, 640, 7, 16), (3, 4, 240, 9, 16), (4, 3, 128, 33, 32)] {
+        let (qlin, _, _, scales) = quant_layer(&mut rng, bits, n, k, g);
+        let name = format!("w{bits} g{g} rows {rows} K {k} N {n}");
+        let (x, dout) = (rng.normal_vec(rows * k, 1.0), rng.normal_vec(rows * n, 1.0));
+        let (xb, sb, db) = (up(&ctx, &x), up(&ctx, &scales), up(&ctx, &dout));
+        let packed = qlin.device_packed(&ctx).unwrap();
+        let mut w = ctx.alloc(n * k).unwrap();
+        rq_cuda::real_quant_dequant_cuda(&mut w, &qlin, &packed, &sb).unwrap();
+        let wc = cast_bf16_cuda(&w).unwrap();
+        let (xc, dc) = (cast_bf16_cuda(&xb).unwrap(), cast_bf16_cuda(&db).unwrap());
+        let mut want = ctx.alloc(rows * n).unwrap();
+        ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xc, &wc, 0.0, &mut want)
+            .unwrap();
+        let mut got = ctx.alloc(rows * n).unwrap();
+        rq_cuda::real_quant_linear_fwd_cuda(&mut got, &xb, &qlin, &sb, rows).unwrap();
+        r.expect(&format!("fwd {name}"), down(&got) == down(&want));
+        let mut want_dx = ctx.alloc(rows * k).unwrap();
+        ctx.gemm_bf16(false, false, rows, k, n, 1.0, &dc, &wc, 0.0, &mut want_dx)
+            .unwrap();
+        let mut dx = ctx.alloc(rows * k).unwrap();
+        rq_cuda::real_quant_linear_bwd_cuda(Some(&mut dx), None, &db, &xb, &qlin, &sb, rows)
+            .unwrap();
+        r.expect(&format!("dx {name}"), down(&dx) == down(&want_dx));
     }
     r.finish();
 }

@@ -230,6 +230,29 @@ impl Tape {
         }
     }
 
+    /// Takes parameter `v`'s gradient off the tape (None when it has none), for a caller that keeps it elsewhere
+    /// between two backwards (E2E-QP moves each layer's scale gradient to host memory); `set_grad` puts it back.
+    pub fn take_grad(&mut self, v: Var) -> Option<Tensor> {
+        match v.0 < self.n_params {
+            true => self.grads[v.0].take(),
+            false => None,
+        }
+    }
+
+    /// Sets parameter `v`'s gradient (the next backward adds to it); errors for a non-parameter or another shape.
+    pub fn set_grad(&mut self, v: Var, g: Tensor) -> Result<()> {
+        if v.0 >= self.n_params || g.shape() != self.values[v.0].shape() {
+            return Err(Error::Autograd(format!(
+                "set_grad: entry {} (of {} parameters) with a gradient {:?}",
+                v.0,
+                self.n_params,
+                g.shape()
+            )));
+        }
+        self.grads[v.0] = Some(g);
+        Ok(())
+    }
+
     /// Parameter values and gradients together, for optimizers: (value, grad) per parameter, grad None if unused.
     pub fn params_and_grads_mut(&mut self) -> impl Iterator<Item = (&mut Tensor, Option<&Tensor>)> {
         let n = self.n_params;
@@ -336,4 +359,40 @@ fn accumulate(slot: &mut Option<Tensor>, d: Tensor, pool: &mut BufferPool) -> Re
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_gradient_set_back_accumulates_the_next_backward() {
+        let mut tape = Tape::new();
+        let p = tape
+            .param(Tensor::from_vec(&[3], vec![1.0, -2.0, 0.5]).unwrap())
+            .unwrap();
+        let loss = |tape: &mut Tape| {
+            let y = crate::ops::mul::mul(tape, p, p).unwrap();
+            crate::ops::sum::sum(tape, y).unwrap()
+        };
+        let l = loss(&mut tape);
+        tape.backward(l).unwrap();
+        let g = tape.take_grad(p).unwrap();
+        assert_eq!(g.f32s("t").unwrap(), [2.0, -4.0, 1.0]);
+        assert!(tape.grad(p).is_none() && tape.take_grad(p).is_none());
+        tape.reset();
+        tape.set_grad(p, g).unwrap();
+        let l = loss(&mut tape);
+        tape.backward(l).unwrap();
+        assert_eq!(tape.grad(p).unwrap().f32s("t").unwrap(), [4.0, -8.0, 2.0]);
+        let e = tape
+            .set_grad(p, Tensor::zeros(&[2]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set_grad") && e.contains("[2]"), "{e}");
+        assert!(
+            tape.set_grad(l, Tensor::zeros(&[])).is_err(),
+            "not a parameter"
+        );
+    }
 }

@@ -33,6 +33,8 @@ pub struct E2eQpBench {
     pub steps: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// `E2eOptions::offload`: block checkpoints, AdamW moments and the embedding off the GPU.
+    pub offload: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +52,8 @@ pub struct E2eQpReport {
     pub peak_reserved_bytes: Option<usize>,
     /// Bytes of the packed integers and zero points (what the model keeps resident besides its f32 tensors).
     pub packed_bytes: usize,
+    /// The process's peak resident host memory (VmHWM) at the end of the run.
+    pub host_peak_bytes: usize,
 }
 
 impl E2eQpReport {
@@ -122,12 +126,23 @@ fn random_linear(
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ctx) => {
-            use super::random::{random_bits_cuda, uniform_buf_cuda, uniform_cuda};
+            use super::random::{random_bits_cuda, uniform_cuda};
+            use crate::quant::pack::pack_cols;
             use crate::quant::real_quant::cuda::DevicePacked;
+            use crate::quant::real_quant::INTERNAL_LAYOUT;
             let wpr = k.div_ceil(32 / quant.wbits as usize);
+            // Every row's zero points are the same level: pack one row and repeat its words.
+            let zero_row = pack_cols(
+                quant.wbits,
+                INTERNAL_LAYOUT,
+                &vec![zero as u32; ng],
+                1,
+                ng,
+                "bench qzeros",
+            )?;
             let packed = DevicePacked {
                 qweight: random_bits_cuda(ctx, n * wpr, seed)?,
-                zeros: uniform_buf_cuda(ctx, n * ng, zero, zero, seed + 1)?,
+                qzeros: ctx.upload_bits(&zero_row.repeat(n))?,
             };
             let scales = uniform_cuda(ctx, &[n, ng], 0.5 * s0, 1.5 * s0, seed + 2)?;
             QuantizedLinear::on_device(quant.wbits, g, k, n, packed, scales)
@@ -232,15 +247,21 @@ pub fn run_e2e_qp_bench(b: &E2eQpBench) -> Result<E2eQpReport> {
     let mut opts = E2eOptions::recipe(b.quant.wbits);
     opts.global_batch = 1;
     opts.device = b.device.clone();
+    opts.offload = b.offload;
     let mut trainer = E2eTrainer::new(&model, &opts)?;
-    // The trainer holds its own copies of the frozen tensors on the device: drop the model's before measuring.
-    // (Each layer's initial scales stay with it: [out, in/g] f32, 1/g of the f32 weights.)
+    // The trainer holds its own copies of the frozen tensors and of the scales where it trains: drop the
+    // model's before measuring (the bench never writes the trained scales back).
     model.embedding = Tensor::zeros(&[0]);
     model.final_norm = Tensor::zeros(&[0]);
     model.lm_head = None;
     for blk in &mut model.blocks {
         blk.attn_norm = Tensor::zeros(&[0]);
         blk.ffn_norm = Tensor::zeros(&[0]);
+        blk.linears.iter_mut().for_each(|l| l.clear_scales());
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(ctx) = &b.device {
+        ctx.empty_cache();
     }
     let mut rng = Rng::new(b.seed + 1000);
     let ids: Vec<u32> = (0..b.seqlen).map(|_| rng.below(cfg.vocab) as u32).collect();
@@ -265,8 +286,11 @@ pub fn run_e2e_qp_bench(b: &E2eQpBench) -> Result<E2eQpReport> {
         * shapes
             .iter()
             .map(|&(_, n, k)| {
-                let g = b.quant.group_len(k).unwrap_or(k);
-                4 * n * (k.div_ceil(32 / b.quant.wbits as usize) + k / g)
+                let (g, p) = (
+                    b.quant.group_len(k).unwrap_or(k),
+                    32 / b.quant.wbits as usize,
+                );
+                4 * n * (k.div_ceil(p) + (k / g).div_ceil(p))
             })
             .sum::<usize>();
     Ok(E2eQpReport {
@@ -279,6 +303,7 @@ pub fn run_e2e_qp_bench(b: &E2eQpBench) -> Result<E2eQpReport> {
         peak_bytes,
         peak_reserved_bytes,
         packed_bytes,
+        host_peak_bytes: super::peak_rss_bytes(),
     })
 }
 
@@ -307,6 +332,7 @@ mod tests {
             steps: 3,
             warmup: 1,
             seed: 3,
+            offload: true,
         };
         let r = run_e2e_qp_bench(&b).unwrap();
         assert_eq!((r.step_ms.len(), r.layers, r.tokens), (3, 1, 16));

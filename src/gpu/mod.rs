@@ -19,7 +19,7 @@ mod pinned;
 pub use alloc::{size_class, GpuBuf, MemoryStats};
 pub use bf16::Bf16Buf;
 pub use compile::{cached_ptx_count, KernelSource};
-pub use pinned::{CopyStream, GpuEvent, PinnedBuf};
+pub use pinned::{CopyStream, GpuEvent, PinnedBuf, PinnedF32};
 
 use crate::error::{Error, Result};
 use crate::tensor::{Storage, Tensor};

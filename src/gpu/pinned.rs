@@ -293,3 +293,125 @@ impl Drop for CopyStream {
         let _ = self.stream.synchronize();
     }
 }
+
+/// `len` f32 values of page-locked host memory whose copies run on the context's compute stream: where E2E-QP
+/// keeps what the GPU does not need between two uses (block checkpoints, scale gradients, AdamW moments).
+/// Being on the compute stream, `store` and `load` are ordered with every kernel: a device buffer stored and then
+/// dropped (its memory handed to the next kernel) is read before that kernel runs, and a buffer loaded is
+/// written before any later kernel reads it. Host access (`to_vec`, `write`) and Drop wait for the compute
+/// stream first, so they never meet a copy in flight.
+pub struct PinnedF32 {
+    buf: PinnedBuf,
+    len: usize,
+    ctx: Arc<GpuContext>,
+}
+
+impl std::fmt::Debug for PinnedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PinnedF32({} f32 for cuda:{})",
+            self.len,
+            self.ctx.ordinal()
+        )
+    }
+}
+
+impl GpuContext {
+    /// Page-locked host memory for `n` f32 (zeroed), copied on this context's compute stream.
+    pub fn alloc_pinned_f32(self: &Arc<Self>, n: usize) -> Result<PinnedF32> {
+        Ok(PinnedF32 {
+            buf: self.alloc_pinned(n * 4)?,
+            len: n,
+            ctx: self.clone(),
+        })
+    }
+}
+
+impl PinnedF32 {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The context whose compute stream copies this buffer.
+    pub fn ctx(&self) -> &Arc<GpuContext> {
+        &self.ctx
+    }
+
+    fn check(&self, what: &str, n: usize, ctx: &Arc<GpuContext>) -> Result<()> {
+        if n > self.len || !Arc::ptr_eq(ctx, &self.ctx) {
+            return Err(Error::invalid(
+                "PinnedF32",
+                format!(
+                    "{what} {n} values on cuda:{} with {} pinned for cuda:{}",
+                    ctx.ordinal(),
+                    self.len,
+                    self.ctx.ordinal()
+                ),
+            ));
+        }
+        self.ctx
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("pinned copy")(e.to_string()))
+    }
+
+    /// Queues a copy of `src` into the first `src.len()` values.
+    pub fn store(&mut self, src: &GpuBuf) -> Result<()> {
+        self.check("store", src.len(), src.ctx())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: src.len() ≤ len values of our own pages; the copy runs on the stream that orders every use of
+        // src, and host access and Drop wait for that stream.
+        unsafe {
+            let dst = std::slice::from_raw_parts_mut(self.buf.ptr as *mut f32, src.len());
+            result::memcpy_dtoh_async(dst, src.ptr(), self.ctx.stream().cu_stream())
+        }
+        .map_err(|e| gpu_err("pinned store")(e.to_string()))
+    }
+
+    /// Queues a copy of the first `dst.len()` values into `dst`.
+    pub fn load(&self, dst: &mut GpuBuf) -> Result<()> {
+        self.check("load", dst.len(), dst.ctx())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: dst.len() ≤ len values of our own pages, read by a copy on the stream that orders every use of
+        // dst; host writes (`write`) and Drop wait for that stream first.
+        unsafe {
+            let src = std::slice::from_raw_parts(self.buf.ptr as *const f32, dst.len());
+            result::memcpy_htod_async(dst.ptr(), src, self.ctx.stream().cu_stream())
+        }
+        .map_err(|e| gpu_err("pinned load")(e.to_string()))
+    }
+
+    /// The first `n` values, after every queued copy finished.
+    pub fn to_vec(&self, n: usize) -> Result<Vec<f32>> {
+        self.check("read", n, &self.ctx)?;
+        self.ctx.synchronize()?;
+        // SAFETY: n ≤ len values of our pages (zeroed at allocation); no copy is in flight after the synchronize
+        // and &self excludes host writes.
+        Ok(unsafe { std::slice::from_raw_parts(self.buf.ptr as *const f32, n) }.to_vec())
+    }
+
+    /// Overwrites the first `data.len()` values, after every queued copy finished.
+    pub fn write(&mut self, data: &[f32]) -> Result<()> {
+        self.check("write", data.len(), &self.ctx)?;
+        self.ctx.synchronize()?;
+        self.buf.as_mut_slice()?[..4 * data.len()].copy_from_slice(bytemuck::cast_slice(data));
+        Ok(())
+    }
+}
+
+impl Drop for PinnedF32 {
+    fn drop(&mut self) {
+        // A copy on the compute stream may still use the pages: wait for it before the inner buffer frees them
+        // (an error means the context is broken; the pages are freed regardless).
+        let _ = self.ctx.synchronize();
+    }
+}

@@ -12,12 +12,14 @@
 //! plus f32 per token: one rstd per rmsnorm (2) and attention's log-sum-exp per head (H), as flash attention
 //! keeps. Backward scratch: the MLP's dgate, dup and dswiglu (3F) with dout and dh2 (2C).
 //!
-//! E2E-QP holds the whole packed model, the scales with gradients and AdamW moments (f32), the frozen
-//! embedding, head and norms, and, per sequence of T tokens: the input of every block (activation
-//! checkpointing), one block's recomputed activations and scratch during its backward, one linear dequantized
-//! (compute dtype) with the f32 weight gradient the scales' gradient is reduced from, and the logits with
-//! their gradient (f32, all T rows, as `e2e_qp` computes them).
-use super::{count, prod, BlockCounts, Phase, PlanInput, Term};
+//! E2E-QP as `train::e2e_qp` runs it on a GPU (offload on, the default): the whole packed model (integers and
+//! zero points in u32 words), the f32 scales, the frozen head and norms (f32; an untied embedding stays on the
+//! host), and, per sequence of T tokens, the larger of two working sets: one block's backward (its input back
+//! from pinned host memory, its recomputed f32 activations, the MLP backward's gradients, and one linear's f32
+//! weight gradient dW that the scales' gradient is reduced from, with the bf16 casts of its operands), or the
+//! head's (the f32 logits with their gradient). The scales' gradients, their AdamW moments and the block
+//! checkpoints live in pinned host memory ([`e2e_qp_pinned`]).
+use super::{count, prod, BlockCounts, ComputeDType, Phase, PlanInput, Term};
 use crate::error::Result;
 use crate::quant::pack::PackLayout;
 
@@ -113,18 +115,57 @@ pub fn packed_block_bytes(p: &PlanInput) -> Result<u64> {
     prod(&[words, 4])
 }
 
+/// f32 values one token keeps on the tape of a recomputed block: x, h, x1, h2, the down projection, the output,
+/// the incoming gradient and the surrogate product (8C); q, its reshape and RoPE, the attention output and its
+/// reshape (5·H·D); k and v with their reshapes and k's RoPE (5·G·D); gate, up, swiglu (3F); 2 rstd and H LSEs.
+pub fn e2e_block_values_per_token(p: &PlanInput) -> u64 {
+    let c = &p.cfg;
+    let (hd, gd) = (
+        (c.n_heads * c.head_dim) as u64,
+        (c.n_kv_heads * c.head_dim) as u64,
+    );
+    8 * c.hidden as u64 + 5 * hd + 5 * gd + 3 * c.intermediate as u64 + block_f32_per_token(p)
+}
+
+/// Bytes of the packed zero points of one block: each row's groups in u32 words, as the integers.
+pub fn packed_zero_block_bytes(p: &PlanInput) -> Result<u64> {
+    let mut words = 0u64;
+    for (name, n, k) in p.cfg.linear_shapes() {
+        let groups = k / p.quant.group_len(k)?;
+        let per_row = PackLayout::EqatTenPerWord.words_for(p.quant.wbits, groups, name)?;
+        words += prod(&[n as u64, per_row as u64])?;
+    }
+    prod(&[words, 4])
+}
+
 pub fn e2e_qp(p: &PlanInput) -> Result<Phase> {
     let b = BlockCounts::of(&p.cfg, p.quant)?;
     let cfg = &p.cfg;
-    let (d, dn) = (p.dtype.bytes(), p.dtype.name());
     let l = cfg.n_layers as u64;
-    let (c, v) = (cfg.hidden as u64, cfg.vocab as u64);
+    let (c, v, f) = (cfg.hidden as u64, cfg.vocab as u64, cfg.intermediate as u64);
     let t = p.e2e_seqlen as u64;
     let groups = prod(&[b.groups, l])?;
-    let tables = if cfg.tie_embeddings { 1 } else { 2 };
-    let act = block_activations_per_token(p);
-    let f32s = block_f32_per_token(p);
-    let scratch = backward_scratch_per_token(p);
+    let values = e2e_block_values_per_token(p);
+    // The bf16 mode's casts: dout (up to F wide) and x (C) of the linear whose dW is being formed.
+    let casts = match p.dtype {
+        ComputeDType::Bf16 => prod(&[t, f + c, 2])?,
+        ComputeDType::F32 => 0,
+    };
+    let block = prod(&[t, values + c + 2 * f + c, 4])? + prod(&[b.largest_linear, 4])? + casts;
+    let head_casts = match p.dtype {
+        ComputeDType::Bf16 => prod(&[v + t, c, 2])?,
+        ComputeDType::F32 => 0,
+    };
+    // The head's tape: the last block's output, h, dx (3 × T × C) and the logits with their gradient.
+    let head = prod(&[t, 3 * c + 2 * v, 4])? + head_casts;
+    let cast_note = if casts > 0 { " + casts" } else { "" };
+    let work_what = format!(
+        "max(block backward {t} × ({values} + 2C + 2F) × 4 B + dW {} × 4 B{cast_note} = {}, \
+         head {t} × (3C + 2V) × 4 B{cast_note} = {})",
+        count(b.largest_linear),
+        super::human(block),
+        super::human(head)
+    );
     Ok(Phase {
         name: "E2E-QP (GPU, whole model)",
         terms: vec![
@@ -139,45 +180,72 @@ pub fn e2e_qp(p: &PlanInput) -> Result<Phase> {
             },
             Term {
                 what: "zeros",
-                bytes: groups,
-                arithmetic: format!("{} groups × 1 B", count(groups)),
-            },
-            Term {
-                what: "scales (+grad, AdamW)",
-                bytes: prod(&[groups, 4, 4])?,
-                arithmetic: format!("{} groups × (value, grad, m, v) × 4 B", count(groups)),
-            },
-            Term {
-                what: "embedding, head, norms",
-                bytes: prod(&[tables, v, c, d])? + prod(&[2 * l + 1, c, 4])?,
-                arithmetic: format!("{tables} × {v} × {c} × {d} B {dn} + (2L + 1) × {c} × 4 B"),
-            },
-            Term {
-                what: "dequantized linear",
-                bytes: prod(&[b.largest_linear, d + 4])?,
+                bytes: prod(&[packed_zero_block_bytes(p)?, l])?,
                 arithmetic: format!(
-                    "largest linear {} × ({d} B weight + 4 B f32 weight grad)",
-                    count(b.largest_linear)
+                    "{} groups at {} bits in u32 words",
+                    count(groups),
+                    p.quant.wbits
                 ),
             },
             Term {
-                what: "block inputs (checkpoints)",
-                bytes: prod(&[l, t, c, d])?,
-                arithmetic: format!("{l} blocks × {t} tokens × {c} × {d} B"),
-            },
-            Term {
-                what: "one block recomputed",
-                bytes: prod(&[t, act + scratch, d])? + prod(&[t, f32s, 4])?,
+                what: "scales",
+                bytes: prod(&[groups, 4])?,
                 arithmetic: format!(
-                    "{t} tokens × (({act} + {scratch} scratch) × {d} B + {f32s} × 4 B)"
+                    "{} groups × 4 B f32 (gradient, AdamW m, v in pinned host memory)",
+                    count(groups)
                 ),
             },
             Term {
-                what: "logits + grad",
-                bytes: prod(&[t, v, 4, 2])?,
-                arithmetic: format!("{t} × {v} × 4 B × 2"),
+                what: "head, norms",
+                bytes: prod(&[v, c, 4])? + prod(&[2 * l + 1, c, 4])?,
+                arithmetic: format!(
+                    "{v} × {c} × 4 B f32 + (2L + 1) × {c} × 4 B{}",
+                    if cfg.tie_embeddings {
+                        " (tied)"
+                    } else {
+                        "; the embedding on the host"
+                    }
+                ),
+            },
+            Term {
+                what: "per-sequence working set",
+                bytes: block.max(head),
+                arithmetic: work_what,
             },
         ],
+    })
+}
+
+/// Pinned host memory of an offloaded E2E-QP GPU run: every block's input checkpoint (f32), the scales'
+/// gradients and AdamW moments (f32), and an untied embedding table (f32, pageable).
+pub fn e2e_qp_pinned(p: &PlanInput) -> Result<Phase> {
+    let b = BlockCounts::of(&p.cfg, p.quant)?;
+    let cfg = &p.cfg;
+    let l = cfg.n_layers as u64;
+    let (c, v, t) = (cfg.hidden as u64, cfg.vocab as u64, p.e2e_seqlen as u64);
+    let groups = prod(&[b.groups, l])?;
+    let mut terms = vec![
+        Term {
+            what: "block checkpoints",
+            bytes: prod(&[l, t, c, 4])?,
+            arithmetic: format!("{l} blocks × {t} tokens × {c} × 4 B"),
+        },
+        Term {
+            what: "scale gradients, AdamW m, v",
+            bytes: prod(&[groups, 3, 4])?,
+            arithmetic: format!("{} groups × 3 × 4 B f32", count(groups)),
+        },
+    ];
+    if !cfg.tie_embeddings {
+        terms.push(Term {
+            what: "embedding",
+            bytes: prod(&[v, c, 4])?,
+            arithmetic: format!("{v} × {c} × 4 B f32"),
+        });
+    }
+    Ok(Phase {
+        name: "E2E-QP (host memory of the GPU run)",
+        terms,
     })
 }
 
@@ -264,24 +332,28 @@ mod tests {
         let ph = e2e_qp(&input("llama2-7b")).unwrap();
         // 2 bits: 16 values per u32 word, every K (4096, 11008) divides: P × 2 / 8 bytes per block.
         assert_eq!(bytes(&ph, "packed weights"), 32 * 202_375_168 / 4);
-        assert_eq!(bytes(&ph, "zeros"), 32 * 3_162_112);
-        assert_eq!(bytes(&ph, "scales (+grad, AdamW)"), 32 * 3_162_112 * 16);
-        // Untied: embedding and head 32000 × 4096 in bf16; 65 norms of 4096 in f32.
+        // Zero points, 16 per word: q, k, v, o and gate, up read 4096 (64 groups, 4 words per row) over
+        // 4·4096 + 2·11008 rows; down reads 11008 (172 groups, 11 words) over 4096 rows.
         assert_eq!(
-            bytes(&ph, "embedding, head, norms"),
-            2 * 32000 * 4096 * 2 + 65 * 4096 * 4
+            bytes(&ph, "zeros"),
+            32 * ((4 * 4096 + 2 * 11008) * 4 + 4096 * 11) * 4
         );
-        assert_eq!(bytes(&ph, "dequantized linear"), 11008 * 4096 * (2 + 4));
+        assert_eq!(bytes(&ph, "scales"), 32 * 3_162_112 * 4);
+        // Untied: the head 32000 × 4096 in f32 (the embedding on the host); 65 norms of 4096.
+        assert_eq!(bytes(&ph, "head, norms"), 32000 * 4096 * 4 + 65 * 4096 * 4);
+        // Per token: 8C + 5·H·D + 5·G·D + 3F + 34 = 73_728 + 33_024 + 34 = 106_786 tape values, + C input,
+        // + 2F + C MLP gradients = 136_994 f32; dW of gate/up/down 11008 × 4096 f32; bf16 casts T × (F + C).
+        let block = 4096 * 136_994 * 4 + 45_088_768 * 4 + 4096 * (11008 + 4096) * 2;
+        let head = 4096 * (3 * 4096 + 2 * 32000) * 4 + (32000 + 4096) * 4096 * 2;
+        assert!(block > head);
+        assert_eq!(bytes(&ph, "per-sequence working set"), block);
+        let pinned = e2e_qp_pinned(&input("llama2-7b")).unwrap();
+        assert_eq!(bytes(&pinned, "block checkpoints"), 32 * 4096 * 4096 * 4);
         assert_eq!(
-            bytes(&ph, "block inputs (checkpoints)"),
-            32 * 4096 * 4096 * 2
+            bytes(&pinned, "scale gradients, AdamW m, v"),
+            32 * 3_162_112 * 12
         );
-        // One block at T = 4096: 4C + 2·4096 + 2·4096 + 3F = 65_792 values, scratch 3F + 2C = 41_216.
-        assert_eq!(
-            bytes(&ph, "one block recomputed"),
-            4096 * (65_792 + 41_216) * 2 + 4096 * 34 * 4
-        );
-        assert_eq!(bytes(&ph, "logits + grad"), 4096 * 32000 * 8);
+        assert_eq!(bytes(&pinned, "embedding"), 32000 * 4096 * 4);
     }
 
     #[test]
@@ -295,11 +367,13 @@ mod tests {
             bytes(&ph, "packed weights"),
             30 * (4608 * 58 + 576 * 154) * 4
         );
-        // Tied embedding: one table of 49152 × 576.
-        assert_eq!(
-            bytes(&ph, "embedding, head, norms"),
-            49152 * 576 * 2 + 61 * 576 * 4
-        );
-        assert_eq!(bytes(&ph, "logits + grad"), 4096 * 49152 * 8);
+        // Zero points: 9 groups (1 word) per row reading 576, 24 groups (3 words) per down row.
+        assert_eq!(bytes(&ph, "zeros"), 30 * (4608 + 576 * 3) * 4);
+        // Tied embedding: the head is the one table of 49152 × 576, nothing on the host.
+        assert_eq!(bytes(&ph, "head, norms"), 49152 * 576 * 4 + 61 * 576 * 4);
+        assert!(e2e_qp_pinned(&p).unwrap().term("embedding").is_none());
+        // The vocabulary is large against C: the head's logits are the larger working set.
+        let head = 4096 * (3 * 576 + 2 * 49152) * 4 + (49152 + 4096) * 576 * 2;
+        assert_eq!(bytes(&ph, "per-sequence working set"), head);
     }
 }

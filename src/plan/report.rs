@@ -1,6 +1,6 @@
 //! The printed plan of a GPU run (`engine plan`): each phase's terms against the GPU budget, the
 //! BlockInputStore against the host budget, and the phase times from measured step figures only.
-use super::gpu::{block_ap, e2e_qp};
+use super::gpu::{block_ap, e2e_qp, e2e_qp_pinned};
 use super::host::resident;
 use super::{human, prod, store_bytes, store_split, BlockCounts, Phase, PlanInput};
 use crate::error::Result;
@@ -104,6 +104,17 @@ pub fn render(p: &PlanInput, budgets: &Budgets) -> Result<PlanReport> {
     out.push('\n');
     let e2e = e2e_qp(p)?;
     phase_table(&mut out, &e2e, budgets.gpu_mem);
+    let pinned = e2e_qp_pinned(p)?;
+    let _ = writeln!(out, "  {}:", pinned.name);
+    for t in &pinned.terms {
+        let _ = writeln!(
+            out,
+            "    {:<30} {:>11}   {}",
+            t.what,
+            human(t.bytes),
+            t.arithmetic
+        );
+    }
     if e2e.total() > budgets.gpu_mem {
         // The model's own state (packed weights, zeros, scales with AdamW) does not shrink with the sequence.
         let model_state: u64 = e2e.terms[..3].iter().map(|t| t.bytes).sum();
@@ -282,11 +293,12 @@ mod tests {
         assert_eq!(r.refusals.len(), 2, "{:?}", r.refusals);
         assert!(r.refusals[0].contains("E2E-QP") && r.refusals[0].contains("larger --group-size"));
         assert!(r.refusals[1].contains("raise --host-mem"));
-        // At 40 GiB the model state (33 GiB) fits and the sequence is what to cut.
+        // At 24 GiB the model state (packed weights and zeros, f32 scales: 20.2 GiB) fits and the sequence is
+        // what to cut.
         let r = render(
             &llama70b(),
             &Budgets {
-                gpu_mem: 40 << 30,
+                gpu_mem: 24 << 30,
                 ..b
             },
         )

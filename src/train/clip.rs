@@ -37,13 +37,7 @@ pub fn clip_grad_norm(tape: &mut Tape, max_norm: f32) -> Result<f32> {
     for g in tape.param_grads_mut().filter(|g| !g.is_cuda()) {
         sq += sum_squares_f64(g.f32s("clip_grad_norm")?);
     }
-    let norm = sq.sqrt();
-    if !norm.is_finite() {
-        return Err(Error::NonFinite {
-            what: format!("gradient norm ({norm}) before clipping"),
-        });
-    }
-    let coef = max_norm as f64 / (norm + 1e-6);
+    let (norm, coef) = clip_coefficient(sq, max_norm)?;
     if coef < 1.0 {
         for g in tape.param_grads_mut() {
             #[cfg(feature = "cuda")]
@@ -56,11 +50,23 @@ pub fn clip_grad_norm(tape: &mut Tape, max_norm: f32) -> Result<f32> {
                 .for_each(|c| simd::scale_assign(c, coef as f32));
         }
     }
-    Ok(norm as f32)
+    Ok(norm)
+}
+
+/// (norm, coef) from Σ g² over every gradient: the norm before clipping and the factor the gradients take when
+/// it is below 1. A non-finite norm is an error (module docs).
+pub fn clip_coefficient(sum_squares: f64, max_norm: f32) -> Result<(f32, f64)> {
+    let norm = sum_squares.sqrt();
+    if !norm.is_finite() {
+        return Err(Error::NonFinite {
+            what: format!("gradient norm ({norm}) before clipping"),
+        });
+    }
+    Ok((norm as f32, max_norm as f64 / (norm + 1e-6)))
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use crate::autograd::Tape;
     use crate::error::Result;
     use crate::gpu::{Arg, GpuBuf, KernelSource};
@@ -71,7 +77,7 @@ mod cuda {
     };
 
     /// Blocks of the partial-sum launch: a fixed count, so the summation order never depends on the device.
-    const PARTIALS: usize = 256;
+    pub const PARTIALS: usize = 256;
 
     /// Σ g² over the parameter gradients that live on a GPU (0 when none does).
     pub fn sum_squares(tape: &mut Tape) -> Result<f64> {
@@ -86,28 +92,40 @@ mod cuda {
         let ctx = first.ctx().clone();
         let partials = ctx.zeros(grads.len() * PARTIALS)?;
         for (i, g) in grads.iter().enumerate() {
-            if g.ctx().ordinal() != ctx.ordinal() {
-                return Err(crate::error::Error::invalid(
-                    "clip_grad_norm",
-                    format!(
-                        "gradients on cuda:{} and cuda:{}",
-                        ctx.ordinal(),
-                        g.ctx().ordinal()
-                    ),
-                ));
-            }
-            let blocks = g.len().div_ceil(crate::gpu::BLOCK as usize).min(PARTIALS) as u32;
-            // Parameter i's partials start at i·PARTIALS (unused slots stay 0).
-            let out = Arg::Ptr(partials.ptr() + (i * PARTIALS * 4) as u64);
-            ctx.launch(
-                &CUDA,
-                "clip_sum_squares_f32",
-                (blocks, 1, 1),
-                (crate::gpu::BLOCK, 1, 1),
-                0,
-                &[out, g.arg(), Arg::I64(g.len() as i64)],
-            )?;
+            partial_sum_squares(&partials, i, g)?;
         }
+        sum_partials(&partials)
+    }
+
+    /// Writes gradient i's Σ g² partials into `partials` [n·PARTIALS] (zeroed) at i·PARTIALS.
+    pub fn partial_sum_squares(partials: &GpuBuf, i: usize, g: &GpuBuf) -> Result<()> {
+        let ctx = partials.ctx();
+        if g.ctx().ordinal() != ctx.ordinal() || partials.len() < (i + 1) * PARTIALS {
+            return Err(crate::error::Error::invalid(
+                "clip_grad_norm",
+                format!(
+                    "gradient {i} on cuda:{} with {} partials on cuda:{}",
+                    g.ctx().ordinal(),
+                    partials.len(),
+                    ctx.ordinal()
+                ),
+            ));
+        }
+        let blocks = g.len().div_ceil(crate::gpu::BLOCK as usize).min(PARTIALS) as u32;
+        // Parameter i's partials start at i·PARTIALS (unused slots stay 0).
+        let out = Arg::Ptr(partials.ptr() + (i * PARTIALS * 4) as u64);
+        ctx.launch(
+            &CUDA,
+            "clip_sum_squares_f32",
+            (blocks, 1, 1),
+            (crate::gpu::BLOCK, 1, 1),
+            0,
+            &[out, g.arg(), Arg::I64(g.len() as i64)],
+        )
+    }
+
+    /// Σ of the partials in f64, in order (one download).
+    pub fn sum_partials(partials: &GpuBuf) -> Result<f64> {
         Ok(partials.to_vec()?.iter().map(|&p| p as f64).sum())
     }
 

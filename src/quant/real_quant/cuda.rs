@@ -1,17 +1,21 @@
-//! E2E-QP's real-quant linear on the GPU (`cuda/real_quant.cu`): the packed integers and zeros of a layer are
-//! uploaded once and kept beside the layer ([`QuantizedLinear::device_packed`]); each call dequantizes Ŵ into a
-//! scratch [N, K] from the caching allocator (dropped at return, so the next layer of that shape gets the same
-//! memory back: no cuMemAlloc after the first step) and runs cuBLAS on it. The backward dequantizes again for
-//! dx, then reuses the scratch for dW = doutᵀ·x, from which the dscales kernel sums each group's dW·(q − z).
+//! E2E-QP's real-quant linear on the GPU (`cuda/real_quant.cu`): the packed integers and zero points of a layer
+//! are uploaded once and kept beside the layer ([`QuantizedLinear::device_packed`]), both as packed words (the
+//! zero points at `wbits` bits too: 1/16 of f32 at 2 bits); each call dequantizes Ŵ into a scratch [N, K] from
+//! the caching allocator (dropped at return, so the next layer of that shape gets the same memory back: no
+//! cuMemAlloc after the first step) and runs cuBLAS on it. The backward dequantizes again for dx, then takes an
+//! f32 scratch for dW = doutᵀ·x, from which the dscales kernel sums each group's dW·(q − z).
 //! The formulas are in linear.rs's header.
 //!
 //! In the context's bf16 mode (`GpuContext::set_matmul_bf16`) the products take bf16-rounded operands with f32
-//! accumulation (as `ops::linear` does there); Ŵ is still dequantized in f32 and dscales summed in f32.
+//! accumulation (as `ops::linear` does there); Ŵ is dequantized straight into bf16 (the f32 value rounded, as a
+//! cast of the f32 Ŵ would give, so no f32 copy of Ŵ exists) and dscales is summed in f32.
 //! A layer made by [`QuantizedLinear::on_device`] (synthetic benchmark weights) has no host copy of its integers.
 use super::QuantizedLinear;
+use super::INTERNAL_LAYOUT;
 use crate::error::{Error, Result};
-use crate::gpu::{Arg, GpuBuf, GpuContext, KernelSource};
+use crate::gpu::{Arg, Bf16Buf, GpuBuf, GpuContext, KernelSource};
 use crate::ops::linear::cast_bf16_cuda;
+use crate::quant::pack::pack_cols;
 use crate::tensor::Tensor;
 use std::sync::Arc;
 
@@ -20,16 +24,17 @@ pub const CUDA: KernelSource = KernelSource {
     code: include_str!("../../../cuda/real_quant.cu"),
 };
 
-/// One layer's packed integers (`qweight`'s u32 bits) and zero points (as f32 values, exact up to 255) on one GPU.
+/// One layer's packed integers (`qweight`'s u32 bits) and packed zero points (`qzeros` [out, ⌈groups/p⌉] words,
+/// each row's zero points in the layout of a `qweight` row) on one GPU.
 #[derive(Debug)]
 pub struct DevicePacked {
     pub qweight: GpuBuf,
-    pub zeros: GpuBuf,
+    pub qzeros: GpuBuf,
 }
 
 impl QuantizedLinear {
-    /// A layer whose packed integers and zeros exist only on the GPU of `packed` (`qweight` [out, ⌈in/p⌉] words
-    /// in the internal layout, `zeros` [out, groups] as f32 levels) with `scales` [out, groups] on that GPU:
+    /// A layer whose packed integers and zeros exist only on the GPU of `packed` (`qweight` [out, ⌈in/p⌉] and
+    /// `qzeros` [out, ⌈groups/p⌉] words in the internal layout) with `scales` [out, groups] on that GPU:
     /// synthetic weights generated there, never on the host. Host-side methods (`int_weights`, `dequantize`)
     /// error for it.
     pub fn on_device(
@@ -50,7 +55,11 @@ impl QuantizedLinear {
         let ng = in_features / group_size;
         let wpr = in_features.div_ceil(32 / wbits as usize);
         check_len("qweight", packed.qweight.len(), out_features * wpr)?;
-        check_len("zeros", packed.zeros.len(), out_features * ng)?;
+        check_len(
+            "qzeros",
+            packed.qzeros.len(),
+            out_features * ng.div_ceil(32 / wbits as usize),
+        )?;
         if scales.shape() != [out_features, ng] || !scales.is_cuda() {
             return Err(Error::shape(
                 "real_quant_cuda",
@@ -83,10 +92,18 @@ impl QuantizedLinear {
             }
         }
         self.check_host()?;
-        let zeros: Vec<f32> = self.zeros.iter().map(|&z| z as f32).collect();
+        let zeros: Vec<u32> = self.zeros.iter().map(|&z| z as u32).collect();
+        let qzeros = pack_cols(
+            self.wbits,
+            INTERNAL_LAYOUT,
+            &zeros,
+            self.out_features,
+            self.groups(),
+            "real_quant qzeros",
+        )?;
         let p = Arc::new(DevicePacked {
             qweight: ctx.upload_bits(&self.qweight)?,
-            zeros: ctx.upload(&zeros)?,
+            qzeros: ctx.upload_bits(&qzeros)?,
         });
         *slot = Some(p.clone());
         Ok(p)
@@ -95,6 +112,21 @@ impl QuantizedLinear {
     /// Words per row of `qweight`: ⌈in / p⌉ with p = ⌊32 / wbits⌋ values per word.
     fn words_per_row(&self) -> usize {
         self.in_features.div_ceil(32 / self.wbits as usize)
+    }
+
+    /// Words per row of the packed zero points: ⌈groups / p⌉.
+    fn zero_words_per_row(&self) -> usize {
+        self.groups().div_ceil(32 / self.wbits as usize)
+    }
+
+    /// The kernels' trailing arguments: words per row of qweight and of qzeros, bits, group length.
+    fn layout_args(&self) -> [Arg; 4] {
+        [
+            Arg::I64(self.words_per_row() as i64),
+            Arg::I64(self.zero_words_per_row() as i64),
+            Arg::I32(self.wbits() as i32),
+            Arg::I64(self.group_size() as i64),
+        ]
     }
 }
 
@@ -118,23 +150,55 @@ pub fn real_quant_dequant_cuda(
 ) -> Result<()> {
     let (n, k) = (qlin.out_features(), qlin.in_features());
     check_len("w", w.len(), n * k)?;
-    check_len("scales", scales.len(), n * qlin.groups())?;
-    w.ctx().launch_1d(
-        &CUDA,
+    dequant_launch(
+        w.ctx(),
         "real_quant_dequant_f32",
-        n * k,
-        &[
-            w.arg(),
-            packed.qweight.arg(),
-            packed.zeros.arg(),
-            scales.arg(),
-            Arg::I64(n as i64),
-            Arg::I64(k as i64),
-            Arg::I64(qlin.words_per_row() as i64),
-            Arg::I32(qlin.wbits() as i32),
-            Arg::I64(qlin.group_size() as i64),
-        ],
+        w.arg(),
+        qlin,
+        packed,
+        scales,
     )
+}
+
+/// Ŵ rounded to bf16: bit for bit `cast_bf16_cuda` of [`real_quant_dequant_cuda`]'s result.
+pub fn real_quant_dequant_bf16_cuda(
+    w: &mut Bf16Buf,
+    qlin: &QuantizedLinear,
+    packed: &DevicePacked,
+    scales: &GpuBuf,
+) -> Result<()> {
+    let (n, k) = (qlin.out_features(), qlin.in_features());
+    check_len("w", w.len(), n * k)?;
+    dequant_launch(
+        w.ctx(),
+        "real_quant_dequant_bf16",
+        w.arg(),
+        qlin,
+        packed,
+        scales,
+    )
+}
+
+fn dequant_launch(
+    ctx: &Arc<GpuContext>,
+    kernel: &'static str,
+    w: Arg,
+    qlin: &QuantizedLinear,
+    packed: &DevicePacked,
+    scales: &GpuBuf,
+) -> Result<()> {
+    let (n, k) = (qlin.out_features(), qlin.in_features());
+    check_len("scales", scales.len(), n * qlin.groups())?;
+    let head = [
+        w,
+        packed.qweight.arg(),
+        packed.qzeros.arg(),
+        scales.arg(),
+        Arg::I64(n as i64),
+        Arg::I64(k as i64),
+    ];
+    let args: Vec<Arg> = head.into_iter().chain(qlin.layout_args()).collect();
+    ctx.launch_1d(&CUDA, kernel, n * k, &args)
 }
 
 /// dscales [N, K/g] = per-group Σ dw·(q − z) for dW [N, K], as `real_quant_dscales_cpu`; one warp per group.
@@ -156,13 +220,13 @@ pub fn real_quant_dscales_cuda(
             dscales.arg(),
             dw.arg(),
             packed.qweight.arg(),
-            packed.zeros.arg(),
+            packed.qzeros.arg(),
             Arg::I64(n_groups as i64),
             Arg::I64(k as i64),
-            Arg::I64(qlin.words_per_row() as i64),
-            Arg::I32(qlin.wbits() as i32),
-            Arg::I64(qlin.group_size() as i64),
-        ],
+        ]
+        .into_iter()
+        .chain(qlin.layout_args())
+        .collect::<Vec<_>>(),
     )
 }
 
@@ -177,13 +241,14 @@ pub fn real_quant_linear_fwd_cuda(
     let (k, n) = (qlin.in_features(), qlin.out_features());
     let ctx = x.ctx().clone();
     let packed = qlin.device_packed(&ctx)?;
-    let mut w = ctx.alloc(n * k)?;
-    real_quant_dequant_cuda(&mut w, qlin, &packed, scales)?;
     if ctx.matmul_bf16() {
-        let (xb, wb) = (cast_bf16_cuda(x)?, cast_bf16_cuda(&w)?);
-        drop(w);
+        let mut wb = ctx.alloc_bf16(n * k)?;
+        real_quant_dequant_bf16_cuda(&mut wb, qlin, &packed, scales)?;
+        let xb = cast_bf16_cuda(x)?;
         return ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xb, &wb, 0.0, out);
     }
+    let mut w = ctx.alloc(n * k)?;
+    real_quant_dequant_cuda(&mut w, qlin, &packed, scales)?;
     ctx.sgemm(false, true, rows, n, k, 1.0, x, &w, 0.0, out)
 }
 
@@ -200,30 +265,34 @@ pub fn real_quant_linear_bwd_cuda(
     let (k, n) = (qlin.in_features(), qlin.out_features());
     let ctx = dout.ctx().clone();
     let packed = qlin.device_packed(&ctx)?;
-    let mut scratch = ctx.alloc(n * k)?;
     let doutb = match ctx.matmul_bf16() {
         true => Some(cast_bf16_cuda(dout)?),
         false => None,
     };
     if let Some(dx) = dx {
-        real_quant_dequant_cuda(&mut scratch, qlin, &packed, scales)?;
         match &doutb {
             Some(doutb) => {
-                let wb = cast_bf16_cuda(&scratch)?;
+                let mut wb = ctx.alloc_bf16(n * k)?;
+                real_quant_dequant_bf16_cuda(&mut wb, qlin, &packed, scales)?;
                 ctx.gemm_bf16(false, false, rows, k, n, 1.0, doutb, &wb, 0.0, dx)?;
             }
-            None => ctx.sgemm(false, false, rows, k, n, 1.0, dout, &scratch, 0.0, dx)?,
+            None => {
+                let mut w = ctx.alloc(n * k)?;
+                real_quant_dequant_cuda(&mut w, qlin, &packed, scales)?;
+                ctx.sgemm(false, false, rows, k, n, 1.0, dout, &w, 0.0, dx)?;
+            }
         }
     }
     if let Some(ds) = dscales {
+        let mut dw = ctx.alloc(n * k)?;
         match &doutb {
             Some(doutb) => {
                 let xb = cast_bf16_cuda(x)?;
-                ctx.gemm_bf16(true, false, n, k, rows, 1.0, doutb, &xb, 0.0, &mut scratch)?;
+                ctx.gemm_bf16(true, false, n, k, rows, 1.0, doutb, &xb, 0.0, &mut dw)?;
             }
-            None => ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, &mut scratch)?,
+            None => ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, &mut dw)?,
         }
-        real_quant_dscales_cuda(ds, &scratch, qlin, &packed)?;
+        real_quant_dscales_cuda(ds, &dw, qlin, &packed)?;
     }
     Ok(())
 }

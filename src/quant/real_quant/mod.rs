@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 /// The internal qweight layout (see the module docs).
-const INTERNAL_LAYOUT: PackLayout = PackLayout::EqatTenPerWord;
+pub(crate) const INTERNAL_LAYOUT: PackLayout = PackLayout::EqatTenPerWord;
 
 /// A linear layer W [out, in] quantized to `wbits` with one (scale, zero) per group of `group_size` inputs.
 /// Everything is shared (`Arc`), so clones (the tape's saved state) copy nothing.
@@ -206,6 +206,13 @@ impl QuantizedLinear {
     /// Scales [out, groups], f32.
     pub fn scales(&self) -> &Tensor {
         &self.scales
+    }
+
+    /// Drops this layer's scales, leaving an empty [0] tensor: for a model whose scales an E2E-QP trainer already
+    /// copied to where it trains, so that the device holds them once. Everything that reads the scales (host
+    /// dequantization, export) errors until [`QuantizedLinear::set_scales`] puts trained ones back.
+    pub fn clear_scales(&mut self) {
+        self.scales = Arc::new(Tensor::zeros(&[0]));
     }
 
     /// Replaces the scales (after E2E-QP trained them); errors on a shape other than [out, groups] or a

@@ -1,8 +1,8 @@
 //! The launches of `cuda/adamw.cu`: one update launch per parameter, and one finiteness check per gradient into a
 //! shared flag buffer that is downloaded once per step.
-use super::AdamWCoefs;
+use super::{AdamWCoefs, ParamGroup, ParamState};
 use crate::error::Result;
-use crate::gpu::{Arg, GpuBuf, KernelSource};
+use crate::gpu::{Arg, GpuBuf, KernelSource, PinnedF32};
 
 pub const CUDA: KernelSource = KernelSource {
     op: "adamw",
@@ -13,6 +13,91 @@ pub const CUDA: KernelSource = KernelSource {
 pub struct DeviceMoments {
     pub m: GpuBuf,
     pub v: GpuBuf,
+}
+
+/// Where one GPU parameter's moments live.
+pub(super) enum Moments {
+    Device(DeviceMoments),
+    /// Page-locked host memory (`AdamW::set_pinned_moments`).
+    Pinned {
+        m: PinnedF32,
+        v: PinnedF32,
+    },
+}
+
+impl Moments {
+    /// (m, v) copied to the host.
+    pub(super) fn to_host(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        match self {
+            Moments::Device(d) => Ok((d.m.to_vec()?, d.v.to_vec()?)),
+            Moments::Pinned { m, v } => Ok((m.to_vec(m.len())?, v.to_vec(v.len())?)),
+        }
+    }
+}
+
+/// One step of parameter `p` (state `st`, moments in `slot`) with gradient `g` at learning rate `lr` of `group`:
+/// counts the parameter's step, computes its coefficients and runs [`update`].
+pub(super) fn step(
+    slot: &mut Option<Moments>,
+    pinned: bool,
+    p: &mut GpuBuf,
+    g: &GpuBuf,
+    st: &mut ParamState,
+    (lr, group): (f64, &ParamGroup),
+    (beta1, beta2, eps): (f64, f64, f64),
+) -> Result<()> {
+    st.step += 1;
+    let wd = group.weight_decay as f64;
+    let c = AdamWCoefs::new(lr, wd, beta1, beta2, eps, st.step);
+    update(slot, pinned, p, g, st, &c)
+}
+
+/// One update of parameter `p` with gradient `g`: its moments are made on first use in `slot` (from `st`'s host
+/// moments after `load_state`, else zero; pinned or on the device as `pinned` says), then updated in place.
+fn update(
+    slot: &mut Option<Moments>,
+    pinned: bool,
+    p: &mut GpuBuf,
+    g: &GpuBuf,
+    st: &ParamState,
+    c: &AdamWCoefs,
+) -> Result<()> {
+    let ctx = p.ctx().clone();
+    let n = p.len();
+    let moments = match slot {
+        Some(d) => d,
+        None if pinned => {
+            let (mut m, mut v) = (ctx.alloc_pinned_f32(n)?, ctx.alloc_pinned_f32(n)?);
+            if st.m.is_empty() {
+                let zeros = ctx.zeros(n)?;
+                m.store(&zeros)?;
+                v.store(&zeros)?;
+            } else {
+                m.write(&st.m)?;
+                v.write(&st.v)?;
+            }
+            slot.insert(Moments::Pinned { m, v })
+        }
+        None => {
+            // Moments loaded by `load_state` go up once; a fresh parameter starts at zero.
+            let (m, v) = match st.m.is_empty() {
+                true => (ctx.zeros(n)?, ctx.zeros(n)?),
+                false => (ctx.upload(&st.m)?, ctx.upload(&st.v)?),
+            };
+            slot.insert(Moments::Device(DeviceMoments { m, v }))
+        }
+    };
+    match moments {
+        Moments::Device(d) => adamw_update_cuda(p, g, &mut d.m, &mut d.v, c),
+        Moments::Pinned { m, v } => {
+            let (mut md, mut vd) = (ctx.alloc(n)?, ctx.alloc(n)?);
+            m.load(&mut md)?;
+            v.load(&mut vd)?;
+            adamw_update_cuda(p, g, &mut md, &mut vd, c)?;
+            m.store(&md)?;
+            v.store(&vd)
+        }
+    }
 }
 
 /// The update of `adamw_update_cpu` on device buffers, in the same operation order.

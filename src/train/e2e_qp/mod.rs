@@ -14,23 +14,38 @@
 //! one more forward of the blocks.
 //!
 //! Device: with `E2eOptions::device` a GPU, the scales, frozen tensors, activations, gradients and AdamW moments
-//! live there (the packed integers are uploaded once per layer and each linear dequantizes into a reused
-//! scratch); only each sequence's loss comes back per step, and the learned scales at the end.
+//! live there (the packed integers and zero points are uploaded once per layer, packed, and each linear
+//! dequantizes into a reused scratch); only each sequence's loss comes back per step, and the learned scales at
+//! the end. With `E2eOptions::offload` (the default) the GPU keeps only what it computes with: the block
+//! checkpoints ([`offload::BlockInputs`]), the scales' gradients between blocks (`grads::PinnedGrads`) and
+//! their AdamW moments (`AdamW::set_pinned_moments`) go to pinned host memory, and an untied embedding table
+//! stays on the host (a sequence's rows are gathered there and uploaded). All of it moves exact copies in the
+//! same order of operations, so the results do not change; the price is PCIe traffic (per sequence 2·L·T·C·4
+//! bytes of checkpoints and 4 to 8 bytes per scale of gradient; per step 20 bytes per scale for the update).
+//!
+//! Gradients: the recipe accumulates the global batch (32 sequences) and clips the global norm before AdamW, so
+//! every scale's gradient must exist until the last sequence's backward, in f32 (they are sums of 32 parts):
+//! AdamW cannot run layer by layer inside the backward, and the gradient buffer stays, in host memory when
+//! offloaded.
 use crate::autograd::{Tape, Var};
 use crate::dist::{shard, Communicator, SingleRank};
 use crate::error::{Error, Result};
-use crate::model::llama::block_forward_with;
 use crate::model::quantized::QuantizedModel;
-use crate::ops::{
-    cross_entropy::cross_entropy, embedding::embedding, linear::linear, mul::mul, rmsnorm::rmsnorm,
-    scale::scale, sum::sum,
-};
-use crate::quant::real_quant::linear::real_quant_linear;
-use crate::tensor::Tensor;
 use crate::train::adamw::{AdamW, ParamGroup};
 use crate::train::clip::clip_grad_norm;
 use crate::train::device::Device;
 use crate::train::schedule::CosineSchedule;
+use offload::BlockInputs;
+
+#[cfg(feature = "cuda")]
+pub mod grads;
+pub mod offload;
+mod sequence;
+
+#[cfg(feature = "cuda")]
+use sequence::Offloaded;
+pub use sequence::{example_loss_and_grads, SeqPos};
+use sequence::{register, sequence_backward, BlockGrads, ModelVars, OnTape};
 
 /// Label of a position that does not count in the loss (torch's ignore_index).
 pub const IGNORE: i32 = -100;
@@ -76,6 +91,9 @@ pub struct E2eOptions {
     pub warmup_ratio: f32,
     /// Where the training runs (the model stays on the host; the trained scales come back to it).
     pub device: Device,
+    /// GPU runs: block checkpoints and AdamW moments in pinned host memory, an untied embedding on the host
+    /// (module docs). No effect on the CPU.
+    pub offload: bool,
 }
 
 impl E2eOptions {
@@ -88,6 +106,7 @@ impl E2eOptions {
             global_batch: 32,
             warmup_ratio: 0.03,
             device: Device::Cpu,
+            offload: true,
         }
     }
 }
@@ -99,150 +118,6 @@ pub struct E2eStep {
     pub total_steps: usize,
     pub loss: f32,
     pub grad_norm: f32,
-}
-
-/// The model's tensors on a tape: trainable scales first (parameters), then the frozen tensors.
-struct ModelVars {
-    scales: Vec<[Var; 7]>,
-    norms: Vec<(Var, Var)>,
-    embedding: Var,
-    final_norm: Var,
-    head: Var,
-}
-
-fn register(tape: &mut Tape, m: &QuantizedModel, dev: &Device) -> Result<ModelVars> {
-    let mut scales = Vec::with_capacity(m.blocks.len());
-    for b in &m.blocks {
-        let mut s = Vec::with_capacity(7);
-        for l in &b.linears {
-            s.push(tape.param(dev.copy(l.scales())?)?);
-        }
-        scales.push(s.try_into().expect("seven linears"));
-    }
-    let mut norms = Vec::with_capacity(m.blocks.len());
-    for b in &m.blocks {
-        norms.push((
-            tape.frozen(dev.copy(&b.attn_norm)?)?,
-            tape.frozen(dev.copy(&b.ffn_norm)?)?,
-        ));
-    }
-    let embedding = tape.frozen(dev.copy(&m.embedding)?)?;
-    let final_norm = tape.frozen(dev.copy(&m.final_norm)?)?;
-    let head = match &m.lm_head {
-        Some(h) => tape.frozen(dev.copy(h)?)?,
-        None => embedding,
-    };
-    Ok(ModelVars {
-        scales,
-        norms,
-        embedding,
-        final_norm,
-        head,
-    })
-}
-
-/// Moves a value off the tape (the entry keeps an empty placeholder until the next `reset`).
-fn take_value(tape: &mut Tape, v: Var) -> Tensor {
-    std::mem::replace(tape.value_mut(v), Tensor::zeros(&[0]))
-}
-
-/// Block `i` on the tape: x [1, T, C] -> [1, T, C].
-fn block(tape: &mut Tape, m: &QuantizedModel, v: &ModelVars, i: usize, x: Var) -> Result<Var> {
-    let (attn_norm, ffn_norm) = v.norms[i];
-    let scales = v.scales[i];
-    let linears = &m.blocks[i].linears;
-    block_forward_with(
-        tape,
-        &m.cfg,
-        attn_norm,
-        ffn_norm,
-        x,
-        &mut |tape, j, input| real_quant_linear(tape, input, &linears[j], scales[j]),
-    )
-}
-
-/// One sequence's forward and backward with per-block recomputation (module docs); the scale gradients of
-/// `weight` × its mean cross-entropy are added to the tape's. Returns the (unweighted) loss.
-fn sequence_backward(
-    tape: &mut Tape,
-    m: &QuantizedModel,
-    v: &ModelVars,
-    ex: &Example,
-    weight: f32,
-) -> Result<f32> {
-    let t = ex.ids.len();
-    let n_blocks = m.blocks.len();
-    let mut inputs: Vec<Tensor> = Vec::with_capacity(n_blocks);
-    tape.reset();
-    let x = tape.no_grad(|tape| embedding(tape, v.embedding, &ex.ids, &[1, t]))?;
-    let mut x = take_value(tape, x);
-    for i in 0..n_blocks {
-        tape.reset();
-        let xv = tape.leaf(x.clone(), false);
-        inputs.push(x);
-        let y = tape.no_grad(|tape| block(tape, m, v, i, xv))?;
-        x = take_value(tape, y);
-    }
-
-    tape.reset();
-    let xv = tape.leaf(x, true);
-    let h = rmsnorm(tape, xv, v.final_norm, m.cfg.rms_eps)?;
-    let logits = linear(tape, h, v.head, None)?;
-    let loss = cross_entropy(tape, logits, &ex.labels, IGNORE)?;
-    let value = tape.value(loss).to_host()?.f32s("e2e_qp")?[0];
-    if !value.is_finite() {
-        return Err(Error::NonFinite {
-            what: "E2E-QP sequence loss".into(),
-        });
-    }
-    let weighted = scale(tape, loss, weight)?;
-    tape.backward(weighted)?;
-    let mut dy = tape
-        .grad(xv)
-        .ok_or_else(|| Error::Autograd("e2e_qp: no gradient at the last block's output".into()))?
-        .clone();
-
-    for i in (0..n_blocks).rev() {
-        tape.reset();
-        let x = inputs.pop().expect("one input per block");
-        // The embedding is frozen: the first block's input needs no gradient.
-        let xv = tape.leaf(x, i > 0);
-        let y = block(tape, m, v, i, xv)?;
-        let dyv = tape.input(dy);
-        let surrogate = mul(tape, y, dyv)?;
-        let surrogate = sum(tape, surrogate)?;
-        tape.backward(surrogate)?;
-        dy = match i {
-            0 => Tensor::zeros(&[0]),
-            _ => tape
-                .grad(xv)
-                .ok_or_else(|| {
-                    Error::Autograd(format!("e2e_qp: no gradient at block {i}'s input"))
-                })?
-                .clone(),
-        };
-    }
-    tape.reset();
-    Ok(value)
-}
-
-/// The loss of one example and the gradient of every scale, in [block][linear] order: what one sequence adds to
-/// an E2E-QP step (for checks of the labels; training goes through [`train_e2e`]). On the host.
-pub fn example_loss_and_grads(model: &QuantizedModel, ex: &Example) -> Result<(f32, Vec<Tensor>)> {
-    let mut tape = Tape::new();
-    let vars = register(&mut tape, model, &Device::Cpu)?;
-    let value = sequence_backward(&mut tape, model, &vars, ex, 1.0)?;
-    let grads = vars
-        .scales
-        .iter()
-        .flatten()
-        .map(|&s| {
-            tape.grad(s)
-                .cloned()
-                .ok_or_else(|| Error::invalid("e2e_qp", "a scale received no gradient"))
-        })
-        .collect::<Result<_>>()?;
-    Ok((value, grads))
 }
 
 fn check_data(data: &[Example], global_batch: usize) -> Result<()> {
@@ -279,12 +154,18 @@ pub struct E2eTrainer {
     vars: ModelVars,
     opt: AdamW,
     max_grad_norm: f32,
+    inputs: BlockInputs,
+    device: Device,
+    /// The scale gradients' home between blocks in an offloaded GPU run.
+    #[cfg(feature = "cuda")]
+    grads: Option<grads::PinnedGrads>,
 }
 
 impl E2eTrainer {
     pub fn new(model: &QuantizedModel, opts: &E2eOptions) -> Result<E2eTrainer> {
         let mut tape = Tape::new();
-        let vars = register(&mut tape, model, &opts.device)?;
+        let offload = opts.offload && !opts.device.is_cpu();
+        let vars = register(&mut tape, model, &opts.device, offload)?;
         let params: Vec<Var> = vars.scales.iter().flatten().copied().collect();
         let opt = AdamW::new(
             vec![ParamGroup {
@@ -296,11 +177,21 @@ impl E2eTrainer {
             0.999,
             1e-8,
         )?;
+        #[cfg(feature = "cuda")]
+        let opt = {
+            let mut opt = opt;
+            opt.set_pinned_moments(offload);
+            opt
+        };
         Ok(E2eTrainer {
-            tape,
             vars,
             opt,
             max_grad_norm: opts.max_grad_norm,
+            inputs: BlockInputs::new(offload),
+            device: opts.device.clone(),
+            #[cfg(feature = "cuda")]
+            grads: offload.then(|| grads::PinnedGrads::new(tape.n_params())),
+            tape,
         })
     }
 
@@ -329,9 +220,38 @@ impl E2eTrainer {
         self.tape.zero_grad();
         let mut loss_sum = 0.0f64;
         let weight = 1.0 / batch.len() as f32;
-        let mine = shard(batch.len(), comm.rank(), world);
-        for ex in &batch[mine] {
-            loss_sum += sequence_backward(&mut self.tape, model, &self.vars, ex, weight)? as f64;
+        let mine = &batch[shard(batch.len(), comm.rank(), world)];
+        for (s, ex) in mine.iter().enumerate() {
+            #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+            let pos = SeqPos {
+                first: s == 0,
+                last: s + 1 == mine.len(),
+            };
+            #[cfg(feature = "cuda")]
+            let mut offloaded = self.grads.as_mut().map(|g| Offloaded(g, pos));
+            #[cfg(feature = "cuda")]
+            let grads: &mut dyn BlockGrads = match &mut offloaded {
+                Some(o) => o,
+                None => &mut OnTape,
+            };
+            #[cfg(not(feature = "cuda"))]
+            let grads: &mut dyn BlockGrads = &mut OnTape;
+            loss_sum += sequence_backward(
+                &mut self.tape,
+                model,
+                &self.vars,
+                (ex, weight),
+                &mut self.inputs,
+                &self.device,
+                grads,
+            )? as f64;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.grads {
+            let scales: Vec<Var> = self.vars.scales.iter().flatten().copied().collect();
+            let limits = (self.max_grad_norm, lr_factor);
+            let grad_norm = g.clip_and_step(&mut self.tape, &scales, &mut self.opt, limits)?;
+            return Ok(((loss_sum / batch.len() as f64) as f32, grad_norm));
         }
         if world > 1 {
             loss_sum = all_reduce_grads(&mut self.tape, comm, loss_sum as f32)? as f64;
