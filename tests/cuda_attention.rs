@@ -23,6 +23,36 @@ fn shape(b: usize, t: usize, h: usize, g: usize, d: usize) -> AttentionShape {
 }
 
 /// lse [B, H, T] in f64: log Σ_{j<=t} exp(scale · q_t·k_j) per query row.
+/// The GPU backward with every gradient asked for, downloaded: (dq, dk, dv) of `[dout, q, k, v]`.
+fn gpu_bwd(
+    ctx: &std::sync::Arc<eqat::gpu::GpuContext>,
+    [dout, q, k, v]: [&GpuBuf; 4],
+    out: &GpuBuf,
+    lse: &GpuBuf,
+    s: AttentionShape,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (nq, nkv) = (s.b * s.t * s.h * s.d, s.b * s.t * s.g * s.d);
+    let (mut dq, mut dk, mut dv) = (
+        ctx.alloc(nq).unwrap(),
+        ctx.alloc(nkv).unwrap(),
+        ctx.alloc(nkv).unwrap(),
+    );
+    att::attention_bwd_cuda(
+        Some(&mut dq),
+        Some(&mut dk),
+        Some(&mut dv),
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        s,
+    )
+    .unwrap();
+    (down(&dq), down(&dk), down(&dv))
+}
+
 fn lse_ref(q: &[f64], k: &[f64], s: AttentionShape) -> Vec<f64> {
     let mut lse = vec![0.0; s.b * s.h * s.t];
     for b in 0..s.b {
@@ -82,29 +112,12 @@ fn attention_matches_ref() {
         r.check(&format!("out {name}"), &down(&out), &want);
         r.check(&format!("lse {name}"), &down(&lse), &lse_ref(&q64, &k64, s));
 
-        let (mut dq, mut dk, mut dv) = (
-            ctx.alloc(nq).unwrap(),
-            ctx.alloc(nkv).unwrap(),
-            ctx.alloc(nkv).unwrap(),
-        );
-        att::attention_bwd_cuda(
-            Some(&mut dq),
-            Some(&mut dk),
-            Some(&mut dv),
-            &db,
-            &qb,
-            &kb,
-            &vb,
-            &out,
-            &lse,
-            s,
-        )
-        .unwrap();
+        let (dq, dk, dv) = gpu_bwd(&ctx, [&db, &qb, &kb, &vb], &out, &lse, s);
         let (mut wq, mut wk, mut wv) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv]);
         att::attention_bwd_ref(&mut wq, &mut wk, &mut wv, &d64, &q64, &k64, &v64, s);
-        r.check(&format!("dq {name}"), &down(&dq), &wq);
-        r.check(&format!("dk {name}"), &down(&dk), &wk);
-        r.check(&format!("dv {name}"), &down(&dv), &wv);
+        r.check(&format!("dq {name}"), &dq, &wq);
+        r.check(&format!("dk {name}"), &dk, &wk);
+        r.check(&format!("dv {name}"), &dv, &wv);
 
         // dK alone (dq and dv null) is the joint pass's dK: the kernel sums it in a fixed order.
         let mut dk_only = ctx.alloc(nkv).unwrap();
@@ -121,7 +134,7 @@ fn attention_matches_ref() {
             s,
         )
         .unwrap();
-        r.expect(&format!("dk alone {name}"), down(&dk_only) == down(&dk));
+        r.expect(&format!("dk alone {name}"), down(&dk_only) == dk);
     }
     r.finish();
 }
@@ -280,31 +293,14 @@ fn attention_bf16_matches_ref() {
             &lse_ref(&qr, &kr, s),
         );
 
-        let (mut dq, mut dk, mut dv) = (
-            ctx.alloc(nq).unwrap(),
-            ctx.alloc(nkv).unwrap(),
-            ctx.alloc(nkv).unwrap(),
-        );
-        att::attention_bwd_cuda(
-            Some(&mut dq),
-            Some(&mut dk),
-            Some(&mut dv),
-            &db,
-            &qb,
-            &kb,
-            &vb,
-            &out,
-            &lse,
-            s,
-        )
-        .unwrap();
+        let (dq, dk, dv) = gpu_bwd(&ctx, [&db, &qb, &kb, &vb], &out, &lse, s);
         let (mut wq, mut wk, mut wv) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv]);
         att::attention_bwd_ref(&mut wq, &mut wk, &mut wv, &d64, &q64, &k64, &v64, s);
         let (mut rq, mut rk, mut rv) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv]);
         att::attention_bwd_ref(&mut rq, &mut rk, &mut rv, &dr, &qr, &kr, &vr, s);
-        check_bf16(&mut r, &format!("dq {name}"), &down(&dq), &wq, &rq);
-        check_bf16(&mut r, &format!("dk {name}"), &down(&dk), &wk, &rk);
-        check_bf16(&mut r, &format!("dv {name}"), &down(&dv), &wv, &rv);
+        check_bf16(&mut r, &format!("dq {name}"), &dq, &wq, &rq);
+        check_bf16(&mut r, &format!("dk {name}"), &dk, &wk, &rk);
+        check_bf16(&mut r, &format!("dv {name}"), &dv, &wv, &rv);
 
         // dK alone (dq and dv null) is the joint pass's dK: summed in a fixed order, independent of dQ.
         let mut dk_only = ctx.alloc(nkv).unwrap();
@@ -321,7 +317,7 @@ fn attention_bf16_matches_ref() {
             s,
         )
         .unwrap();
-        r.expect(&format!("dk alone {name}"), down(&dk_only) == down(&dk));
+        r.expect(&format!("dk alone {name}"), down(&dk_only) == dk);
     }
     // Through the tape (loss = sum(out ∘ r), so dout = r): the backward reuses the forward's bf16 copies of q, k,
     // v, and must give what the standalone calls give: out, dk and dv bitwise (fixed summation order), dq up to
@@ -332,24 +328,13 @@ fn attention_bf16_matches_ref() {
     let bufs: Vec<GpuBuf> = host.iter().map(|v| up(&ctx, v)).collect();
     let (mut out, mut lse) = (ctx.alloc(nq).unwrap(), ctx.alloc(s.b * s.h * s.t).unwrap());
     att::attention_fwd_cuda(&mut out, &mut lse, &bufs[0], &bufs[1], &bufs[2], s).unwrap();
-    let (mut dq, mut dk, mut dv) = (
-        ctx.alloc(nq).unwrap(),
-        ctx.alloc(nkv).unwrap(),
-        ctx.alloc(nkv).unwrap(),
-    );
-    att::attention_bwd_cuda(
-        Some(&mut dq),
-        Some(&mut dk),
-        Some(&mut dv),
-        &bufs[3],
-        &bufs[0],
-        &bufs[1],
-        &bufs[2],
+    let (dq, dk, dv) = gpu_bwd(
+        &ctx,
+        [&bufs[3], &bufs[0], &bufs[1], &bufs[2]],
         &out,
         &lse,
         s,
-    )
-    .unwrap();
+    );
     let mut tape = Tape::new();
     let vars: Vec<_> = [s.h, s.g, s.g]
         .iter()
@@ -371,12 +356,12 @@ fn attention_bf16_matches_ref() {
     tape.backward(loss).unwrap();
     let host_of = |t: &Tensor| t.to_host().unwrap().to_f32_vec();
     r.expect("tape out", host_of(tape.value(y)) == down(&out));
-    r.expect("tape dk", host_of(tape.grad(vars[1]).unwrap()) == down(&dk));
-    r.expect("tape dv", host_of(tape.grad(vars[2]).unwrap()) == down(&dv));
+    r.expect("tape dk", host_of(tape.grad(vars[1]).unwrap()) == dk);
+    r.expect("tape dv", host_of(tape.grad(vars[2]).unwrap()) == dv);
     r.check(
         "tape dq",
         &host_of(tape.grad(vars[0]).unwrap()),
-        &to_f64(&down(&dq)),
+        &to_f64(&dq),
     );
 
     // A NaN in k reaches every later row of the output (NaN never passes as a small error).
