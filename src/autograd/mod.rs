@@ -35,6 +35,41 @@ pub trait Backward: Send + Sync {
         dout: &Tensor,
         dinputs: &mut [Option<Tensor>],
     ) -> Result<()>;
+
+    /// True when `backward` writes every element of every slot it is given: the tape may then hand it
+    /// uninitialised device buffers instead of zeroed ones (one memset per gradient saved). Poisoned contexts
+    /// (`GpuContext::set_poison`) fill those buffers with NaN, so an op that claims this wrongly fails its tests.
+    fn overwrites_dinputs(&self) -> bool {
+        false
+    }
+
+    /// True when `backward_into` can add input `i`'s gradient into a buffer that already holds that input's
+    /// gradient (a GEMM with beta = 1, a kernel that reads before it writes), saving the tape's `+=` pass.
+    fn accumulates(&self, i: usize) -> bool {
+        let _ = i;
+        false
+    }
+
+    /// `backward` where `accumulate[i]` says that `dinputs[i]` holds input i's gradient so far, to be added to
+    /// (`+=`) rather than written; the tape sets it only where `accumulates(i)`.
+    fn backward_into(
+        &self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        dout: &Tensor,
+        dinputs: &mut [Option<Tensor>],
+        accumulate: &[bool],
+    ) -> Result<()> {
+        let _ = accumulate;
+        self.backward(inputs, output, dout, dinputs)
+    }
+
+    /// True when every input's gradient equals `dout`, reshaped to the input (a reshape, an elementwise sum of
+    /// same-shaped inputs): the tape then moves `dout` into the input's gradient slot (or adds it into one that
+    /// holds a gradient already) without running `backward`, so no copy is made.
+    fn passes_dout_through(&self) -> bool {
+        false
+    }
 }
 
 struct Node {
@@ -51,6 +86,9 @@ pub struct Tape {
     n_params: usize,
     no_grad: bool,
     pool: BufferPool,
+    /// bf16 copies of this step's device values (`bf16_copy`), by entry index; dropped on `reset`.
+    #[cfg(feature = "cuda")]
+    bf16_copies: std::collections::HashMap<usize, std::sync::Arc<crate::gpu::Bf16Buf>>,
 }
 
 impl Tape {
@@ -151,6 +189,9 @@ impl Tape {
     }
 
     pub fn value_mut(&mut self, v: Var) -> &mut Tensor {
+        // The value may change: a bf16 copy made of it is stale.
+        #[cfg(feature = "cuda")]
+        self.bf16_copies.remove(&v.0);
         &mut self.values[v.0]
     }
 
@@ -187,8 +228,36 @@ impl Tape {
         self.no_grad
     }
 
+    /// The bf16 copy (round to nearest even) of device value `v`, made once per step and shared by every op
+    /// that multiplies it in the bf16 mode (q, k and v read the same normed input). Parameters, which
+    /// optimizers change in place, are cast afresh each time.
+    #[cfg(feature = "cuda")]
+    pub fn bf16_copy(&mut self, v: Var) -> Result<std::sync::Arc<crate::gpu::Bf16Buf>> {
+        if let Some(b) = self.bf16_copies.get(&v.0) {
+            return Ok(b.clone());
+        }
+        let b = std::sync::Arc::new(crate::ops::linear::cast_bf16_cuda(
+            self.values[v.0].gpu("bf16_copy")?,
+        )?);
+        if v.0 >= self.n_params {
+            self.bf16_copies.insert(v.0, b.clone());
+        }
+        Ok(b)
+    }
+
+    /// Records `b` as the bf16 copy of this step's value `v`, written by the op that produced v in the same pass
+    /// (it must equal what `bf16_copy` would make: round to nearest even).
+    #[cfg(feature = "cuda")]
+    pub fn set_bf16_copy(&mut self, v: Var, b: crate::gpu::Bf16Buf) {
+        if v.0 >= self.n_params {
+            self.bf16_copies.insert(v.0, std::sync::Arc::new(b));
+        }
+    }
+
     /// Drops this step's entries (keeping parameters and their gradients) and recycles their buffers.
     pub fn reset(&mut self) {
+        #[cfg(feature = "cuda")]
+        self.bf16_copies.clear();
         let n = self.n_params;
         for t in self.values.drain(n..) {
             if let Some(buf) = t.into_f32_vec() {
@@ -272,19 +341,38 @@ impl Tape {
             let Some(dout) = self.grads[i].take() else {
                 continue;
             };
+            if node.backward.passes_dout_through() {
+                let needy: Vec<Var> = node
+                    .inputs
+                    .iter()
+                    .copied()
+                    .filter(|v| self.requires_grad[v.0])
+                    .collect();
+                pass_through(&mut self.grads, &self.values, &needy, dout, &mut self.pool)?;
+                continue;
+            }
             let inputs: Vec<&Tensor> = node.inputs.iter().map(|v| &self.values[v.0]).collect();
+            let uninit = node.backward.overwrites_dinputs();
             let mut dinputs: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs.len());
-            for v in &node.inputs {
+            let mut acc = vec![false; node.inputs.len()];
+            for (j, v) in node.inputs.iter().enumerate() {
+                // An input that appears once and holds a gradient already is handed to an op that adds into it.
+                let once = node.inputs.iter().filter(|u| *u == v).count() == 1;
+                if once && node.backward.accumulates(j) && self.grads[v.0].is_some() {
+                    acc[j] = true;
+                    dinputs.push(self.grads[v.0].take());
+                    continue;
+                }
                 dinputs.push(match self.requires_grad[v.0] {
-                    true => Some(zeroed_like(&self.values[v.0], &mut self.pool)?),
+                    true => Some(grad_buffer(&self.values[v.0], uninit, &mut self.pool)?),
                     false => None,
                 });
             }
             node.backward
-                .backward(&inputs, &self.values[i], &dout, &mut dinputs)?;
+                .backward_into(&inputs, &self.values[i], &dout, &mut dinputs, &acc)?;
             let name = node.backward.name();
             let input_vars = node.inputs.clone();
-            for (v, d) in input_vars.iter().zip(dinputs) {
+            for ((v, d), added) in input_vars.iter().zip(dinputs).zip(acc) {
                 if let Some(d) = d {
                     if d.shape() != self.values[v.0].shape() {
                         return Err(Error::Autograd(format!(
@@ -293,7 +381,11 @@ impl Tape {
                             self.values[v.0].shape()
                         )));
                     }
-                    accumulate(&mut self.grads[v.0], d, &mut self.pool)?;
+                    match added {
+                        // The slot was taken out above and now holds the sum.
+                        true => self.grads[v.0] = Some(d),
+                        false => accumulate(&mut self.grads[v.0], d, &mut self.pool)?,
+                    }
                 }
             }
             // Keep gradients of leaves (inputs asked for); an op output's gradient is spent once its node ran.
@@ -310,26 +402,80 @@ impl Tape {
     }
 }
 
-/// A zeroed gradient buffer shaped like `t`, where `t` lives (the host pool or t's GPU).
-fn zeroed_like(t: &Tensor, pool: &mut BufferPool) -> Result<Tensor> {
+/// A gradient buffer shaped like `t`, where `t` lives (the host pool or t's GPU): zeroed, or on a GPU left
+/// uninitialised when `uninit` (the op overwrites it).
+fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let crate::tensor::Storage::Cuda(b) = t.storage() {
-        return Tensor::from_gpu(t.shape(), b.ctx().zeros(t.numel())?);
+        let buf = match uninit {
+            true => b.ctx().alloc(t.numel())?,
+            false => b.ctx().zeros(t.numel())?,
+        };
+        return Tensor::from_gpu(t.shape(), buf);
     }
+    let _ = uninit;
     Tensor::from_vec(t.shape(), pool.take_zeroed(t.numel()))
+}
+
+/// dout of a `passes_dout_through` node to each input in `needy` (in order; an input may repeat), reshaped to
+/// the input's shape: added into a slot that holds a gradient, moved into the last empty one, copied into the
+/// others.
+fn pass_through(
+    grads: &mut [Option<Tensor>],
+    values: &[Tensor],
+    needy: &[Var],
+    dout: Tensor,
+    pool: &mut BufferPool,
+) -> Result<()> {
+    for (j, v) in needy.iter().enumerate() {
+        let shape = values[v.0].shape();
+        if values[v.0].numel() != dout.numel() {
+            return Err(Error::Autograd(format!(
+                "a pass-through gradient of shape {:?} for an input of shape {shape:?}",
+                dout.shape()
+            )));
+        }
+        match &mut grads[v.0] {
+            Some(g) => add_in_place(g, &dout)?,
+            None if j + 1 == needy.len() => {
+                grads[v.0] = Some(dout.reshape(shape)?);
+                return Ok(());
+            }
+            None => grads[v.0] = Some(copy_of(&dout, pool)?.reshape(shape)?),
+        }
+    }
+    if let Some(buf) = dout.into_f32_vec() {
+        pool.give(buf);
+    }
+    Ok(())
+}
+
+/// A copy of `t` where it lives (a pooled host buffer or a device copy).
+fn copy_of(t: &Tensor, pool: &mut BufferPool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let crate::tensor::Storage::Cuda(b) = t.storage() {
+        return Tensor::from_gpu(t.shape(), b.try_clone()?);
+    }
+    let mut buf = pool.take_zeroed(t.numel());
+    buf.copy_from_slice(t.f32s("backward")?);
+    Tensor::from_vec(t.shape(), buf)
+}
+
+/// g += d, where both live.
+fn add_in_place(g: &mut Tensor, d: &Tensor) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if crate::gpu::device_of("backward", &[g, d])?.is_some() {
+        return crate::ops::add::add_assign_cuda(g.gpu_mut("backward")?, d.gpu("backward")?);
+    }
+    crate::ops::simd::add_assign(g.f32s_mut("backward")?, d.f32s("backward")?);
+    Ok(())
 }
 
 fn accumulate(slot: &mut Option<Tensor>, d: Tensor, pool: &mut BufferPool) -> Result<()> {
     match slot {
         None => *slot = Some(d),
-        #[cfg(feature = "cuda")]
-        Some(g) if crate::gpu::device_of("backward", &[g, &d])?.is_some() => {
-            crate::ops::add::add_assign_cuda(g.gpu_mut("backward")?, d.gpu("backward")?)?;
-        }
         Some(g) => {
-            let dst = g.f32s_mut("backward")?;
-            let src = d.f32s("backward")?;
-            crate::ops::simd::add_assign(dst, src);
+            add_in_place(g, &d)?;
             if let Some(buf) = d.into_f32_vec() {
                 pool.give(buf);
             }
