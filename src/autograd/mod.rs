@@ -7,9 +7,17 @@
 //! Accumulation rule: an op's `Backward` writes each input gradient into a fresh zeroed buffer (`=` semantics);
 //! the tape adds it into the input's gradient slot (`+=`), which handles inputs used twice (`mul(x, x)`) and
 //! parameters shared by several ops. Parameter gradients accumulate across `backward` calls until `zero_grad`.
+//! Three opt-in fast paths skip work on large activations (`Backward`'s provided methods): a pass-through of dout
+//! (reshape, a same-shape add: no backward runs, no copy), uninitialised buffers for ops that overwrite them (no
+//! memset) and the running sum handed to ops that add into it (a GEMM with beta = 1: no separate `+=` pass).
+mod backward;
+mod grads;
 mod pool;
 
+pub use backward::Backward;
 pub use pool::BufferPool;
+
+use grads::{accumulate, grad_buffer, pass_through};
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -21,54 +29,6 @@ pub struct Var(pub(crate) usize);
 impl Var {
     pub fn index(self) -> usize {
         self.0
-    }
-}
-
-/// The backward of one op. `dinputs[i]` is `Some(zeroed tensor shaped like input i)` exactly when input i needs a
-/// gradient; the op fills it. Whatever the forward saved lives in the implementing struct.
-pub trait Backward: Send + Sync {
-    fn name(&self) -> &'static str;
-    fn backward(
-        &self,
-        inputs: &[&Tensor],
-        output: &Tensor,
-        dout: &Tensor,
-        dinputs: &mut [Option<Tensor>],
-    ) -> Result<()>;
-
-    /// True when `backward` writes every element of every slot it is given: the tape may then hand it
-    /// uninitialised device buffers instead of zeroed ones (one memset per gradient saved). Poisoned contexts
-    /// (`GpuContext::set_poison`) fill those buffers with NaN, so an op that claims this wrongly fails its tests.
-    fn overwrites_dinputs(&self) -> bool {
-        false
-    }
-
-    /// True when `backward_into` can add input `i`'s gradient into a buffer that already holds that input's
-    /// gradient (a GEMM with beta = 1, a kernel that reads before it writes), saving the tape's `+=` pass.
-    fn accumulates(&self, i: usize) -> bool {
-        let _ = i;
-        false
-    }
-
-    /// `backward` where `accumulate[i]` says that `dinputs[i]` holds input i's gradient so far, to be added to
-    /// (`+=`) rather than written; the tape sets it only where `accumulates(i)`.
-    fn backward_into(
-        &self,
-        inputs: &[&Tensor],
-        output: &Tensor,
-        dout: &Tensor,
-        dinputs: &mut [Option<Tensor>],
-        accumulate: &[bool],
-    ) -> Result<()> {
-        let _ = accumulate;
-        self.backward(inputs, output, dout, dinputs)
-    }
-
-    /// True when every input's gradient equals `dout`, reshaped to the input (a reshape, an elementwise sum of
-    /// same-shaped inputs): the tape then moves `dout` into the input's gradient slot (or adds it into one that
-    /// holds a gradient already) without running `backward`, so no copy is made.
-    fn passes_dout_through(&self) -> bool {
-        false
     }
 }
 
@@ -400,86 +360,4 @@ impl Tape {
     pub fn pool_held_values(&self) -> usize {
         self.pool.held()
     }
-}
-
-/// A gradient buffer shaped like `t`, where `t` lives (the host pool or t's GPU): zeroed, or on a GPU left
-/// uninitialised when `uninit` (the op overwrites it).
-fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if let crate::tensor::Storage::Cuda(b) = t.storage() {
-        let buf = match uninit {
-            true => b.ctx().alloc(t.numel())?,
-            false => b.ctx().zeros(t.numel())?,
-        };
-        return Tensor::from_gpu(t.shape(), buf);
-    }
-    let _ = uninit;
-    Tensor::from_vec(t.shape(), pool.take_zeroed(t.numel()))
-}
-
-/// dout of a `passes_dout_through` node to each input in `needy` (in order; an input may repeat), reshaped to
-/// the input's shape: added into a slot that holds a gradient, moved into the last empty one, copied into the
-/// others.
-fn pass_through(
-    grads: &mut [Option<Tensor>],
-    values: &[Tensor],
-    needy: &[Var],
-    dout: Tensor,
-    pool: &mut BufferPool,
-) -> Result<()> {
-    for (j, v) in needy.iter().enumerate() {
-        let shape = values[v.0].shape();
-        if values[v.0].numel() != dout.numel() {
-            return Err(Error::Autograd(format!(
-                "a pass-through gradient of shape {:?} for an input of shape {shape:?}",
-                dout.shape()
-            )));
-        }
-        match &mut grads[v.0] {
-            Some(g) => add_in_place(g, &dout)?,
-            None if j + 1 == needy.len() => {
-                grads[v.0] = Some(dout.reshape(shape)?);
-                return Ok(());
-            }
-            None => grads[v.0] = Some(copy_of(&dout, pool)?.reshape(shape)?),
-        }
-    }
-    if let Some(buf) = dout.into_f32_vec() {
-        pool.give(buf);
-    }
-    Ok(())
-}
-
-/// A copy of `t` where it lives (a pooled host buffer or a device copy).
-fn copy_of(t: &Tensor, pool: &mut BufferPool) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if let crate::tensor::Storage::Cuda(b) = t.storage() {
-        return Tensor::from_gpu(t.shape(), b.try_clone()?);
-    }
-    let mut buf = pool.take_zeroed(t.numel());
-    buf.copy_from_slice(t.f32s("backward")?);
-    Tensor::from_vec(t.shape(), buf)
-}
-
-/// g += d, where both live.
-fn add_in_place(g: &mut Tensor, d: &Tensor) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if crate::gpu::device_of("backward", &[g, d])?.is_some() {
-        return crate::ops::add::add_assign_cuda(g.gpu_mut("backward")?, d.gpu("backward")?);
-    }
-    crate::ops::simd::add_assign(g.f32s_mut("backward")?, d.f32s("backward")?);
-    Ok(())
-}
-
-fn accumulate(slot: &mut Option<Tensor>, d: Tensor, pool: &mut BufferPool) -> Result<()> {
-    match slot {
-        None => *slot = Some(d),
-        Some(g) => {
-            add_in_place(g, &d)?;
-            if let Some(buf) = d.into_f32_vec() {
-                pool.give(buf);
-            }
-        }
-    }
-    Ok(())
 }
