@@ -4,9 +4,9 @@
 // dw is computed as per-block partials [blocks, c] (rows_per_block rows each), which add_bwd_f32 then sums in
 // block order: deterministic, no atomics.
 
-// One block per row.
-extern "C" __global__ void rmsnorm_fwd_f32(float* out, float* rstd, const float* x, const float* w, int c,
-                                           float eps) {
+// One block per row. out_b, when not null, gets bf16(out) too: the operand of the next bf16 GEMM.
+extern "C" __global__ void rmsnorm_fwd_f32(float* out, unsigned short* out_b, float* rstd, const float* x,
+                                           const float* w, int c, float eps) {
     __shared__ float scratch[32];
     const i64 row = blockIdx.x;
     const float* xr = x + row * c;
@@ -17,13 +17,18 @@ extern "C" __global__ void rmsnorm_fwd_f32(float* out, float* rstd, const float*
     const float r = 1.0f / sqrtf(ss / (float)c + eps);
     if (threadIdx.x == 0) rstd[row] = r;
     float* o = out + row * c;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) o[i] = xr[i] * r * w[i];
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        const float y = xr[i] * r * w[i];
+        o[i] = y;
+        if (out_b) out_b[row * c + i] = (unsigned short)bf16_bits(y);
+    }
 }
 
-// Block b handles rows [b * rows_per_block, ...). dx and dw_partial may each be null.
+// Block b handles rows [b * rows_per_block, ...). dx and dw_partial may each be null. With accumulate_dx, dx
+// holds a gradient already (the residual stream's) and the row's dx is added to it.
 extern "C" __global__ void rmsnorm_bwd_f32(float* dx, float* dw_partial, const float* dout, const float* x,
                                            const float* w, const float* rstd, i64 rows, int c,
-                                           int rows_per_block) {
+                                           int rows_per_block, int accumulate_dx) {
     __shared__ float scratch[32];
     const i64 first = (i64)blockIdx.x * rows_per_block;
     const i64 last = min(first + rows_per_block, rows);
@@ -37,7 +42,10 @@ extern "C" __global__ void rmsnorm_bwd_f32(float* dx, float* dw_partial, const f
             const float r = rstd[row];
             const float k = r * r * r * s / (float)c;
             float* d = dx + row * c;
-            for (int i = threadIdx.x; i < c; i += blockDim.x) d[i] = r * w[i] * dy[i] - k * xr[i];
+            for (int i = threadIdx.x; i < c; i += blockDim.x) {
+                const float v = r * w[i] * dy[i] - k * xr[i];
+                d[i] = accumulate_dx ? d[i] + v : v;
+            }
         }
     }
     if (dw_partial) {

@@ -4,10 +4,14 @@
 
 __device__ __forceinline__ float sigmoid_f32(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-extern "C" __global__ void swiglu_fwd_f32(float* out, const float* gate, const float* up, i64 n) {
+// out_b, when not null, gets bf16(out) too: the operand of the next bf16 GEMM, without a separate cast pass.
+extern "C" __global__ void swiglu_fwd_f32(float* out, unsigned short* out_b, const float* gate, const float* up,
+                                          i64 n) {
     for (i64 i = global_index(); i < n; i += grid_stride()) {
         const float g = gate[i];
-        out[i] = g * sigmoid_f32(g) * up[i];
+        const float y = g * sigmoid_f32(g) * up[i];
+        out[i] = y;
+        if (out_b) out_b[i] = (unsigned short)bf16_bits(y);
     }
 }
 

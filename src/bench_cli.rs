@@ -105,6 +105,11 @@ pub fn bench(args: BenchArgs) -> eqat::Result<()> {
         r.median_ms(),
         r.tflops()
     );
+    if let Some((driver, cached)) = r.allocs_per_step {
+        println!(
+            "  device buffers per step: {driver:.1} from cuMemAlloc, {cached:.1} from the cache"
+        );
+    }
     Ok(())
 }
 

@@ -7,9 +7,17 @@
 //! Accumulation rule: an op's `Backward` writes each input gradient into a fresh zeroed buffer (`=` semantics);
 //! the tape adds it into the input's gradient slot (`+=`), which handles inputs used twice (`mul(x, x)`) and
 //! parameters shared by several ops. Parameter gradients accumulate across `backward` calls until `zero_grad`.
+//! Three opt-in fast paths skip work on large activations (`Backward`'s provided methods): a pass-through of dout
+//! (reshape, a same-shape add: no backward runs, no copy), uninitialised buffers for ops that overwrite them (no
+//! memset) and the running sum handed to ops that add into it (a GEMM with beta = 1: no separate `+=` pass).
+mod backward;
+mod grads;
 mod pool;
 
+pub use backward::Backward;
 pub use pool::BufferPool;
+
+use grads::{accumulate, grad_buffer, pass_through};
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -22,19 +30,6 @@ impl Var {
     pub fn index(self) -> usize {
         self.0
     }
-}
-
-/// The backward of one op. `dinputs[i]` is `Some(zeroed tensor shaped like input i)` exactly when input i needs a
-/// gradient; the op fills it. Whatever the forward saved lives in the implementing struct.
-pub trait Backward: Send + Sync {
-    fn name(&self) -> &'static str;
-    fn backward(
-        &self,
-        inputs: &[&Tensor],
-        output: &Tensor,
-        dout: &Tensor,
-        dinputs: &mut [Option<Tensor>],
-    ) -> Result<()>;
 }
 
 struct Node {
@@ -51,6 +46,9 @@ pub struct Tape {
     n_params: usize,
     no_grad: bool,
     pool: BufferPool,
+    /// bf16 copies of this step's device values (`bf16_copy`), by entry index; dropped on `reset`.
+    #[cfg(feature = "cuda")]
+    bf16_copies: std::collections::HashMap<usize, std::sync::Arc<crate::gpu::Bf16Buf>>,
 }
 
 impl Tape {
@@ -151,6 +149,9 @@ impl Tape {
     }
 
     pub fn value_mut(&mut self, v: Var) -> &mut Tensor {
+        // The value may change: a bf16 copy made of it is stale.
+        #[cfg(feature = "cuda")]
+        self.bf16_copies.remove(&v.0);
         &mut self.values[v.0]
     }
 
@@ -187,8 +188,36 @@ impl Tape {
         self.no_grad
     }
 
+    /// The bf16 copy (round to nearest even) of device value `v`, made once per step and shared by every op
+    /// that multiplies it in the bf16 mode (q, k and v read the same normed input). Parameters, which
+    /// optimizers change in place, are cast afresh each time.
+    #[cfg(feature = "cuda")]
+    pub fn bf16_copy(&mut self, v: Var) -> Result<std::sync::Arc<crate::gpu::Bf16Buf>> {
+        if let Some(b) = self.bf16_copies.get(&v.0) {
+            return Ok(b.clone());
+        }
+        let b = std::sync::Arc::new(crate::ops::linear::cast_bf16_cuda(
+            self.values[v.0].gpu("bf16_copy")?,
+        )?);
+        if v.0 >= self.n_params {
+            self.bf16_copies.insert(v.0, b.clone());
+        }
+        Ok(b)
+    }
+
+    /// Records `b` as the bf16 copy of this step's value `v`, written by the op that produced v in the same pass
+    /// (it must equal what `bf16_copy` would make: round to nearest even).
+    #[cfg(feature = "cuda")]
+    pub fn set_bf16_copy(&mut self, v: Var, b: crate::gpu::Bf16Buf) {
+        if v.0 >= self.n_params {
+            self.bf16_copies.insert(v.0, std::sync::Arc::new(b));
+        }
+    }
+
     /// Drops this step's entries (keeping parameters and their gradients) and recycles their buffers.
     pub fn reset(&mut self) {
+        #[cfg(feature = "cuda")]
+        self.bf16_copies.clear();
         let n = self.n_params;
         for t in self.values.drain(n..) {
             if let Some(buf) = t.into_f32_vec() {
@@ -295,19 +324,38 @@ impl Tape {
             let Some(dout) = self.grads[i].take() else {
                 continue;
             };
+            if node.backward.passes_dout_through() {
+                let needy: Vec<Var> = node
+                    .inputs
+                    .iter()
+                    .copied()
+                    .filter(|v| self.requires_grad[v.0])
+                    .collect();
+                pass_through(&mut self.grads, &self.values, &needy, dout, &mut self.pool)?;
+                continue;
+            }
             let inputs: Vec<&Tensor> = node.inputs.iter().map(|v| &self.values[v.0]).collect();
+            let uninit = node.backward.overwrites_dinputs();
             let mut dinputs: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs.len());
-            for v in &node.inputs {
+            let mut acc = vec![false; node.inputs.len()];
+            for (j, v) in node.inputs.iter().enumerate() {
+                // An input that appears once and holds a gradient already is handed to an op that adds into it.
+                let once = node.inputs.iter().filter(|u| *u == v).count() == 1;
+                if once && node.backward.accumulates(j) && self.grads[v.0].is_some() {
+                    acc[j] = true;
+                    dinputs.push(self.grads[v.0].take());
+                    continue;
+                }
                 dinputs.push(match self.requires_grad[v.0] {
-                    true => Some(zeroed_like(&self.values[v.0], &mut self.pool)?),
+                    true => Some(grad_buffer(&self.values[v.0], uninit, &mut self.pool)?),
                     false => None,
                 });
             }
             node.backward
-                .backward(&inputs, &self.values[i], &dout, &mut dinputs)?;
+                .backward_into(&inputs, &self.values[i], &dout, &mut dinputs, &acc)?;
             let name = node.backward.name();
             let input_vars = node.inputs.clone();
-            for (v, d) in input_vars.iter().zip(dinputs) {
+            for ((v, d), added) in input_vars.iter().zip(dinputs).zip(acc) {
                 if let Some(d) = d {
                     if d.shape() != self.values[v.0].shape() {
                         return Err(Error::Autograd(format!(
@@ -316,7 +364,11 @@ impl Tape {
                             self.values[v.0].shape()
                         )));
                     }
-                    accumulate(&mut self.grads[v.0], d, &mut self.pool)?;
+                    match added {
+                        // The slot was taken out above and now holds the sum.
+                        true => self.grads[v.0] = Some(d),
+                        false => accumulate(&mut self.grads[v.0], d, &mut self.pool)?,
+                    }
                 }
             }
             // Keep gradients of leaves (inputs asked for); an op output's gradient is spent once its node ran.
@@ -331,34 +383,6 @@ impl Tape {
     pub fn pool_held_values(&self) -> usize {
         self.pool.held()
     }
-}
-
-/// A zeroed gradient buffer shaped like `t`, where `t` lives (the host pool or t's GPU).
-fn zeroed_like(t: &Tensor, pool: &mut BufferPool) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if let crate::tensor::Storage::Cuda(b) = t.storage() {
-        return Tensor::from_gpu(t.shape(), b.ctx().zeros(t.numel())?);
-    }
-    Tensor::from_vec(t.shape(), pool.take_zeroed(t.numel()))
-}
-
-fn accumulate(slot: &mut Option<Tensor>, d: Tensor, pool: &mut BufferPool) -> Result<()> {
-    match slot {
-        None => *slot = Some(d),
-        #[cfg(feature = "cuda")]
-        Some(g) if crate::gpu::device_of("backward", &[g, &d])?.is_some() => {
-            crate::ops::add::add_assign_cuda(g.gpu_mut("backward")?, d.gpu("backward")?)?;
-        }
-        Some(g) => {
-            let dst = g.f32s_mut("backward")?;
-            let src = d.f32s("backward")?;
-            crate::ops::simd::add_assign(dst, src);
-            if let Some(buf) = d.into_f32_vec() {
-                pool.give(buf);
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -162,6 +162,8 @@ pub struct BenchReport {
     pub peak_bytes: usize,
     /// GPU only: the peak reserved by the caching allocator (live and cached buffers).
     pub peak_reserved_bytes: Option<usize>,
+    /// GPU only: device buffers requested per timed step, (from cuMemAlloc, from the allocator's cache).
+    pub allocs_per_step: Option<(f64, f64)>,
 }
 
 impl BenchReport {
@@ -257,6 +259,18 @@ fn peak_memory(device: &Device) -> (usize, Option<usize>) {
     }
 }
 
+/// The caching allocator's (driver allocations, cache reuses) so far; None on the CPU.
+fn alloc_counts(device: &Device) -> Option<(u64, u64)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ctx) => {
+            let m = ctx.memory_stats();
+            Some((m.driver_allocs, m.reuses))
+        }
+        _ => None,
+    }
+}
+
 /// The peak-memory part of a report line, in GiB.
 pub fn describe_peak(peak_bytes: usize, peak_reserved_bytes: Option<usize>) -> String {
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
@@ -307,9 +321,11 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
     let ys = random_activation(&act, &b.device, b.seed + 101)?;
     let mut step_ms = Vec::with_capacity(b.steps);
     let mut losses = Vec::with_capacity(b.steps);
+    let mut allocs_before = None;
     for i in 0..b.warmup + b.steps {
         if i == b.warmup {
             reset_peak(&b.device);
+            allocs_before = alloc_counts(&b.device);
         }
         let t0 = Instant::now();
         let loss = train_step(
@@ -328,6 +344,13 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
         }
     }
     let (peak_bytes, peak_reserved_bytes) = peak_memory(&b.device);
+    let allocs_per_step = match (allocs_before, alloc_counts(&b.device)) {
+        (Some((d0, r0)), Some((d1, r1))) => Some((
+            (d1 - d0) as f64 / b.steps as f64,
+            (r1 - r0) as f64 / b.steps as f64,
+        )),
+        _ => None,
+    };
     Ok(BenchReport {
         device: b.device.name(),
         flops: StepFlops::new(&cfg, b.batch, b.seqlen),
@@ -335,6 +358,7 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
         losses,
         peak_bytes,
         peak_reserved_bytes,
+        allocs_per_step,
     })
 }
 
@@ -390,6 +414,7 @@ mod tests {
         assert_eq!(r.step_ms.len(), 3);
         assert!(r.median_ms() > 0.0 && r.tflops() > 0.0);
         assert!(r.peak_bytes > 0, "peak RSS read from /proc");
+        assert_eq!(r.allocs_per_step, None, "no device allocator on the CPU");
         assert!(r.losses.iter().all(|l| l.is_finite()));
         // Same batch every step at lr factor 1: the optimizer lowers the loss.
         assert!(r.losses[2] < r.losses[0], "{:?}", r.losses);

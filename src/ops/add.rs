@@ -119,6 +119,7 @@ pub fn add(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
         tape.value(b).shape().to_vec(),
     );
     check_suffix("add", &sa, &sb)?;
+    let same_shape = sa == sb;
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of("add", &[tape.value(a), tape.value(b)])? {
         let mut out = ctx.alloc(numel(&sa))?;
@@ -128,7 +129,7 @@ pub fn add(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
             tape.value(b).gpu("add")?,
         )?;
         let out = Tensor::from_gpu(&sa, out)?;
-        return Ok(tape.push_op(out, &[a, b], Box::new(AddBackward)));
+        return Ok(tape.push_op(out, &[a, b], Box::new(AddBackward { same_shape })));
     }
     let mut out = tape.alloc(&sa);
     add_fwd_cpu(
@@ -136,14 +137,24 @@ pub fn add(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
         tape.value(a).f32s("add")?,
         tape.value(b).f32s("add")?,
     );
-    Ok(tape.push_op(out, &[a, b], Box::new(AddBackward)))
+    Ok(tape.push_op(out, &[a, b], Box::new(AddBackward { same_shape })))
 }
 
-struct AddBackward;
+/// `same_shape`: b is not broadcast, so both gradients are dout itself (the residual stream's add), which the
+/// tape passes on without a copy.
+struct AddBackward {
+    same_shape: bool,
+}
 
 impl Backward for AddBackward {
     fn name(&self) -> &'static str {
         "add"
+    }
+    fn passes_dout_through(&self) -> bool {
+        self.same_shape
+    }
+    fn overwrites_dinputs(&self) -> bool {
+        true
     }
     fn backward(
         &self,

@@ -213,6 +213,10 @@ impl Backward for MseBackward {
     fn name(&self) -> &'static str {
         "mse"
     }
+    /// Every kernel and GEMM of this backward writes each element of the gradients it is given.
+    fn overwrites_dinputs(&self) -> bool {
+        true
+    }
     fn backward(
         &self,
         x: &[&Tensor],

@@ -54,6 +54,9 @@ impl Backward for ReshapeBackward {
     fn name(&self) -> &'static str {
         "reshape"
     }
+    fn passes_dout_through(&self) -> bool {
+        true
+    }
     fn backward(
         &self,
         _: &[&Tensor],

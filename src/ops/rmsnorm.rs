@@ -8,7 +8,7 @@
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
-use crate::gpu::{opt_arg, Arg, GpuBuf, KernelSource};
+use crate::gpu::{opt_arg, Arg, Bf16Buf, GpuBuf, KernelSource};
 use crate::ops::simd;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -16,6 +16,12 @@ use wide::f32x8;
 
 /// Rows per backward task: each task returns one partial dw of C values, summed afterwards in order.
 const BWD_ROWS: usize = 32;
+
+/// Rows per block of `rmsnorm_bwd_f32`: few, so that a [4096, C] gradient runs as 1024 blocks of 256 threads
+/// (8 per SM) rather than 128 (one per SM, latency-bound: 0.38 ms at C = 4096 with 32 rows); the partial dw
+/// rows this leaves (R/4 × C) are still a small read for `add_bwd_f32`.
+#[cfg(feature = "cuda")]
+const BWD_ROWS_CUDA: usize = 4;
 
 pub fn rmsnorm_fwd_ref(out: &mut [f64], rstd: &mut [f64], x: &[f64], w: &[f64], eps: f64) {
     let c = w.len();
@@ -158,6 +164,19 @@ pub fn rmsnorm_fwd_cuda(
     w: &GpuBuf,
     eps: f32,
 ) -> Result<()> {
+    rmsnorm_fwd_cuda_into(out, None, rstd, x, w, eps)
+}
+
+/// `rmsnorm_fwd_cuda`, also writing bf16(out) into `out_b` when given (the bf16 mode's GEMM operand).
+#[cfg(feature = "cuda")]
+fn rmsnorm_fwd_cuda_into(
+    out: &mut GpuBuf,
+    out_b: Option<&mut Bf16Buf>,
+    rstd: &mut GpuBuf,
+    x: &GpuBuf,
+    w: &GpuBuf,
+    eps: f32,
+) -> Result<()> {
     let c = w.len();
     out.ctx().launch(
         &CUDA,
@@ -167,6 +186,7 @@ pub fn rmsnorm_fwd_cuda(
         0,
         &[
             out.arg(),
+            out_b.map_or(Arg::NULL, |b| b.arg()),
             rstd.arg(),
             x.arg(),
             w.arg(),
@@ -176,7 +196,8 @@ pub fn rmsnorm_fwd_cuda(
     )
 }
 
-/// dx and dw as `rmsnorm_bwd_cpu`; dw goes through per-block partials of BWD_ROWS rows, summed by add_bwd_cuda.
+/// dx and dw as `rmsnorm_bwd_cpu`; dw goes through per-block partials of BWD_ROWS_CUDA rows, summed by
+/// add_bwd_cuda.
 #[cfg(feature = "cuda")]
 pub fn rmsnorm_bwd_cuda(
     dx: Option<&mut GpuBuf>,
@@ -186,9 +207,23 @@ pub fn rmsnorm_bwd_cuda(
     w: &GpuBuf,
     rstd: &GpuBuf,
 ) -> Result<()> {
+    rmsnorm_bwd_cuda_into(dx, dw, dout, x, w, rstd, false)
+}
+
+/// `rmsnorm_bwd_cuda`, adding into dx (`+=`) when `accumulate_dx` (the residual stream's gradient so far).
+#[cfg(feature = "cuda")]
+fn rmsnorm_bwd_cuda_into(
+    dx: Option<&mut GpuBuf>,
+    dw: Option<&mut GpuBuf>,
+    dout: &GpuBuf,
+    x: &GpuBuf,
+    w: &GpuBuf,
+    rstd: &GpuBuf,
+    accumulate_dx: bool,
+) -> Result<()> {
     let (c, rows) = (w.len(), rstd.len());
     let ctx = dout.ctx().clone();
-    let blocks = rows.div_ceil(BWD_ROWS);
+    let blocks = rows.div_ceil(BWD_ROWS_CUDA);
     let mut partial = match dw.is_some() {
         true => Some(ctx.alloc(blocks * c)?),
         false => None,
@@ -208,7 +243,8 @@ pub fn rmsnorm_bwd_cuda(
             rstd.arg(),
             Arg::I64(rows as i64),
             Arg::I32(c as i32),
-            Arg::I32(BWD_ROWS as i32),
+            Arg::I32(BWD_ROWS_CUDA as i32),
+            Arg::I32(accumulate_dx as i32),
         ],
     )?;
     match (dw, &partial) {
@@ -240,8 +276,14 @@ pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of("rmsnorm", &[tape.value(x), tape.value(w)])? {
         let (mut out, mut rstd) = (ctx.alloc(rows * sw[0])?, ctx.alloc(rows)?);
-        rmsnorm_fwd_cuda(
+        // In the bf16 mode the output is a GEMM operand next: write its bf16 copy in the same pass.
+        let mut out_b = ctx
+            .matmul_bf16()
+            .then(|| ctx.alloc_bf16(rows * sw[0]))
+            .transpose()?;
+        rmsnorm_fwd_cuda_into(
             &mut out,
+            out_b.as_mut(),
             &mut rstd,
             tape.value(x).gpu("rmsnorm")?,
             tape.value(w).gpu("rmsnorm")?,
@@ -249,7 +291,11 @@ pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
         )?;
         let rstd = Tensor::from_gpu(&[rows], rstd)?;
         let out = Tensor::from_gpu(&sx, out)?;
-        return Ok(tape.push_op(out, &[x, w], Box::new(RmsnormBackward { rstd })));
+        let y = tape.push_op(out, &[x, w], Box::new(RmsnormBackward { rstd }));
+        if let Some(b) = out_b {
+            tape.set_bf16_copy(y, b);
+        }
+        return Ok(y);
     }
     let mut out = tape.alloc(&sx);
     let mut rstd = vec![0.0; rows];
@@ -273,25 +319,49 @@ impl Backward for RmsnormBackward {
     fn name(&self) -> &'static str {
         "rmsnorm"
     }
+    /// Every kernel and GEMM of this backward writes each element of the gradients it is given.
+    fn overwrites_dinputs(&self) -> bool {
+        true
+    }
+    /// On the GPU the kernel can add dx into x's gradient so far (the residual stream's).
+    fn accumulates(&self, i: usize) -> bool {
+        i == 0 && self.rstd.is_cuda()
+    }
     fn backward(
+        &self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        dout: &Tensor,
+        d: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        self.backward_into(inputs, output, dout, d, &[false; 2])
+    }
+    fn backward_into(
         &self,
         inputs: &[&Tensor],
         _: &Tensor,
         dout: &Tensor,
         d: &mut [Option<Tensor>],
+        accumulate: &[bool],
     ) -> Result<()> {
         let (dx, dw) = d.split_at_mut(1);
         #[cfg(feature = "cuda")]
         if dout.is_cuda() {
             let op = "rmsnorm_bwd";
-            return rmsnorm_bwd_cuda(
+            return rmsnorm_bwd_cuda_into(
                 dx[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
                 dw[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
                 dout.gpu(op)?,
                 inputs[0].gpu(op)?,
                 inputs[1].gpu(op)?,
                 self.rstd.gpu(op)?,
+                accumulate[0],
             );
+        }
+        if accumulate[0] {
+            return Err(Error::Autograd(
+                "rmsnorm_bwd: dx is added into a gradient only on the GPU".into(),
+            ));
         }
         rmsnorm_bwd_cpu(
             dx[0]

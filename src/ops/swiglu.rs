@@ -6,7 +6,7 @@
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::Result;
 #[cfg(feature = "cuda")]
-use crate::gpu::{opt_arg, Arg, GpuBuf, KernelSource};
+use crate::gpu::{opt_arg, Arg, Bf16Buf, GpuBuf, KernelSource};
 use crate::ops::silu::sigmoid64;
 use crate::ops::silu::{sigmoid, sigmoid8, CHUNK};
 use crate::ops::{check_same, simd};
@@ -118,12 +118,24 @@ pub const CUDA: KernelSource = KernelSource {
 
 #[cfg(feature = "cuda")]
 pub fn swiglu_fwd_cuda(out: &mut GpuBuf, gate: &GpuBuf, up: &GpuBuf) -> Result<()> {
+    swiglu_fwd_cuda_into(out, None, gate, up)
+}
+
+/// `swiglu_fwd_cuda`, also writing bf16(out) into `out_b` when given (the bf16 mode's GEMM operand).
+#[cfg(feature = "cuda")]
+fn swiglu_fwd_cuda_into(
+    out: &mut GpuBuf,
+    out_b: Option<&mut Bf16Buf>,
+    gate: &GpuBuf,
+    up: &GpuBuf,
+) -> Result<()> {
     let n = out.len();
+    let out_b = out_b.map_or(Arg::NULL, |b| b.arg());
     out.ctx().launch_1d(
         &CUDA,
         "swiglu_fwd_f32",
         n,
-        &[out.arg(), gate.arg(), up.arg(), Arg::I64(n as i64)],
+        &[out.arg(), out_b, gate.arg(), up.arg(), Arg::I64(n as i64)],
     )
 }
 
@@ -157,14 +169,22 @@ pub fn swiglu(tape: &mut Tape, gate: Var, up: Var) -> Result<Var> {
     check_same("swiglu", &shape, tape.value(up).shape())?;
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of("swiglu", &[tape.value(gate), tape.value(up)])? {
-        let mut out = ctx.alloc(tape.value(gate).numel())?;
-        swiglu_fwd_cuda(
+        let n = tape.value(gate).numel();
+        let mut out = ctx.alloc(n)?;
+        // In the bf16 mode the output is a GEMM operand next: write its bf16 copy in the same pass.
+        let mut out_b = ctx.matmul_bf16().then(|| ctx.alloc_bf16(n)).transpose()?;
+        swiglu_fwd_cuda_into(
             &mut out,
+            out_b.as_mut(),
             tape.value(gate).gpu("swiglu")?,
             tape.value(up).gpu("swiglu")?,
         )?;
         let out = Tensor::from_gpu(&shape, out)?;
-        return Ok(tape.push_op(out, &[gate, up], Box::new(SwigluBackward)));
+        let y = tape.push_op(out, &[gate, up], Box::new(SwigluBackward));
+        if let Some(b) = out_b {
+            tape.set_bf16_copy(y, b);
+        }
+        return Ok(y);
     }
     let mut out = tape.alloc(&shape);
     swiglu_fwd_cpu(
@@ -180,6 +200,10 @@ struct SwigluBackward;
 impl Backward for SwigluBackward {
     fn name(&self) -> &'static str {
         "swiglu"
+    }
+    /// Every kernel and GEMM of this backward writes each element of the gradients it is given.
+    fn overwrites_dinputs(&self) -> bool {
+        true
     }
     fn backward(
         &self,

@@ -250,6 +250,10 @@ impl Backward for LinearBackward {
     fn name(&self) -> &'static str {
         "linear"
     }
+    /// Every kernel and GEMM of this backward writes each element of the gradients it is given.
+    fn overwrites_dinputs(&self) -> bool {
+        true
+    }
     fn backward(
         &self,
         inputs: &[&Tensor],

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Arg, GpuBuf, KernelSource};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeLayout {
@@ -51,7 +52,26 @@ pub struct RopeTable {
     sin: Vec<f32>,
 }
 
+/// The last table built by `RopeTable::cached`, with its (T, D, pos0, base bits).
+type LastTable = Option<((usize, usize, usize, u32), Arc<RopeTable>)>;
+static LAST_TABLE: Mutex<LastTable> = Mutex::new(None);
+
 impl RopeTable {
+    /// `RopeTable::new`, reusing the previous call's table when the arguments repeat (every layer and every
+    /// training step asks for the same one: 2·T·D/2 sines and cosines in f64 is host time the GPU waits for).
+    pub fn cached(t: usize, d: usize, pos0: usize, base: f32) -> Arc<RopeTable> {
+        let key = (t, d, pos0, base.to_bits());
+        let mut last = LAST_TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((k, table)) if *k == key => table.clone(),
+            _ => {
+                let table = Arc::new(RopeTable::new(t, d, pos0, base));
+                *last = Some((key, table.clone()));
+                table
+            }
+        }
+    }
+
     pub fn new(t: usize, d: usize, pos0: usize, base: f32) -> RopeTable {
         let half = d / 2;
         let inv_freq: Vec<f64> = (0..half).map(|i| angle(1, i, d, base as f64)).collect();
@@ -276,7 +296,7 @@ pub fn rope(tape: &mut Tape, x: Var, pos0: usize, base: f32, layout: RopeLayout)
             format!("base must be finite and > 0, got {base}"),
         ));
     }
-    let table = RopeTable::new(shape[1], shape[3], pos0, base);
+    let table = RopeTable::cached(shape[1], shape[3], pos0, base);
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of("rope", &[tape.value(x)])? {
         if shape[1..].iter().any(|&v| v > i32::MAX as usize) {
@@ -313,7 +333,7 @@ pub fn rope(tape: &mut Tape, x: Var, pos0: usize, base: f32, layout: RopeLayout)
 
 /// The cos/sin table, where the forward ran.
 enum SavedTable {
-    Host(RopeTable),
+    Host(Arc<RopeTable>),
     #[cfg(feature = "cuda")]
     Device(RopeTableCuda),
 }
@@ -327,6 +347,10 @@ struct RopeBackward {
 impl Backward for RopeBackward {
     fn name(&self) -> &'static str {
         "rope"
+    }
+    /// Every kernel and GEMM of this backward writes each element of the gradients it is given.
+    fn overwrites_dinputs(&self) -> bool {
+        true
     }
     fn backward(
         &self,

@@ -7,7 +7,9 @@
 //!   backward  dy_b = bf16(dy); dx = dy_b·ŵ_b; dŵ = dy_bᵀ·x_b (f32), and fake_quant's backward on dŵ gives dw,
 //!             dscales, dzeros (the formulas of this module's parent header)
 //! ŵ_b and x_b are kept for the backward (2 bytes per weight and per input value), as torch.autocast keeps the
-//! bf16 copies it multiplies. Gradients are written (`=`); the tape adds.
+//! bf16 copies it multiplies; x_b is the tape's `bf16_copy`, shared by the linears that read the same x (q, k, v).
+//! Gradients are written (`=`), except dx, which the GEMM adds (beta = 1) into x's gradient when the tape hands
+//! over the sum so far (`Backward::accumulates`).
 use super::{fake_quant, QuantConfig};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
@@ -47,6 +49,7 @@ mod bf16 {
     use crate::gpu::Bf16Buf;
     use crate::ops::linear::cast_bf16_cuda;
     use crate::tensor::Tensor;
+    use std::sync::Arc;
 
     const OP: &str = "fake_quant_linear";
 
@@ -93,7 +96,7 @@ mod bf16 {
             g,
             cfg.qmax(),
         )?;
-        let xb = cast_bf16_cuda(xg)?;
+        let xb = tape.bf16_copy(x)?;
         let mut out = ctx.alloc(rows * n)?;
         ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xb, &wq, 0.0, &mut out)?;
         let mut so = sx;
@@ -123,20 +126,38 @@ mod bf16 {
         k: usize,
         g: usize,
         qmax: f32,
-        /// (ŵ_b, x_b); None when nothing needed a gradient at the forward.
-        saved: Option<(Bf16Buf, Bf16Buf)>,
+        /// (ŵ_b, x_b); None when nothing needed a gradient at the forward. x_b is the tape's shared copy.
+        saved: Option<(Bf16Buf, Arc<Bf16Buf>)>,
     }
 
     impl Backward for FakeQuantLinearBackward {
         fn name(&self) -> &'static str {
             OP
         }
+        /// Every kernel and GEMM of this backward writes each element of the gradients it is given.
+        fn overwrites_dinputs(&self) -> bool {
+            true
+        }
+        /// dx = dy_b·ŵ_b can add into x's gradient so far (beta = 1 in the GEMM).
+        fn accumulates(&self, i: usize) -> bool {
+            i == 0
+        }
         fn backward(
+            &self,
+            inputs: &[&Tensor],
+            output: &Tensor,
+            dout: &Tensor,
+            d: &mut [Option<Tensor>],
+        ) -> Result<()> {
+            self.backward_into(inputs, output, dout, d, &[false; 4])
+        }
+        fn backward_into(
             &self,
             inputs: &[&Tensor],
             _: &Tensor,
             dout: &Tensor,
             d: &mut [Option<Tensor>],
+            accumulate: &[bool],
         ) -> Result<()> {
             let op = "fake_quant_linear_bwd";
             let Some((wq, xb)) = &self.saved else {
@@ -149,7 +170,19 @@ mod bf16 {
             let ctx = dy.ctx().clone();
             let (dx, rest) = d.split_at_mut(1);
             if let Some(dx) = dx[0].as_mut() {
-                ctx.gemm_bf16(false, false, rows, k, n, 1.0, &dy, wq, 0.0, dx.gpu_mut(op)?)?;
+                let beta = if accumulate[0] { 1.0 } else { 0.0 };
+                ctx.gemm_bf16(
+                    false,
+                    false,
+                    rows,
+                    k,
+                    n,
+                    1.0,
+                    &dy,
+                    wq,
+                    beta,
+                    dx.gpu_mut(op)?,
+                )?;
             }
             if rest.iter().all(Option::is_none) {
                 return Ok(());

@@ -415,6 +415,10 @@ impl Backward for FakeQuantBackward {
     fn name(&self) -> &'static str {
         "fake_quant"
     }
+    /// Every kernel and GEMM of this backward writes each element of the gradients it is given.
+    fn overwrites_dinputs(&self) -> bool {
+        true
+    }
     fn backward(
         &self,
         x: &[&Tensor],

@@ -1,0 +1,52 @@
+//! The `Backward` trait every op implements, with the tape's optional fast paths (see the methods' docs).
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// The backward of one op. `dinputs[i]` is `Some(zeroed tensor shaped like input i)` exactly when input i needs a
+/// gradient (uninitialised on a GPU when `overwrites_dinputs`); the op fills it. Whatever the forward saved lives in
+/// the implementing struct.
+pub trait Backward: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn backward(
+        &self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        dout: &Tensor,
+        dinputs: &mut [Option<Tensor>],
+    ) -> Result<()>;
+
+    /// True when `backward` writes every element of every slot it is given: the tape may then hand it
+    /// uninitialised device buffers instead of zeroed ones (one memset per gradient saved). Poisoned contexts
+    /// (`GpuContext::set_poison`) fill those buffers with NaN, so an op that claims this wrongly fails its tests.
+    fn overwrites_dinputs(&self) -> bool {
+        false
+    }
+
+    /// True when `backward_into` can add input `i`'s gradient into a buffer that already holds that input's
+    /// gradient (a GEMM with beta = 1, a kernel that reads before it writes), saving the tape's `+=` pass.
+    fn accumulates(&self, i: usize) -> bool {
+        let _ = i;
+        false
+    }
+
+    /// `backward` where `accumulate[i]` says that `dinputs[i]` holds input i's gradient so far, to be added to
+    /// (`+=`) rather than written; the tape sets it only where `accumulates(i)`.
+    fn backward_into(
+        &self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        dout: &Tensor,
+        dinputs: &mut [Option<Tensor>],
+        accumulate: &[bool],
+    ) -> Result<()> {
+        let _ = accumulate;
+        self.backward(inputs, output, dout, dinputs)
+    }
+
+    /// True when every input's gradient equals `dout`, reshaped to the input (a reshape, an elementwise sum of
+    /// same-shaped inputs): the tape then moves `dout` into the input's gradient slot (or adds it into one that
+    /// holds a gradient already) without running `backward`, so no copy is made.
+    fn passes_dout_through(&self) -> bool {
+        false
+    }
+}

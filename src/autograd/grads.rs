@@ -1,0 +1,90 @@
+//! The tape's gradient-slot helpers: fresh buffers, `+=` accumulation and pass-through of dout.
+use super::{BufferPool, Var};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// A gradient buffer shaped like `t`, where `t` lives (the host pool or t's GPU): zeroed, or on a GPU left
+/// uninitialised when `uninit` (the op overwrites it).
+pub(super) fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let crate::tensor::Storage::Cuda(b) = t.storage() {
+        let buf = match uninit {
+            true => b.ctx().alloc(t.numel())?,
+            false => b.ctx().zeros(t.numel())?,
+        };
+        return Tensor::from_gpu(t.shape(), buf);
+    }
+    let _ = uninit;
+    Tensor::from_vec(t.shape(), pool.take_zeroed(t.numel()))
+}
+
+/// dout of a `passes_dout_through` node to each input in `needy` (in order; an input may repeat), reshaped to
+/// the input's shape: added into a slot that holds a gradient, moved into the last empty one, copied into the
+/// others.
+pub(super) fn pass_through(
+    grads: &mut [Option<Tensor>],
+    values: &[Tensor],
+    needy: &[Var],
+    dout: Tensor,
+    pool: &mut BufferPool,
+) -> Result<()> {
+    for (j, v) in needy.iter().enumerate() {
+        let shape = values[v.0].shape();
+        if values[v.0].numel() != dout.numel() {
+            return Err(Error::Autograd(format!(
+                "a pass-through gradient of shape {:?} for an input of shape {shape:?}",
+                dout.shape()
+            )));
+        }
+        match &mut grads[v.0] {
+            Some(g) => add_in_place(g, &dout)?,
+            None if j + 1 == needy.len() => {
+                grads[v.0] = Some(dout.reshape(shape)?);
+                return Ok(());
+            }
+            None => grads[v.0] = Some(copy_of(&dout, pool)?.reshape(shape)?),
+        }
+    }
+    if let Some(buf) = dout.into_f32_vec() {
+        pool.give(buf);
+    }
+    Ok(())
+}
+
+/// A copy of `t` where it lives (a pooled host buffer or a device copy).
+fn copy_of(t: &Tensor, pool: &mut BufferPool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let crate::tensor::Storage::Cuda(b) = t.storage() {
+        return Tensor::from_gpu(t.shape(), b.try_clone()?);
+    }
+    let mut buf = pool.take_zeroed(t.numel());
+    buf.copy_from_slice(t.f32s("backward")?);
+    Tensor::from_vec(t.shape(), buf)
+}
+
+/// g += d, where both live.
+fn add_in_place(g: &mut Tensor, d: &Tensor) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if crate::gpu::device_of("backward", &[g, d])?.is_some() {
+        return crate::ops::add::add_assign_cuda(g.gpu_mut("backward")?, d.gpu("backward")?);
+    }
+    crate::ops::simd::add_assign(g.f32s_mut("backward")?, d.f32s("backward")?);
+    Ok(())
+}
+
+pub(super) fn accumulate(
+    slot: &mut Option<Tensor>,
+    d: Tensor,
+    pool: &mut BufferPool,
+) -> Result<()> {
+    match slot {
+        None => *slot = Some(d),
+        Some(g) => {
+            add_in_place(g, &d)?;
+            if let Some(buf) = d.into_f32_vec() {
+                pool.give(buf);
+            }
+        }
+    }
+    Ok(())
+}
