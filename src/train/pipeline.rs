@@ -289,11 +289,11 @@ impl Streams {
         on_step: impl FnMut(StepInfo),
     ) -> Result<TrainedBlock> {
         let val = val.map(Streams::samples);
-        match self {
-            #[cfg(feature = "cuda")]
-            Streams::Pinned(s) => s.train_block(cfg, w, val, opts, on_step),
-            s => train_block(cfg, w, s.samples(), val, opts, on_step),
+        #[cfg(feature = "cuda")]
+        if let Streams::Pinned(s) = self {
+            return s.train_block(cfg, w, val, opts, on_step);
         }
+        train_block(cfg, w, self.samples(), val, opts, on_step)
     }
 
     fn propagate(
