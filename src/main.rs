@@ -105,6 +105,11 @@ enum Command {
         /// available memory), and with --offload ram the block inputs beyond it go to disk.
         #[arg(long)]
         host_mem: Option<String>,
+        /// Where Block-AP keeps its block inputs with --device cuda: auto (GPU memory when they fit, else
+        /// pinned host memory and --offload/--host-mem files, streamed to the GPU batch by batch), or host
+        /// (always streamed from host memory).
+        #[arg(long, default_value = "auto")]
+        block_inputs: String,
         /// Continue an interrupted run in --out (the settings must match).
         #[arg(long)]
         resume: bool,
@@ -293,6 +298,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         e2e_train_size,
         offload,
         host_mem,
+        block_inputs,
         resume,
         seed,
         device,
@@ -326,6 +332,11 @@ fn train(cmd: Command) -> eqat::Result<()> {
         "ram" => false,
         "disk" => true,
         other => return Err(flag("offload", other, "ram or disk")),
+    };
+    let stream_block_inputs = match block_inputs.as_str() {
+        "auto" => false,
+        "host" => true,
+        other => return Err(flag("block-inputs", other, "auto or host")),
     };
     let calib = if calib == "self" {
         Calibration::SelfGenerated
@@ -369,6 +380,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
             .as_deref()
             .map(eqat::plan::parse_size)
             .transpose()?,
+        stream_block_inputs,
         resume,
         seed,
         device: eqat::train::device::Device::parse(&device)?,

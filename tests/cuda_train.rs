@@ -1,6 +1,7 @@
 //! `engine train --device cuda` and `engine eval --device cuda` pieces: the GPU copy of the Block-AP activation
 //! streams against the host store, the Block-AP pipeline with its streams on the GPU against the same pipeline
-//! with host streams, and the GPU forward's perplexity against the CPU's (a small random model, and SmolLM2 on
+//! with host streams, and with streams in pinned host memory (and spill files) copied in and out batch by batch
+//! (bitwise the same as on the GPU), and the GPU forward's perplexity against the CPU's (a small random model, and SmolLM2 on
 //! WikiText-2 when EQAT_SMOLLM2_GGUF and shared/data are there). Without a GPU each test prints
 //! `skipped: no CUDA device` and returns.
 #![cfg(feature = "cuda")]
@@ -9,7 +10,7 @@ mod common;
 mod cuda_common;
 mod shared_data;
 
-use common::{pipeline_options, rtn_model, windows, RandomModel};
+use common::{block_bits, pipeline_options, rtn_model, windows, RandomModel};
 use cuda_common::*;
 use eqat::eval::{eval_ids, eval_windows, perplexity_of_windows, NllModel};
 use eqat::model::forward_cuda::CudaModel;
@@ -19,7 +20,8 @@ use eqat::train::block_ap::BlockSamples;
 use eqat::train::device::Device;
 use eqat::train::device_store::{take_rows_cuda, DeviceStore};
 use eqat::train::pipeline::{
-    run_block_ap_at, streams_at, BlockRecord, BlockSink, Event, StreamsAt,
+    host_streams, run_block_ap_at, streams_at, BlockRecord, BlockSink, Event, PipelineOptions,
+    StreamsAt,
 };
 use eqat::train::store::{BlockInputStore, Offload, StoreDType, Stream};
 use eqat::{Result, Rng, Tensor};
@@ -150,6 +152,90 @@ fn block_ap_with_streams_on_the_gpu_trains_as_with_host_streams() {
         let hv: Vec<f64> = hv.iter().map(|&v| v as f64).collect();
         r.check_tol(&format!("block {i} val losses"), &dv, &hv, 0.0, 1e-3);
     }
+    r.finish();
+}
+
+/// Every step loss, every block's validation losses and every bit of every frozen block of one pipeline run.
+fn run_bits(
+    model: &RandomModel,
+    (train, val): (&[Vec<u32>], &[Vec<u32>]),
+    opts: &PipelineOptions,
+    at: StreamsAt,
+) -> (Vec<u32>, Vec<u32>, Vec<Vec<u32>>) {
+    let mut sink = MemorySink::default();
+    let mut steps = Vec::new();
+    run_block_ap_at(model, train, val, opts, at, &mut sink, |e| {
+        if let Event::Step { info, .. } = e {
+            steps.push(info.loss.to_bits());
+        }
+    })
+    .unwrap();
+    let vals = sink
+        .0
+        .iter()
+        .flat_map(|r| r.val_losses.iter().map(|v| v.to_bits()));
+    (
+        steps,
+        vals.collect(),
+        sink.0.iter().map(block_bits).collect(),
+    )
+}
+
+#[test]
+fn block_ap_with_streams_in_pinned_host_memory_trains_bitwise_as_on_the_gpu() {
+    let Some(ctx) = device("pinned streams") else {
+        return;
+    };
+    let mut r = Report::new("pinned streams");
+    let model = RandomModel::new(2);
+    // 10 training samples in batches of 2, forward batches of 3 (the last one short), 3 validation samples;
+    // 12 tokens fit one attention key block, so the GPU runs are deterministic and must agree to the bit.
+    let (train, val) = (windows(4, 10), windows(5, 3));
+    let mut opts = pipeline_options(Offload::Ram);
+    opts.block_ap.device = Device::Cuda(ctx.clone());
+    r.expect(
+        "host streams on a GPU are pinned and streamed",
+        host_streams(&opts) == StreamsAt::Pinned,
+    );
+    let want = run_bits(&model, (&train, &val), &opts, StreamsAt::Device);
+    r.expect("3 blocks × 2 epochs × 5 steps", want.0.len() == 30);
+    let dir = std::env::temp_dir().join(format!("eqat-pinned-streams-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sample = (12 * model.cfg.hidden * 2) as u64;
+    let file = |name: &str| dir.join(name);
+    let placements = [
+        ("all pinned", Offload::Ram, Offload::Ram),
+        (
+            // 7 samples pinned (plus bytes that round away): FP samples 7.. and the whole quantized stream
+            // lie in the file, and the training batch of samples 6..8 straddles RAM and file.
+            "pinned up to a budget, the rest in files",
+            Offload::Budget {
+                ram_bytes: 7 * sample + 5,
+                path: file("train.bin"),
+            },
+            Offload::Budget {
+                ram_bytes: sample,
+                path: file("val.bin"),
+            },
+        ),
+        (
+            "all in files",
+            Offload::Disk(file("train.bin")),
+            Offload::Disk(file("val.bin")),
+        ),
+    ];
+    for (what, offload, offload_val) in placements {
+        opts.offload = offload;
+        opts.offload_val = offload_val;
+        let got = run_bits(&model, (&train, &val), &opts, StreamsAt::Pinned);
+        r.expect(&format!("{what}: step losses bitwise"), got.0 == want.0);
+        r.expect(
+            &format!("{what}: validation losses bitwise"),
+            got.1 == want.1,
+        );
+        r.expect(&format!("{what}: frozen blocks bitwise"), got.2 == want.2);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
     r.finish();
 }
 

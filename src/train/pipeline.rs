@@ -1,7 +1,8 @@
 //! Block-AP over a whole model: walk the blocks in order, train each on the quantized predecessors' outputs
 //! against the full-precision block's outputs, freeze it, and push both activation streams one block further.
 //!
-//! Per block i (streams live in a `BlockInputStore`, updated in place sample batch by sample batch):
+//! Per block i (streams live in a `BlockInputStore`, GPU memory or a streamed pinned store — [`StreamsAt`] —
+//! updated in place sample batch by sample batch):
 //!   1. Fp stream  <- FP block i (Fp stream)          — the targets, and the next block's FP inputs
 //!   2. train block i on (Quant stream -> Fp stream)   — `train_block`
 //!   3. Quant stream <- frozen quantized block i (Quant stream)
@@ -168,10 +169,15 @@ pub enum StreamsAt {
     Host,
     /// GPU memory (`train::device_store`), when Block-AP trains on a GPU with room for them.
     Device,
+    /// Pinned RAM up to the offload's budget and the rest in its file (`train::stream::PinnedStreams`), copied
+    /// to and from the GPU on a copy stream while the previous batch computes: a GPU run without room for the
+    /// streams (f16 streams only).
+    Pinned,
 }
 
 /// Where [`run_block_ap`] keeps the streams of `samples` (training + validation) sequences of `seqlen` tokens:
-/// on the GPU when the block trains there and they fit beside `device_store::DEVICE_RESERVE`, else on the host.
+/// on the GPU when the block trains there and they fit beside `device_store::DEVICE_RESERVE`, else in pinned
+/// host memory streamed to the GPU (f16 streams), else (on the CPU) on the host.
 pub fn streams_at(
     opts: &PipelineOptions,
     samples: usize,
@@ -181,8 +187,17 @@ pub fn streams_at(
     let bytes = BlockInputStore::bytes_needed(samples, seqlen, hidden, opts.store_dtype)?;
     Ok(match device_has_room(&opts.block_ap.device, bytes)? {
         true => StreamsAt::Device,
-        false => StreamsAt::Host,
+        false => host_streams(opts),
     })
+}
+
+/// Where streams that stay on the host live: pinned and streamed when Block-AP trains on a GPU (and the store
+/// is f16, the pinned store's format), else a `BlockInputStore`.
+pub fn host_streams(opts: &PipelineOptions) -> StreamsAt {
+    match opts.block_ap.device.is_cpu() || opts.store_dtype != StoreDType::F16 {
+        true => StreamsAt::Host,
+        false => StreamsAt::Pinned,
+    }
 }
 
 /// Whether `device` is a GPU with room for `bytes` of streams.
@@ -208,6 +223,8 @@ enum Streams {
     Host(BlockInputStore),
     #[cfg(feature = "cuda")]
     Device(crate::train::device_store::DeviceStore),
+    #[cfg(feature = "cuda")]
+    Pinned(crate::train::stream::PinnedStreams),
 }
 
 impl Streams {
@@ -237,6 +254,17 @@ impl Streams {
                 }
                 Ok(Streams::Device(store))
             }
+            #[cfg(feature = "cuda")]
+            (StreamsAt::Pinned, Device::Cuda(ctx)) if opts.store_dtype == StoreDType::F16 => {
+                Ok(Streams::Pinned(crate::train::stream::PinnedStreams::new(
+                    ctx,
+                    src,
+                    windows,
+                    window_len(windows)?,
+                    &offload,
+                    opts.forward_batch,
+                )?))
+            }
             _ => Ok(Streams::Host(fill_store(src, windows, offload, opts)?)),
         }
     }
@@ -246,7 +274,26 @@ impl Streams {
             Streams::Host(s) => s,
             #[cfg(feature = "cuda")]
             Streams::Device(s) => s,
+            #[cfg(feature = "cuda")]
+            Streams::Pinned(s) => s,
         }
+    }
+
+    /// Trains block `w` on these streams (`train_block`; streamed from a pinned store step by step).
+    fn train_block(
+        &self,
+        cfg: &LlamaConfig,
+        w: &BlockWeights,
+        val: Option<&Streams>,
+        opts: &BlockApOptions,
+        on_step: impl FnMut(StepInfo),
+    ) -> Result<TrainedBlock> {
+        let val = val.map(Streams::samples);
+        #[cfg(feature = "cuda")]
+        if let Streams::Pinned(s) = self {
+            return s.train_block(cfg, w, val, opts, on_step);
+        }
+        train_block(cfg, w, self.samples(), val, opts, on_step)
     }
 
     fn propagate(
@@ -261,6 +308,8 @@ impl Streams {
             Streams::Host(s) => propagate(s, stream, cfg, w, fb, &opts.block_ap.device),
             #[cfg(feature = "cuda")]
             Streams::Device(s) => s.propagate(stream, cfg, w, fb),
+            #[cfg(feature = "cuda")]
+            Streams::Pinned(s) => s.propagate(stream, cfg, w, fb),
         }
     }
 }
@@ -280,7 +329,8 @@ pub fn run_block_ap(
     run_block_ap_at(src, train, val, opts, at, sink, on_event)
 }
 
-/// [`run_block_ap`] with the streams kept `at` the given place (`StreamsAt::Device` needs a GPU device).
+/// [`run_block_ap`] with the streams kept `at` the given place (`StreamsAt::Device` and `StreamsAt::Pinned`
+/// need a GPU device; on the CPU they fall back to `Host`).
 pub fn run_block_ap_at(
     src: &dyn BlockSource,
     train: &[Vec<u32>],
@@ -313,21 +363,16 @@ pub fn run_block_ap_at(
                 block: i,
                 blocks: cfg.n_layers,
             });
-            let val_ref = val_store.as_ref().map(Streams::samples);
-            let t = train_block(
-                &cfg,
-                &fp,
-                store.samples(),
-                val_ref,
-                &opts.block_ap,
-                |info| on_event(Event::Step { block: i, info }),
-            )
-            .map_err(|e| match e {
-                Error::NonFinite { what } => Error::NonFinite {
-                    what: format!("block {i}: {what} (the {i} blocks before it are saved)"),
-                },
-                e => e,
-            })?;
+            let t = store
+                .train_block(&cfg, &fp, val_store.as_ref(), &opts.block_ap, |info| {
+                    on_event(Event::Step { block: i, info })
+                })
+                .map_err(|e| match e {
+                    Error::NonFinite { what } => Error::NonFinite {
+                        what: format!("block {i}: {what} (the {i} blocks before it are saved)"),
+                    },
+                    e => e,
+                })?;
             let record = BlockRecord::freeze(t, opts.block_ap.quant)?;
             sink.save_block(i, &record)?;
             on_event(record.done_event(i));

@@ -18,7 +18,7 @@ use crate::train::e2e_data::{file_examples, E2eData};
 use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
 use crate::train::mrem::{run_block_ap_mrem, MremOptions};
 use crate::train::pipeline::{
-    run_block_ap, streams_at, BlockSink, Event, PipelineOptions, StreamsAt,
+    host_streams, run_block_ap_at, streams_at, BlockSink, Event, PipelineOptions, StreamsAt,
 };
 use crate::train::store::{BlockInputStore, StoreDType};
 use serde_json::json;
@@ -72,6 +72,9 @@ pub struct TrainArgs {
     /// Host memory budget: the run is checked against it (else against the available memory) before it
     /// starts, and block inputs beyond what it leaves go to disk (unless `offload_disk` puts them all there).
     pub host_mem: Option<u64>,
+    /// On a GPU, keep the block inputs in pinned host memory (and files past `host_mem`) and stream each batch
+    /// in and out even when they would fit in GPU memory (`--block-inputs host`).
+    pub stream_block_inputs: bool,
     pub resume: bool,
     pub seed: u64,
     /// Where Block-AP trains and propagates the block inputs, where E2E-QP trains and where perplexity runs.
@@ -116,6 +119,7 @@ impl TrainArgs {
             e2e_train_size: train_size,
             offload_disk: false,
             host_mem: None,
+            stream_block_inputs: false,
             resume: false,
             seed: 0,
             device: Device::Cpu,
@@ -326,15 +330,27 @@ pub fn run_train(
         n,
         args.seqlen
     );
-    match streams_at(&popts, n, args.seqlen, cfg.hidden)? {
+    // MREM keeps its streams in a `BlockInputStore`.
+    let at = match (args.mrem.is_some(), args.stream_block_inputs) {
+        (true, _) => StreamsAt::Host,
+        (false, true) => host_streams(&popts),
+        (false, false) => streams_at(&popts, n, args.seqlen, cfg.hidden)?,
+    };
+    match at {
         StreamsAt::Device => say(&format!("{inputs}: in GPU memory")),
-        StreamsAt::Host => say(&format!(
-            "{inputs}: {:.1} MiB in RAM, {:.1} MiB in files beside the checkpoint (host budget {})",
+        StreamsAt::Host | StreamsAt::Pinned => say(&format!(
+            "{inputs}: {:.1} MiB in {}RAM, {:.1} MiB in files beside the checkpoint (host budget {}){}",
             mib(split.ram),
+            if at == StreamsAt::Pinned { "pinned " } else { "" },
             mib(split.disk),
             match budget {
                 u64::MAX => "unknown".to_string(),
                 b => human(b),
+            },
+            if at == StreamsAt::Pinned {
+                ", streamed to the GPU"
+            } else {
+                ""
             }
         )),
     }
@@ -342,7 +358,7 @@ pub fn run_train(
     let mut block_start = Instant::now();
     let mut log_err = None;
     with_dtype(args, || {
-        block_ap_stage(args, fp, (&train, &val), &popts, &mut ckpt, |e| {
+        block_ap_stage(args, fp, (&train, &val), &popts, at, &mut ckpt, |e| {
             let line = match e {
                 Event::BlockStart { block, blocks } => {
                     block_start = Instant::now();
@@ -455,18 +471,20 @@ pub fn run_train(
     Ok(summary)
 }
 
-/// Block-AP over every block: sequential, or MREM-parallel when `args.mrem` says so.
+/// Block-AP over every block: sequential with its streams `at` that place, or MREM-parallel when `args.mrem`
+/// says so.
 fn block_ap_stage(
     args: &TrainArgs,
     fp: &LlamaModel,
     (train, val): (&[Vec<u32>], &[Vec<u32>]),
     popts: &PipelineOptions,
+    at: StreamsAt,
     ckpt: &mut CheckpointDir,
     on_event: impl FnMut(Event),
 ) -> Result<()> {
     match &args.mrem {
         Some(m) => run_block_ap_mrem(fp, train, val, popts, m, ckpt, on_event),
-        None => run_block_ap(fp, train, val, popts, ckpt, on_event),
+        None => run_block_ap_at(fp, train, val, popts, at, ckpt, on_event),
     }
 }
 

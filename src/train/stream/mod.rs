@@ -6,10 +6,12 @@
 //!
 //! Hook into a training loop: `BatchLoader::next` yields the step's tensors already on the device
 //! (`train_step` uses device tensors as they are); `StreamedSamples` is that loader as the `BlockSamples`
-//! `train_block` reads.
+//! `train_block` reads. `PinnedStreams` puts it all together for `train::pipeline` (`StreamsAt::Pinned`).
 pub mod layout;
 #[cfg(feature = "cuda")]
 mod loader;
+#[cfg(feature = "cuda")]
+mod pipeline;
 #[cfg(feature = "cuda")]
 mod samples;
 #[cfg(feature = "cuda")]
@@ -23,6 +25,7 @@ pub use cuda::*;
 #[cfg(feature = "cuda")]
 mod cuda {
     pub use super::loader::{BatchLoader, CopyTiming};
+    pub use super::pipeline::PinnedStreams;
     pub use super::samples::StreamedSamples;
     pub use super::store::PinnedStore;
     pub use super::writer::BatchWriter;
