@@ -133,6 +133,12 @@ const CASES: &[Case] = &[
         kept: &[],
     },
     Case {
+        name: "--block-inputs host on the CPU",
+        setup: |_| flags(&["--block-inputs", "host"]),
+        names: &["--block-inputs host", "--device cuda"],
+        kept: &[],
+    },
+    Case {
         name: "--train-size 0",
         setup: |_| flags(&["--train-size", "0"]),
         names: &["--train-size 0"],

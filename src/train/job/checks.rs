@@ -103,6 +103,13 @@ pub(super) fn check_args(args: &TrainArgs, cfg: &LlamaConfig) -> Result<()> {
                 .into(),
         );
     }
+    if args.stream_block_inputs && args.device.is_cpu() {
+        return bad(
+            "--block-inputs host streams Block-AP's inputs to a GPU: use it with --device cuda (on the CPU they \
+             stay in the host store)"
+                .into(),
+        );
+    }
     for (flag, v) in [("seqlen", args.seqlen), ("epochs", args.epochs)] {
         if v == 0 {
             return bad(format!("--{flag} 0: must be at least 1"));
