@@ -54,13 +54,7 @@ impl BlockSamples for StreamedSamples<'_> {
     }
 
     fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
-        let mut store = self.store.borrow_mut();
-        let l = *store.layout();
-        let shape = [count, l.seqlen, l.hidden];
-        Ok((
-            Tensor::from_vec(&shape, store.read_host(Stream::Quant, start, count)?)?,
-            Tensor::from_vec(&shape, store.read_host(Stream::Fp, start, count)?)?,
-        ))
+        self.store.borrow_mut().host_pair(start, count)
     }
 
     fn train_pair(&self, step: usize, start: usize, count: usize) -> Result<(Tensor, Tensor)> {

@@ -8,6 +8,7 @@
 use super::layout::{StoreLayout, VALUE_BYTES};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, PinnedBuf};
+use crate::tensor::Tensor;
 use crate::train::store::{allocate_file, Stream};
 use half::f16;
 use std::fs::File;
@@ -83,6 +84,16 @@ impl PinnedStore {
                 .map_err(|e| Error::io(path, e))?;
         }
         Ok(())
+    }
+
+    /// A (quantized input, FP target) pair of samples `start..start + count` as host tensors [count, T, C]: what
+    /// `BlockSamples::pair` gives for validation (`train_step` uploads them).
+    pub fn host_pair(&mut self, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
+        let shape = [count, self.layout.seqlen, self.layout.hidden];
+        Ok((
+            Tensor::from_vec(&shape, self.read_host(Stream::Quant, start, count)?)?,
+            Tensor::from_vec(&shape, self.read_host(Stream::Fp, start, count)?)?,
+        ))
     }
 
     /// Samples `start..start + count` of `stream` as f32 on the host (waits for copies in flight).
