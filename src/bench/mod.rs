@@ -316,6 +316,12 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
         BlockVars::register(&mut tape, &w, Some(b.quant))?
     };
     let mut opt = block_ap_optimizer(&vars, &opts)?;
+    // As `engine train` on a GPU does (train::block_ap): the non-finite check moves from every update's
+    // gradients to the losses, checked below each step.
+    #[cfg(feature = "cuda")]
+    if !b.device.is_cpu() {
+        opt.skip_device_gradient_check();
+    }
     let act = [b.batch, b.seqlen, cfg.hidden];
     let xs = random_activation(&act, &b.device, b.seed + 100)?;
     let ys = random_activation(&act, &b.device, b.seed + 101)?;
@@ -338,6 +344,11 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
             &mut |_| Ok(()),
         )?;
         synchronize(&b.device)?;
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                what: format!("block-ap bench loss {loss} at step {i}"),
+            });
+        }
         if i >= b.warmup {
             step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
             losses.push(loss);
