@@ -8,7 +8,7 @@
 #   call 2: carry [".gpu/traingpu"]  (at once)      command: bash .gpu/traingpu/full.sh
 # Each call runs `engine train` for at most LIMIT seconds (default 570) and stops it there; rerun until the log
 # ends with the summary. Logs: $OUT/full.log (this call), /tmp/full.log (all calls).
-# Layout (a copy of dev/train_full_recipe_gpu.sh): .gpu/traingpu/{full.sh, engine (stripped release build with
+# Layout (a copy of .ci/gpu/train_full_recipe_gpu.sh): .gpu/traingpu/{full.sh, engine (stripped release build with
 # --features cuda,cli), data/wiki.test.raw, data/c4-train.00000-of-01024.first1000.jsonl, data/c4_validation_2k.jsonl};
 # .gpu/smolA/smolpart.aa + .gpu/smolB/smolpart.ab = `split -b 60000000` of SmolLM2-135M-Instruct.Q4_1.gguf.
 # Predicted (BENCHMARKS.md, issue 5): Block-AP ~8.5 min, E2E-QP 6.7-7.9 min, 16-17.5 min in all.

@@ -1,7 +1,7 @@
 #!/bin/bash
 # traingpu (issue 5): GPU tests, `engine eval --device cuda` on SmolLM2, and `engine train --device cuda` timings.
 # Needs /tmp/smolpart.aa from the call before (carry .gpu/smolA, cp it to /tmp); carry .gpu/smolB and .gpu/traingpu.
-# Layout (a copy of dev/train_gpu_checks.sh): as dev/train_full_recipe_gpu.sh, plus the stripped test binaries
+# Layout (a copy of .ci/gpu/train_gpu_checks.sh): as .ci/gpu/train_full_recipe_gpu.sh, plus the stripped test binaries
 # cuda_train, cuda_block_ap, cuda_backend, and engine-main (main's engine before issue 5, for the comparison).
 cd "$(dirname "$0")"
 cat /tmp/smolpart.aa ../smolB/smolpart.ab > /tmp/smol.gguf
