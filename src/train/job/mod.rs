@@ -6,16 +6,14 @@ use crate::eval::{eval_ids, eval_windows, perplexity_of_windows, scorer, EvalOpt
 use crate::io::checkpoint::{CheckpointDir, RunIdentity};
 use crate::io::tokenizer::{save_tokenizer_files, Tokenizer};
 use crate::model::llama::LlamaConfig;
-use crate::model::quantized::{QuantizedBlock, QuantizedModel};
 use crate::model::LlamaModel;
 use crate::plan::{human, ComputeDType};
-use crate::quant::fake_quant::{init_minmax, QuantConfig};
-use crate::tensor::Tensor;
+use crate::quant::fake_quant::QuantConfig;
 use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
 use crate::train::device::Device;
-use crate::train::e2e_data::{file_examples, E2eData};
-use crate::train::e2e_qp::{train_e2e, E2eOptions, Example};
+use crate::train::e2e_data::E2eData;
+use crate::train::e2e_qp::{train_e2e, E2eOptions};
 use crate::train::mrem::{run_block_ap_mrem, MremOptions};
 use crate::train::pipeline::{
     host_streams, run_block_ap_at, streams_at, BlockSink, Event, PipelineOptions, StreamsAt,
@@ -27,10 +25,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod checks;
+mod examples;
+mod models;
 mod pause;
 
 use checks::{check_args, offloads};
 pub use checks::{check_host_memory, FORWARD_BATCH};
+use examples::e2e_examples;
+use models::quantized_model;
+pub use models::rtn_model;
 use pause::PauseHook;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,19 +182,6 @@ fn with_dtype<T>(args: &TrainArgs, phase: impl FnOnce() -> Result<T>) -> Result<
     let out = phase();
     args.device.set_matmul_bf16(false)?;
     out
-}
-
-/// A quantized model with the resident tensors of `fp` and the given blocks.
-fn quantized_model(fp: &LlamaModel, blocks: Vec<QuantizedBlock>) -> Result<QuantizedModel> {
-    let src = fp.source();
-    Ok(QuantizedModel {
-        cfg: src.config().clone(),
-        embedding: src.embedding()?,
-        final_norm: src.final_norm()?,
-        lm_head: src.lm_head()?,
-        blocks,
-        path: src.path().to_path_buf(),
-    })
 }
 
 /// Runs the job; `say` hears progress lines.
@@ -486,62 +476,4 @@ fn block_ap_stage(
         Some(m) => run_block_ap_mrem(fp, train, val, popts, m, ckpt, on_event),
         None => run_block_ap_at(fp, train, val, popts, at, ckpt, on_event),
     }
-}
-
-/// E2E-QP's training examples: Block-AP's windows when `--e2e-data calib` asks for the same shape, new windows
-/// of the calibration source when not, or the `--e2e-data` file.
-fn e2e_examples(
-    args: &TrainArgs,
-    tokenizer: &Tokenizer,
-    fp: &LlamaModel,
-    calib_ids: Option<&[u32]>,
-    block_ap_train: &[Vec<u32>],
-    say: &mut impl FnMut(&str),
-) -> Result<Vec<Example>> {
-    let (seqlen, count) = (args.e2e_seqlen, args.e2e_train_size);
-    let windows = match (&args.e2e_data, calib_ids) {
-        (E2eData::File(path), _) => {
-            return file_examples(path, tokenizer, seqlen, count, args.seed, say)
-        }
-        (E2eData::Calibration, _) if seqlen == args.seqlen && count == args.train_size => {
-            block_ap_train.to_vec()
-        }
-        (E2eData::Calibration, Some(ids)) => {
-            say(&format!(
-                "E2E-QP data: {count} windows of {seqlen} tokens from the calibration text"
-            ));
-            calibration_windows(ids, seqlen, count, 0, args.seed)?.0
-        }
-        (E2eData::Calibration, None) => {
-            say(&format!(
-                "E2E-QP data: sampling {count} sequences of {seqlen} tokens from the model itself"
-            ));
-            let start = crate::model::generate::StartTokens::for_tokenizer(tokenizer);
-            crate::model::generate::sample_sequences(fp, count, seqlen, 1.0, args.seed, start)?
-        }
-    };
-    Ok(windows.into_iter().map(Example::causal).collect())
-}
-
-/// Every linear at its min-max initialisation, no training: the RTN baseline.
-pub fn rtn_model(fp: &LlamaModel, quant: QuantConfig) -> Result<QuantizedModel> {
-    let src = fp.source();
-    let mut blocks = Vec::with_capacity(src.config().n_layers);
-    for i in 0..src.config().n_layers {
-        let w = src.block(i)?;
-        let mut scales: Vec<Tensor> = Vec::new();
-        let mut zeros: Vec<Tensor> = Vec::new();
-        for l in &w.linears {
-            let (s, z) = init_minmax(l, quant)?;
-            scales.push(s);
-            zeros.push(z);
-        }
-        blocks.push(QuantizedBlock::freeze(
-            &w,
-            &scales.try_into().expect("7"),
-            &zeros.try_into().expect("7"),
-            quant,
-        )?);
-    }
-    quantized_model(fp, blocks)
 }
