@@ -185,13 +185,10 @@ pub(super) fn attention_bwd_cuda_with(
             Arg::I32(s.d as i32),
         ],
     )?;
-    let dq = match dq {
-        Some(dq) => {
-            dq.zero()?; // the key blocks add into it
-            Some(dq)
-        }
-        None => None,
-    };
+    let mut dq = dq;
+    if let Some(dq) = dq.as_deref_mut() {
+        dq.zero()?; // the key blocks add into it
+    }
     // With H > G the kernel writes per-query-head dK/dV, summed over each group below.
     let grouped = s.h != s.g;
     let per_head = |want: bool| -> Result<Option<GpuBuf>> {

@@ -119,13 +119,10 @@ pub(super) fn bwd(
             Arg::I32(s.d as i32),
         ],
     )?;
-    let dq = match dq {
-        Some(dq) => {
-            dq.zero()?; // the key blocks add into it
-            Some(dq)
-        }
-        None => None,
-    };
+    let mut dq = dq;
+    if let Some(dq) = dq.as_deref_mut() {
+        dq.zero()?; // the key blocks add into it
+    }
     let kernel = match s.d {
         64 => "attention_bwd_bf16_d64",
         _ => "attention_bwd_bf16_d128",
