@@ -1,35 +1,17 @@
 // fake_quant: EfficientQAT's asymmetric uniform quantizer per group of g consecutive weights (one row of w
 // [N, K] holds K/g groups; group j has scales[j], zeros[j]). See src/quant/fake_quant/mod.rs for the formulas:
-//   s = clamp(scale, SCALE_MIN, SCALE_MAX), zr = clamp(rint(zero), 0, qmax), x = w / s, p = rint(x) + zr,
+//   s = clamp(scale, 1e-4, 1e4), zr = clamp(rint(zero), 0, qmax), x = w / s, p = rint(x) + zr,
 //   q = clamp(p, 0, qmax), out = (q - zr) * s;  m = [0 <= p <= qmax]
 //   dw = dout * m,  ds = sum_group dout * (q - zr - m * x),  dz = -s * sum_{group, !m} dout
-// rintf rounds half to even (torch.round); w / s is IEEE division (NVRTC's default --prec-div=true), so the
-// forward equals the CPU path's f32 values exactly.
-
-#define SCALE_MIN 1e-4f
-#define SCALE_MAX 1e4f
+// The per-value helpers (fake_quant_scale, fake_quant_zero, fake_quant_value, fake_quant_bwd_elem) are in the
+// prelude: AdamW's fused step (cuda/adamw.cu) runs the same arithmetic.
 
 extern "C" __global__ void fake_quant_fwd_f32(float* out, const float* w, const float* scales, const float* zeros,
                                               i64 n, i64 g, float qmax) {
     for (i64 i = global_index(); i < n; i += grid_stride()) {
         const i64 j = i / g;
-        const float s = fminf(fmaxf(scales[j], SCALE_MIN), SCALE_MAX);
-        const float zr = fminf(fmaxf(rintf(zeros[j]), 0.0f), qmax);
-        const float p = rintf(w[i] / s) + zr;
-        out[i] = (fminf(fmaxf(p, 0.0f), qmax) - zr) * s;
+        out[i] = fake_quant_value(w[i], fake_quant_scale(scales[j]), fake_quant_zero(zeros[j], qmax), qmax);
     }
-}
-
-// One element of the backward: returns dw[i] and adds into the group's ds and clamped-dout sums.
-__device__ __forceinline__ float fake_quant_bwd_elem(float gv, float wv, float s, float zr, float qmax,
-                                                     float& ds_acc, float& clamped) {
-    const float x = wv / s;
-    const float p = rintf(x) + zr;
-    const bool m = p >= 0.0f && p <= qmax;
-    const float q = fminf(fmaxf(p, 0.0f), qmax);
-    ds_acc += gv * (q - zr - (m ? x : 0.0f));
-    if (!m) clamped += gv;
-    return m ? gv : 0.0f;
 }
 
 // One warp per group: lanes stride over the group's g elements, then a warp sum gives ds and dz. dw, ds and dz
@@ -43,8 +25,8 @@ extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, c
     const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
     const bool pairs = (g & 63) == 0;
     for (i64 j = global_index() >> 5; j < n_groups; j += warps) {
-        const float s = fminf(fmaxf(scales[j], SCALE_MIN), SCALE_MAX);
-        const float zr = fminf(fmaxf(rintf(zeros[j]), 0.0f), qmax);
+        const float s = fake_quant_scale(scales[j]);
+        const float zr = fake_quant_zero(zeros[j], qmax);
         float ds_acc = 0.0f, clamped = 0.0f;
         if (pairs) {
             for (i64 e = 2 * lane; e < g; e += 64) {
@@ -72,7 +54,7 @@ extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, c
     }
 }
 
-// Min-max init (see the module header), one warp per group: s = clamp((xmax - xmin) / qmax, SCALE_MIN, SCALE_MAX),
+// Min-max init (see the module header), one warp per group: s = clamp((xmax - xmin) / qmax, 1e-4, 1e4),
 // z = rint(-clamp(xmin / s, -1e4, 1e4)). min, max, IEEE division and rintf give the CPU path's values exactly.
 // A non-finite weight sets bad[0] = 1 (the launcher turns that into an error).
 extern "C" __global__ void fake_quant_init_minmax_f32(float* scales, float* zeros, float* bad, const float* w,
@@ -94,7 +76,7 @@ extern "C" __global__ void fake_quant_init_minmax_f32(float* scales, float* zero
         }
         if (!__all_sync(0xffffffffu, finite) && lane == 0) bad[0] = 1.0f;
         if (lane == 0) {
-            const float s = fminf(fmaxf((hi - lo) / qmax, SCALE_MIN), SCALE_MAX);
+            const float s = fake_quant_scale((hi - lo) / qmax);
             scales[j] = s;
             zeros[j] = rintf(-fminf(fmaxf(lo / s, -1e4f), 1e4f));
         }
@@ -114,10 +96,7 @@ extern "C" __global__ void fake_quant_fwd_bf16(unsigned short* out, const float*
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const i64 j = (q * 4 + e) / g;
-            const float s = fminf(fmaxf(scales[j], SCALE_MIN), SCALE_MAX);
-            const float zr = fminf(fmaxf(rintf(zeros[j]), 0.0f), qmax);
-            const float p = rintf(x[e] / s) + zr;
-            b[e] = bf16_bits((fminf(fmaxf(p, 0.0f), qmax) - zr) * s);
+            b[e] = bf16_bits(fake_quant_value(x[e], fake_quant_scale(scales[j]), fake_quant_zero(zeros[j], qmax), qmax));
         }
         reinterpret_cast<uint2*>(out)[q] = make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
     }

@@ -154,7 +154,7 @@ fn losses(
     let mut tape = Tape::new();
     let vars =
         BlockVars::register(&mut tape, &opts.device.copy_block(w).unwrap(), Some(quant)).unwrap();
-    let mut opt = block_ap_optimizer(&vars, &opts).unwrap();
+    let mut opt = block_ap_optimizer(&mut tape, &vars, &opts).unwrap();
     (0..steps)
         .map(|i| {
             let (xs, ys) = pair(i);

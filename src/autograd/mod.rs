@@ -11,6 +11,8 @@
 //! (reshape, a same-shape add: no backward runs, no copy), uninitialised buffers for ops that overwrite them (no
 //! memset) and the running sum handed to ops that add into it (a GEMM with beta = 1: no separate `+=` pass).
 mod backward;
+#[cfg(feature = "cuda")]
+mod fake_quant_copies;
 mod grads;
 mod pool;
 
@@ -49,6 +51,9 @@ pub struct Tape {
     /// bf16 copies of this step's device values (`bf16_copy`), by entry index; dropped on `reset`.
     #[cfg(feature = "cuda")]
     bf16_copies: std::collections::HashMap<usize, std::sync::Arc<crate::gpu::Bf16Buf>>,
+    /// Weights whose fake-quantized bf16 value persists between steps (`defer_fake_quant`).
+    #[cfg(feature = "cuda")]
+    fake_quant_copies: fake_quant_copies::FakeQuantCopies,
 }
 
 impl Tape {
@@ -151,7 +156,10 @@ impl Tape {
     pub fn value_mut(&mut self, v: Var) -> &mut Tensor {
         // The value may change: a bf16 copy made of it is stale.
         #[cfg(feature = "cuda")]
-        self.bf16_copies.remove(&v.0);
+        {
+            self.bf16_copies.remove(&v.0);
+            self.fake_quant_copies.invalidate(v.0);
+        }
         &mut self.values[v.0]
     }
 
@@ -283,7 +291,10 @@ impl Tape {
     }
 
     /// Parameter values and gradients together, for optimizers: (value, grad) per parameter, grad None if unused.
+    /// Any parameter may change: deferred weights' ŵ_b copies are dropped (the optimizer sets new ones).
     pub fn params_and_grads_mut(&mut self) -> impl Iterator<Item = (&mut Tensor, Option<&Tensor>)> {
+        #[cfg(feature = "cuda")]
+        self.fake_quant_copies.invalidate_all();
         let n = self.n_params;
         self.values[..n]
             .iter_mut()

@@ -315,7 +315,7 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
         let w = random_block(&cfg, &b.device, b.seed)?;
         BlockVars::register(&mut tape, &w, Some(b.quant))?
     };
-    let mut opt = block_ap_optimizer(&vars, &opts)?;
+    let mut opt = block_ap_optimizer(&mut tape, &vars, &opts)?;
     // As `engine train` on a GPU does (train::block_ap): the non-finite check moves from every update's
     // gradients to the losses, checked below each step.
     #[cfg(feature = "cuda")]

@@ -204,7 +204,7 @@ pub fn run_block_ap_stream(b: &StreamBench) -> Result<StreamReport> {
     {
         let mut tape = Tape::new();
         let vars = BlockVars::register(&mut tape, &w, Some(base.quant))?;
-        let mut opt = block_ap_optimizer(&vars, &opts)?;
+        let mut opt = block_ap_optimizer(&mut tape, &vars, &opts)?;
         let mut loader = BatchLoader::new(
             ctx,
             &copy,
@@ -275,7 +275,7 @@ pub fn run_block_ap_stream(b: &StreamBench) -> Result<StreamReport> {
         let mut tape = Tape::new();
         let vars = BlockVars::register(&mut tape, &w, Some(base.quant))?;
         drop(w);
-        let mut opt = block_ap_optimizer(&vars, &opts)?;
+        let mut opt = block_ap_optimizer(&mut tape, &vars, &opts)?;
         let mut loader = BatchLoader::new(
             ctx,
             &copy,

@@ -35,6 +35,18 @@ impl Bf16Buf {
     pub(crate) fn ptr(&self) -> u64 {
         self.buf.ptr()
     }
+
+    /// The values widened to f32, on the host (for tests; waits for the stream).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        // Each f32 slot holds two bf16 values, element 2i in the low half (little-endian).
+        let slots = self.buf.to_vec()?;
+        Ok(slots
+            .iter()
+            .flat_map(|s| [s.to_bits() << 16, s.to_bits() & 0xffff_0000])
+            .map(f32::from_bits)
+            .take(self.len)
+            .collect())
+    }
 }
 
 impl GpuContext {

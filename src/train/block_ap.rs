@@ -40,6 +40,9 @@ pub struct BlockApOptions {
     pub device: Device,
     /// Stop after this many epochs whose validation loss does not beat the best so far; 0 = never.
     pub early_stop: usize,
+    /// On a GPU in the bf16 mode, update each linear's weight, scales and zeros with AdamW's fused fake-quant
+    /// step (`AdamW::fuse_fake_quant`: the same values, fewer passes over memory); off runs the separate kernels.
+    pub fused_update: bool,
 }
 
 impl BlockApOptions {
@@ -54,6 +57,7 @@ impl BlockApOptions {
             min_lr_factor: 20.0,
             device: Device::Cpu,
             early_stop: 0,
+            fused_update: true,
         }
     }
 }
@@ -192,7 +196,7 @@ pub fn train_block_with(
             Some(opts.quant),
         )?,
     };
-    let mut opt = block_ap_optimizer(&vars, opts)?;
+    let mut opt = block_ap_optimizer(&mut tape, &vars, opts)?;
     // On a GPU the losses are read back a batch of steps at a time (`LossQueue`), and the non-finite check
     // moves from each update's gradients to those losses.
     let mut queue = match opts.device.is_cpu() {
@@ -282,9 +286,14 @@ pub fn train_block_with(
     })
 }
 
-/// The recipe's AdamW over a registered block: scales and zeros at `quant_lr`, weights and norms at `weight_lr`,
-/// no weight decay, betas (0.9, 0.999), eps 1e-8.
-pub fn block_ap_optimizer(vars: &BlockVars, opts: &BlockApOptions) -> Result<AdamW> {
+/// The recipe's AdamW over a block registered on `tape`: scales and zeros at `quant_lr`, weights and norms at
+/// `weight_lr`, no weight decay, betas (0.9, 0.999), eps 1e-8. On a GPU in the bf16 mode with `fused_update`, the
+/// linears take the fused fake-quant step (`AdamW::fuse_fake_quant`).
+pub fn block_ap_optimizer(
+    tape: &mut Tape,
+    vars: &BlockVars,
+    opts: &BlockApOptions,
+) -> Result<AdamW> {
     let mut weight_params = vec![vars.attn_norm, vars.ffn_norm];
     let mut quant_params = Vec::new();
     for l in &vars.linears {
@@ -293,7 +302,8 @@ pub fn block_ap_optimizer(vars: &BlockVars, opts: &BlockApOptions) -> Result<Ada
             quant_params.extend([s, z]);
         }
     }
-    AdamW::new(
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut opt = AdamW::new(
         vec![
             ParamGroup {
                 params: quant_params,
@@ -309,7 +319,20 @@ pub fn block_ap_optimizer(vars: &BlockVars, opts: &BlockApOptions) -> Result<Ada
         0.9,
         0.999,
         1e-8,
-    )
+    )?;
+    #[cfg(feature = "cuda")]
+    if opts.fused_update {
+        let bf16 = crate::gpu::device_of("block_ap_optimizer", &[tape.value(vars.attn_norm)])?
+            .is_some_and(|ctx| ctx.matmul_bf16());
+        for l in vars.linears.iter().filter(|_| bf16) {
+            if let Some((s, z)) = l.quant {
+                opt.fuse_fake_quant(tape, l.weight, s, z, opts.quant)?;
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = tape;
+    Ok(opt)
 }
 
 /// One Block-AP step on a batch: forward under fake quantization, MSE against `ys`, backward, AdamW at

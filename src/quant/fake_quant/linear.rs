@@ -10,6 +10,9 @@
 //! bf16 copies it multiplies; x_b is the tape's `bf16_copy`, shared by the linears that read the same x (q, k, v).
 //! Gradients are written (`=`), except dx, which the GEMM adds (beta = 1) into x's gradient when the tape hands
 //! over the sum so far (`Backward::accumulates`).
+//! A weight the tape defers (`Tape::defer_fake_quant`: the bf16 mode's fused optimizer step) is not quantized
+//! here: its ŵ_b is the one the optimizer wrote with the last update (made here only when there is none yet), and
+//! the backward leaves dŵ as w's gradient and none for scales and zeros (the optimizer does fake-quant's backward).
 use super::{fake_quant, QuantConfig};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
@@ -35,6 +38,12 @@ pub fn fake_quant_linear(
     )? {
         if ctx.matmul_bf16() {
             return bf16::fake_quant_linear_bf16(tape, x, w, scales, zeros, cfg);
+        }
+        if tape.deferred_fake_quant(w).is_some() {
+            return Err(crate::error::Error::invalid(
+                "fake_quant_linear",
+                "a weight deferred to the fused optimizer step needs the bf16 mode (set_matmul_bf16)",
+            ));
         }
     }
     let wq = fake_quant(tape, w, scales, zeros, cfg)?;
@@ -84,18 +93,38 @@ mod bf16 {
                 ),
             ));
         }
+        let deferred = tape.deferred_fake_quant(w);
+        if deferred.is_some_and(|d| d != (scales, zeros)) {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "weight entry {} is deferred with other scales and zeros than entries {}, {}",
+                    w.index(),
+                    scales.index(),
+                    zeros.index()
+                ),
+            ));
+        }
         let rows = tape.value(x).numel() / k;
         let xg = tape.value(x).gpu(OP)?;
         let ctx = xg.ctx().clone();
-        let mut wq = ctx.alloc_bf16(n * k)?;
-        fake_quant_fwd_bf16_cuda(
-            &mut wq,
-            tape.value(w).gpu(OP)?,
-            tape.value(scales).gpu(OP)?,
-            tape.value(zeros).gpu(OP)?,
-            g,
-            cfg.qmax(),
-        )?;
+        let wq = match tape.fake_quant_copy(w) {
+            Some(wq) => wq,
+            None => {
+                let mut wq = ctx.alloc_bf16(n * k)?;
+                fake_quant_fwd_bf16_cuda(
+                    &mut wq,
+                    tape.value(w).gpu(OP)?,
+                    tape.value(scales).gpu(OP)?,
+                    tape.value(zeros).gpu(OP)?,
+                    g,
+                    cfg.qmax(),
+                )?;
+                let wq = Arc::new(wq);
+                tape.set_fake_quant_copy(w, wq.clone());
+                wq
+            }
+        };
         let xb = tape.bf16_copy(x)?;
         let mut out = ctx.alloc(rows * n)?;
         ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xb, &wq, 0.0, &mut out)?;
@@ -115,6 +144,7 @@ mod bf16 {
                 k,
                 g,
                 qmax: cfg.qmax(),
+                deferred: deferred.is_some(),
                 saved,
             }),
         ))
@@ -126,8 +156,10 @@ mod bf16 {
         k: usize,
         g: usize,
         qmax: f32,
+        /// w's gradient is dŵ, and scales and zeros get none (module docs).
+        deferred: bool,
         /// (ŵ_b, x_b); None when nothing needed a gradient at the forward. x_b is the tape's shared copy.
-        saved: Option<(Bf16Buf, Arc<Bf16Buf>)>,
+        saved: Option<(Arc<Bf16Buf>, Arc<Bf16Buf>)>,
     }
 
     impl Backward for FakeQuantLinearBackward {
@@ -183,6 +215,14 @@ mod bf16 {
                     beta,
                     dx.gpu_mut(op)?,
                 )?;
+            }
+            if self.deferred {
+                if let Some(dw) = rest[0].as_mut() {
+                    ctx.gemm_bf16(true, false, n, k, rows, 1.0, &dy, xb, 0.0, dw.gpu_mut(op)?)?;
+                }
+                rest[1] = None;
+                rest[2] = None;
+                return Ok(());
             }
             if rest.iter().all(Option::is_none) {
                 return Ok(());

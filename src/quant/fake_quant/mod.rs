@@ -109,7 +109,7 @@ impl QuantConfig {
     }
 
     /// Checks that `w_shape` is [N, K] with a dividing group and returns (N, K, group length).
-    fn dims(&self, w_shape: &[usize]) -> Result<(usize, usize, usize)> {
+    pub(crate) fn dims(&self, w_shape: &[usize]) -> Result<(usize, usize, usize)> {
         let &[n, k] = w_shape else {
             return Err(Error::shape(
                 "fake_quant",

@@ -2,7 +2,8 @@
 //! shared flag buffer that is downloaded once per step.
 use super::{AdamWCoefs, ParamGroup, ParamState};
 use crate::error::Result;
-use crate::gpu::{Arg, GpuBuf, KernelSource, PinnedF32};
+use crate::gpu::{Arg, GpuBuf, GpuContext, KernelSource, PinnedF32};
+use std::sync::Arc;
 
 pub const CUDA: KernelSource = KernelSource {
     op: "adamw",
@@ -52,8 +53,7 @@ pub(super) fn step(
     update(slot, pinned, p, g, st, &c)
 }
 
-/// One update of parameter `p` with gradient `g`: its moments are made on first use in `slot` (from `st`'s host
-/// moments after `load_state`, else zero; pinned or on the device as `pinned` says), then updated in place.
+/// One update of parameter `p` with gradient `g`, with the moments of [`moments_of`].
 fn update(
     slot: &mut Option<Moments>,
     pinned: bool,
@@ -63,8 +63,30 @@ fn update(
     c: &AdamWCoefs,
 ) -> Result<()> {
     let ctx = p.ctx().clone();
-    let n = p.len();
-    let moments = match slot {
+    match moments_of(slot, pinned, &ctx, p.len(), st)? {
+        Moments::Device(d) => adamw_update_cuda(p, g, &mut d.m, &mut d.v, c),
+        Moments::Pinned { m, v } => {
+            let n = p.len();
+            let (mut md, mut vd) = (ctx.alloc(n)?, ctx.alloc(n)?);
+            m.load(&mut md)?;
+            v.load(&mut vd)?;
+            adamw_update_cuda(p, g, &mut md, &mut vd, c)?;
+            m.store(&md)?;
+            v.store(&vd)
+        }
+    }
+}
+
+/// The moments in `slot` of a parameter of `n` values, made on first use (from `st`'s host moments after
+/// `load_state`, else zero; pinned or on the device as `pinned` says).
+pub(super) fn moments_of<'a>(
+    slot: &'a mut Option<Moments>,
+    pinned: bool,
+    ctx: &Arc<GpuContext>,
+    n: usize,
+    st: &ParamState,
+) -> Result<&'a mut Moments> {
+    Ok(match slot {
         Some(d) => d,
         None if pinned => {
             let (mut m, mut v) = (ctx.alloc_pinned_f32(n)?, ctx.alloc_pinned_f32(n)?);
@@ -86,18 +108,7 @@ fn update(
             };
             slot.insert(Moments::Device(DeviceMoments { m, v }))
         }
-    };
-    match moments {
-        Moments::Device(d) => adamw_update_cuda(p, g, &mut d.m, &mut d.v, c),
-        Moments::Pinned { m, v } => {
-            let (mut md, mut vd) = (ctx.alloc(n)?, ctx.alloc(n)?);
-            m.load(&mut md)?;
-            v.load(&mut vd)?;
-            adamw_update_cuda(p, g, &mut md, &mut vd, c)?;
-            m.store(&md)?;
-            v.store(&vd)
-        }
-    }
+    })
 }
 
 /// The update of `adamw_update_cpu` on device buffers, in the same operation order.
@@ -113,21 +124,26 @@ pub fn adamw_update_cuda(
         &CUDA,
         "adamw_update_f32",
         n,
-        &[
-            p.arg(),
-            g.arg(),
-            m.arg(),
-            v.arg(),
-            Arg::I64(n as i64),
-            Arg::F32(c.decay),
-            Arg::F32(c.beta2),
-            Arg::F32(c.one_minus_beta1),
-            Arg::F32(c.one_minus_beta2),
-            Arg::F32(c.step_size),
-            Arg::F32(c.bias_correction2_sqrt),
-            Arg::F32(c.eps),
-        ],
+        &[p.arg(), g.arg(), m.arg(), v.arg(), Arg::I64(n as i64)]
+            .into_iter()
+            .chain(c.kernel_args())
+            .collect::<Vec<_>>(),
     )
+}
+
+impl AdamWCoefs {
+    /// The coefficients as the kernels' trailing f32 parameters, in `struct AdamWCoefs`'s order (the prelude).
+    pub(super) fn kernel_args(&self) -> [Arg; 7] {
+        [
+            Arg::F32(self.decay),
+            Arg::F32(self.beta2),
+            Arg::F32(self.one_minus_beta1),
+            Arg::F32(self.one_minus_beta2),
+            Arg::F32(self.step_size),
+            Arg::F32(self.bias_correction2_sqrt),
+            Arg::F32(self.eps),
+        ]
+    }
 }
 
 /// For each gradient, whether it holds a NaN or an infinity: all checks queued, then one download.

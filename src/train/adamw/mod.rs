@@ -23,6 +23,8 @@ use wide::f32x8;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod fake_quant;
 #[cfg(test)]
 mod tests;
 
@@ -30,6 +32,8 @@ mod tests;
 use cuda::Moments;
 #[cfg(feature = "cuda")]
 pub use cuda::{adamw_update_cuda, nonfinite_cuda, DeviceMoments, CUDA};
+#[cfg(feature = "cuda")]
+pub use fake_quant::adamw_fake_quant_cuda;
 
 /// Parameters sharing a learning rate and weight decay (Block-AP: one group for scales/zeros, one for weights).
 #[derive(Clone, Debug)]
@@ -71,6 +75,9 @@ pub struct AdamW {
     /// New device moments go to page-locked host memory (`set_pinned_moments`).
     #[cfg(feature = "cuda")]
     pinned_moments: bool,
+    /// Weights updated with their scales and zeros by the fused kernel (`fuse_fake_quant`).
+    #[cfg(feature = "cuda")]
+    fused: Vec<fake_quant::FusedWeight>,
 }
 
 /// The f32 constants of one parameter's update.
@@ -202,6 +209,8 @@ impl AdamW {
             check_device_grads: true,
             #[cfg(feature = "cuda")]
             pinned_moments: false,
+            #[cfg(feature = "cuda")]
+            fused: Vec::new(),
         })
     }
 
@@ -351,12 +360,20 @@ impl AdamW {
                 });
             }
         }
+        // Fused weights, scales and zeros take their step together below.
+        #[cfg(feature = "cuda")]
+        let fused: std::collections::HashSet<Var> =
+            self.fused.iter().flat_map(|f| f.vars()).collect();
         let mut k = 0;
         for group in &self.groups {
             let lr = group.lr as f64 * lr_factor as f64;
             for var in &group.params {
                 let st = &mut self.state.params[k];
                 k += 1;
+                #[cfg(feature = "cuda")]
+                if fused.contains(var) {
+                    continue;
+                }
                 let (p, g) = &mut slots[var.index()];
                 let Some(g) = g else { continue };
                 #[cfg(feature = "cuda")]
@@ -382,6 +399,14 @@ impl AdamW {
                     st.step,
                 );
                 adamw_update_cpu(p, g.f32s("AdamW")?, &mut st.m, &mut st.v, &c);
+            }
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let copies = self.step_fused(&mut slots, lr_factor)?;
+            drop(slots);
+            for (w, wq) in copies {
+                tape.set_fake_quant_copy(w, std::sync::Arc::new(wq));
             }
         }
         self.state.steps += 1;

@@ -1,0 +1,82 @@
+//! Weights whose fake-quantized bf16 value ŵ_b is kept between steps: the bf16 mode's fused optimizer step
+//! (`AdamW::fuse_fake_quant`, `cuda/adamw.cu`'s `adamw_fake_quant_f32`) writes the next step's ŵ_b while it updates
+//! w, its scales and its zeros, so the forward need not quantize again. For such a weight the tape's gradient of w
+//! is the gradient of ŵ (dŵ), not of w: the optimizer applies fake-quant's backward itself, and the scales and
+//! zeros get no gradient on the tape. `fake_quant_linear`'s bf16 path is the only op that reads a deferred weight.
+use super::{Tape, Var};
+use crate::error::{Error, Result};
+use crate::gpu::Bf16Buf;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A deferred weight's quantizer parameters (tape entries) and its current ŵ_b (None once stale).
+pub(super) struct DeferredWeight {
+    scales: usize,
+    zeros: usize,
+    copy: Option<Arc<Bf16Buf>>,
+}
+
+/// The deferred weights, by the tape entry of w.
+#[derive(Default)]
+pub(super) struct FakeQuantCopies(HashMap<usize, DeferredWeight>);
+
+impl FakeQuantCopies {
+    /// A value of entry `v` may change: a ŵ_b made from it is stale.
+    pub(super) fn invalidate(&mut self, v: usize) {
+        for (w, d) in self.0.iter_mut() {
+            if *w == v || d.scales == v || d.zeros == v {
+                d.copy = None;
+            }
+        }
+    }
+
+    pub(super) fn invalidate_all(&mut self) {
+        self.0.values_mut().for_each(|d| d.copy = None);
+    }
+}
+
+impl Tape {
+    /// Marks parameter `w` (quantized with parameters `scales` and `zeros`) as deferred (module docs).
+    pub fn defer_fake_quant(&mut self, w: Var, scales: Var, zeros: Var) -> Result<()> {
+        let n = self.n_params;
+        if [w, scales, zeros].iter().any(|v| v.0 >= n)
+            || w == scales
+            || w == zeros
+            || scales == zeros
+        {
+            return Err(Error::Autograd(format!(
+                "defer_fake_quant: entries {}, {}, {} must be three distinct parameters (of {n})",
+                w.0, scales.0, zeros.0
+            )));
+        }
+        self.fake_quant_copies.0.insert(
+            w.0,
+            DeferredWeight {
+                scales: scales.0,
+                zeros: zeros.0,
+                copy: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// The quantizer parameters (scales, zeros) of a deferred weight; None for any other entry.
+    pub fn deferred_fake_quant(&self, w: Var) -> Option<(Var, Var)> {
+        self.fake_quant_copies
+            .0
+            .get(&w.0)
+            .map(|d| (Var(d.scales), Var(d.zeros)))
+    }
+
+    /// The current ŵ_b of a deferred weight, when one was set since its values last changed.
+    pub fn fake_quant_copy(&self, w: Var) -> Option<Arc<Bf16Buf>> {
+        self.fake_quant_copies.0.get(&w.0)?.copy.clone()
+    }
+
+    /// Records `b` as deferred weight `w`'s ŵ_b for its current values (ignored for any other entry).
+    pub fn set_fake_quant_copy(&mut self, w: Var, b: Arc<Bf16Buf>) {
+        if let Some(d) = self.fake_quant_copies.0.get_mut(&w.0) {
+            d.copy = Some(b);
+        }
+    }
+}
