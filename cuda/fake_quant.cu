@@ -3,8 +3,36 @@
 //   s = clamp(scale, 1e-4, 1e4), zr = clamp(rint(zero), 0, qmax), x = w / s, p = rint(x) + zr,
 //   q = clamp(p, 0, qmax), out = (q - zr) * s;  m = [0 <= p <= qmax]
 //   dw = dout * m,  ds = sum_group dout * (q - zr - m * x),  dz = -s * sum_{group, !m} dout
-// The per-value helpers (fake_quant_scale, fake_quant_zero, fake_quant_value, fake_quant_bwd_elem) are in the
-// prelude: AdamW's fused step (cuda/adamw.cu) runs the same arithmetic.
+
+// A group's clamped scale s and rounded zero point zr, and one value
+//   x = w / s, p = rint(x) + zr, q = clamp(p, 0, qmax), ŵ = (q - zr) * s.
+// rintf rounds half to even (torch.round); w / s is IEEE division (NVRTC's default --prec-div=true), so the values
+// equal the CPU path's f32 values exactly.
+#define FAKE_QUANT_SCALE_MIN 1e-4f
+#define FAKE_QUANT_SCALE_MAX 1e4f
+__device__ __forceinline__ float fake_quant_scale(float scale) {
+    return fminf(fmaxf(scale, FAKE_QUANT_SCALE_MIN), FAKE_QUANT_SCALE_MAX);
+}
+__device__ __forceinline__ float fake_quant_zero(float zero, float qmax) {
+    return fminf(fmaxf(rintf(zero), 0.0f), qmax);
+}
+__device__ __forceinline__ float fake_quant_value(float w, float s, float zr, float qmax) {
+    const float p = rintf(w / s) + zr;
+    return (fminf(fmaxf(p, 0.0f), qmax) - zr) * s;
+}
+
+// One element of fake-quant's backward with m = [0 <= p <= qmax]: returns dw = dout * m and adds dout * (q - zr -
+// m * x) into the group's ds_acc and the out-of-range dout into `clamped` (dz = -s * clamped).
+__device__ __forceinline__ float fake_quant_bwd_elem(float gv, float wv, float s, float zr, float qmax,
+                                                     float& ds_acc, float& clamped) {
+    const float x = wv / s;
+    const float p = rintf(x) + zr;
+    const bool m = p >= 0.0f && p <= qmax;
+    const float q = fminf(fmaxf(p, 0.0f), qmax);
+    ds_acc = __fadd_rn(ds_acc, __fmul_rn(gv, __fsub_rn(__fsub_rn(q, zr), m ? x : 0.0f)));  // never contracted
+    if (!m) clamped += gv;
+    return m ? gv : 0.0f;
+}
 
 extern "C" __global__ void fake_quant_fwd_f32(float* out, const float* w, const float* scales, const float* zeros,
                                               i64 n, i64 g, float qmax) {
@@ -14,42 +42,178 @@ extern "C" __global__ void fake_quant_fwd_f32(float* out, const float* w, const 
     }
 }
 
-// One warp per group: lanes stride over the group's g elements, then a warp sum gives ds and dz. dw, ds and dz
-// may each be null. When g is a multiple of 64 each lane takes two adjacent elements per step (8-byte loads and
-// stores, all of a 64-group's loads issued at once); the memory-bound kernel ran at 71% of the copy bandwidth
-// with one element per lane.
+// The group layout of the backward and of the fused optimizer step (the same order of every sum, so the two give
+// the same bits). With g a multiple of 64 a team of FQ_TEAM = 8 lanes takes a group, 4 groups per warp, each lane
+// 8 adjacent weights of every 64 (two 16-byte accesses per array); the per-group work (scalar loads, sums across
+// the team, the scale's update) is then spread over 8 weights per lane instead of 2, which the fused step, bound
+// by instructions as much as by memory, needs. Other g: a whole warp per group, lanes striding over it.
+#define FQ_TEAM 8
+#define FQ_TEAMS_PER_WARP (32 / FQ_TEAM)
+
+// Sum over a team (xor butterfly within FQ_TEAM lanes): every lane of the team gets its team's total.
+__device__ __forceinline__ float team_sum(float v) {
+    for (int o = FQ_TEAM / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+struct float8 {
+    float4 lo, hi;
+};
+__device__ __forceinline__ float8 load8(const float* p) {
+    return {reinterpret_cast<const float4*>(p)[0], reinterpret_cast<const float4*>(p)[1]};
+}
+__device__ __forceinline__ void store8(float* p, const float8& v) {
+    reinterpret_cast<float4*>(p)[0] = v.lo;
+    reinterpret_cast<float4*>(p)[1] = v.hi;
+}
+// Element e of v; called with constant e (unrolled loops), so it resolves to a register.
+__device__ __forceinline__ float& at(float8& v, int e) {
+    switch (e) {
+        case 0: return v.lo.x;
+        case 1: return v.lo.y;
+        case 2: return v.lo.z;
+        case 3: return v.lo.w;
+        case 4: return v.hi.x;
+        case 5: return v.hi.y;
+        case 6: return v.hi.z;
+        default: return v.hi.w;
+    }
+}
+
+// Where this thread works: groups first + team, first + team + step, ... (first is the warp's first group of a
+// round, the same for all its lanes), as lane `lane` of `width`.
+struct GroupLane {
+    i64 first, step;
+    int team, lane, width;
+};
+__device__ __forceinline__ GroupLane group_lane(bool teams) {
+    const int lane = threadIdx.x & 31;
+    const i64 warp = global_index() >> 5, warps = (i64)gridDim.x * (blockDim.x >> 5);
+    if (teams) return {warp * FQ_TEAMS_PER_WARP, warps * FQ_TEAMS_PER_WARP, lane / FQ_TEAM, lane % FQ_TEAM, FQ_TEAM};
+    return {warp, warps, 0, lane, 32};
+}
+
+// A team's or warp's sum (above); every lane of the warp must call it.
+__device__ __forceinline__ float group_sum(float v, bool teams) { return teams ? team_sum(v) : warp_sum(v); }
+
+// dw, ds and dz, each of which may be null, in the layout above. A team past the last group computes nothing but
+// takes part in the sums.
 extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, const float* dout, const float* w,
                                               const float* scales, const float* zeros, i64 n_groups, i64 g,
                                               float qmax) {
-    const int lane = threadIdx.x & 31;
-    const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
-    const bool pairs = (g & 63) == 0;
-    for (i64 j = global_index() >> 5; j < n_groups; j += warps) {
-        const float s = fake_quant_scale(scales[j]);
-        const float zr = fake_quant_zero(zeros[j], qmax);
+    const bool teams = (g & 63) == 0;
+    const GroupLane t = group_lane(teams);
+    for (i64 first = t.first; first < n_groups; first += t.step) {
+        const i64 j = first + t.team;
+        const bool live = j < n_groups;
+        const float s = live ? fake_quant_scale(scales[j]) : 1.0f;
+        const float zr = live ? fake_quant_zero(zeros[j], qmax) : 0.0f;
         float ds_acc = 0.0f, clamped = 0.0f;
-        if (pairs) {
-            for (i64 e = 2 * lane; e < g; e += 64) {
-                const i64 i = j * g + e;  // even, and g is even: 8-byte aligned
-                const float2 gv = *reinterpret_cast<const float2*>(dout + i);
-                const float2 wv = *reinterpret_cast<const float2*>(w + i);
-                float2 d;
-                d.x = fake_quant_bwd_elem(gv.x, wv.x, s, zr, qmax, ds_acc, clamped);
-                d.y = fake_quant_bwd_elem(gv.y, wv.y, s, zr, qmax, ds_acc, clamped);
-                if (dw) *reinterpret_cast<float2*>(dw + i) = d;
+        if (live && teams) {
+            for (i64 c = 8 * t.lane; c < g; c += 64) {
+                const i64 i = j * g + c;  // a multiple of 8: 32-byte aligned
+                float8 gv = load8(dout + i), wv = load8(w + i);
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    at(wv, e) = fake_quant_bwd_elem(at(gv, e), at(wv, e), s, zr, qmax, ds_acc, clamped);
+                if (dw) store8(dw + i, wv);
             }
-        } else {
-            for (i64 e = lane; e < g; e += 32) {
+        } else if (live) {
+            for (i64 e = t.lane; e < g; e += 32) {
                 const i64 i = j * g + e;
                 const float d = fake_quant_bwd_elem(dout[i], w[i], s, zr, qmax, ds_acc, clamped);
                 if (dw) dw[i] = d;
             }
         }
-        ds_acc = warp_sum(ds_acc);
-        clamped = warp_sum(clamped);
-        if (lane == 0) {
+        ds_acc = group_sum(ds_acc, teams);
+        clamped = group_sum(clamped, teams);
+        if (live && t.lane == 0) {
             if (ds) ds[j] = ds_acc;
             if (dz) dz[j] = -s * clamped;
+        }
+    }
+}
+
+// AdamW's step for a fake-quantized weight, given the gradient of its fake-quantized value dŵ: per group,
+// fake-quant's backward (dŵ -> dw, ds, dz, as fake_quant_bwd_f32 in the same layout and order), AdamW on w
+// (coefficients cw), on the scale and the zero point (cq), and the next forward's ŵ in bf16 from the updated values
+// (fake_quant_fwd_bf16's arithmetic): one pass instead of three kernels, 30 bytes per weight instead of 50, the same
+// bits. A lane keeps its updated weights in registers for the last pass when g <= 128 (teams) and otherwise reads
+// back only what it wrote itself.
+extern "C" __global__ void fake_quant_adamw_f32(
+    float* w, float* mw, float* vw, const float* dwq, float* scales, float* ms, float* vs, float* zeros, float* mz,
+    float* vz, unsigned short* wq, i64 n_groups, i64 g, float qmax, float w_decay, float w_beta2, float w_omb1,
+    float w_omb2, float w_step_size, float w_bc2_sqrt, float w_eps, float q_decay, float q_beta2, float q_omb1,
+    float q_omb2, float q_step_size, float q_bc2_sqrt, float q_eps) {
+    const AdamWCoefs cw = {w_decay, w_beta2, w_omb1, w_omb2, w_step_size, w_bc2_sqrt, w_eps};
+    const AdamWCoefs cq = {q_decay, q_beta2, q_omb1, q_omb2, q_step_size, q_bc2_sqrt, q_eps};
+    const bool teams = (g & 63) == 0;
+    const bool in_regs = teams && g <= 128;
+    const GroupLane t = group_lane(teams);
+    for (i64 first = t.first; first < n_groups; first += t.step) {
+        const i64 j = first + t.team;
+        const bool live = j < n_groups;
+        // The group's six scalars load with its weights: one memory latency per group.
+        float s_raw = 1.0f, z_raw = 0.0f, msj = 0.0f, vsj = 0.0f, mzj = 0.0f, vzj = 0.0f;
+        if (live) {
+            s_raw = scales[j], z_raw = zeros[j], msj = ms[j], vsj = vs[j], mzj = mz[j], vzj = vz[j];
+        }
+        const float s = fake_quant_scale(s_raw), zr = fake_quant_zero(z_raw, qmax);
+        float ds_acc = 0.0f, clamped = 0.0f;
+        float8 kept[2];
+        if (live && teams) {
+            for (i64 c = 8 * t.lane, k = 0; c < g; c += 64, k++) {
+                const i64 i = j * g + c;
+                float8 gv = load8(dwq + i), wv = load8(w + i), mv = load8(mw + i), vv = load8(vw + i);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    const float d = fake_quant_bwd_elem(at(gv, e), at(wv, e), s, zr, qmax, ds_acc, clamped);
+                    at(wv, e) = adamw_elem(at(wv, e), d, at(mv, e), at(vv, e), cw);
+                }
+                store8(w + i, wv);
+                store8(mw + i, mv);
+                store8(vw + i, vv);
+                // Constant indices keep `kept` in registers.
+                if (k == 0) kept[0] = wv;
+                if (k == 1) kept[1] = wv;
+            }
+        } else if (live) {
+            for (i64 e = t.lane; e < g; e += 32) {
+                const i64 i = j * g + e;
+                float mi = mw[i], vi = vw[i];
+                const float d = fake_quant_bwd_elem(dwq[i], w[i], s, zr, qmax, ds_acc, clamped);
+                w[i] = adamw_elem(w[i], d, mi, vi, cw);
+                mw[i] = mi;
+                vw[i] = vi;
+            }
+        }
+        const float ds = group_sum(ds_acc, teams);
+        const float dz = -s * group_sum(clamped, teams);
+        if (live) {
+            const float s_new = adamw_elem(s_raw, ds, msj, vsj, cq);
+            const float z_new = adamw_elem(z_raw, dz, mzj, vzj, cq);
+            if (t.lane == 0) {
+                scales[j] = s_new, ms[j] = msj, vs[j] = vsj;
+                zeros[j] = z_new, mz[j] = mzj, vz[j] = vzj;
+            }
+            const float s2 = fake_quant_scale(s_new), zr2 = fake_quant_zero(z_new, qmax);
+            if (teams) {
+                for (i64 c = 8 * t.lane, k = 0; c < g; c += 64, k++) {
+                    const i64 i = j * g + c;
+                    float8 wv = !in_regs ? load8(w + i) : k == 0 ? kept[0] : kept[1];
+                    unsigned int b[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        b[e] = bf16_bits(fake_quant_value(at(wv, 2 * e), s2, zr2, qmax)) |
+                               (bf16_bits(fake_quant_value(at(wv, 2 * e + 1), s2, zr2, qmax)) << 16);
+                    reinterpret_cast<uint4*>(wq)[i / 8] = make_uint4(b[0], b[1], b[2], b[3]);
+                }
+            } else {
+                for (i64 e = t.lane; e < g; e += 32) {
+                    const i64 i = j * g + e;
+                    wq[i] = (unsigned short)bf16_bits(fake_quant_value(w[i], s2, zr2, qmax));
+                }
+            }
         }
     }
 }

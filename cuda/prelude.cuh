@@ -35,38 +35,8 @@ __device__ __forceinline__ unsigned int bf16_bits(float f) {
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
-// EfficientQAT's asymmetric uniform quantizer (src/quant/fake_quant/mod.rs), shared by cuda/fake_quant.cu and the
-// fused optimizer step in cuda/adamw.cu: a group's clamped scale s and rounded zero point zr, and one value
-//   x = w / s, p = rint(x) + zr, q = clamp(p, 0, qmax), ŵ = (q - zr) * s.
-// rintf rounds half to even (torch.round); w / s is IEEE division (NVRTC's default --prec-div=true), so the values
-// equal the CPU path's f32 values exactly.
-#define FAKE_QUANT_SCALE_MIN 1e-4f
-#define FAKE_QUANT_SCALE_MAX 1e4f
-__device__ __forceinline__ float fake_quant_scale(float scale) {
-    return fminf(fmaxf(scale, FAKE_QUANT_SCALE_MIN), FAKE_QUANT_SCALE_MAX);
-}
-__device__ __forceinline__ float fake_quant_zero(float zero, float qmax) {
-    return fminf(fmaxf(rintf(zero), 0.0f), qmax);
-}
-__device__ __forceinline__ float fake_quant_value(float w, float s, float zr, float qmax) {
-    const float p = rintf(w / s) + zr;
-    return (fminf(fmaxf(p, 0.0f), qmax) - zr) * s;
-}
-
-// One element of fake-quant's backward with m = [0 <= p <= qmax]: returns dw = dout * m and adds dout * (q - zr -
-// m * x) into the group's ds_acc and the out-of-range dout into `clamped` (dz = -s * clamped).
-__device__ __forceinline__ float fake_quant_bwd_elem(float gv, float wv, float s, float zr, float qmax,
-                                                     float& ds_acc, float& clamped) {
-    const float x = wv / s;
-    const float p = rintf(x) + zr;
-    const bool m = p >= 0.0f && p <= qmax;
-    const float q = fminf(fmaxf(p, 0.0f), qmax);
-    ds_acc = __fadd_rn(ds_acc, __fmul_rn(gv, __fsub_rn(__fsub_rn(q, zr), m ? x : 0.0f)));  // never contracted
-    if (!m) clamped += gv;
-    return m ? gv : 0.0f;
-}
-
-// AdamW's per-element update in torch's operation order (src/train/adamw/mod.rs); the f32 constants come from
+// AdamW's per-element update in torch's operation order (src/train/adamw/mod.rs), for cuda/adamw.cu and the fused
+// step in cuda/fake_quant.cu; the f32 constants come from
 // AdamWCoefs (computed in f64 on the host). Updates m and v, returns the new parameter. Every operation is rounded
 // on its own (__f*_rn are never contracted into FMAs; sqrtf and the divisions are IEEE): the same f32 operations
 // as adamw_update_cpu, and the same bits in every kernel that inlines this, whatever the compiler fuses around it.

@@ -1,4 +1,4 @@
-//! AdamW's fused fake-quant step (`adamw_fake_quant_f32`, src/train/adamw/fake_quant.rs) on the GPU: bit for bit
+//! AdamW's fused fake-quant step (`fake_quant_adamw_f32`, src/train/adamw/fake_quant.rs) on the GPU: bit for bit
 //! the three kernels it replaces, close to the CPU composition, and Block-AP trained fused and unfused gives
 //! identical losses and parameters. Without a GPU each test prints `skipped: ..`.
 #![cfg(feature = "cuda")]
@@ -204,6 +204,7 @@ fn fused_step_equals_the_kernels_it_replaces_and_tracks_the_cpu() {
         (7, 96, 32, 4),
         (3, 48, 16, 2),
         (3, 1024, 512, 4),
+        (3, 768, 256, 3),
         (33, 4096, 64, 2),
     ]
     .iter()

@@ -1,5 +1,5 @@
 //! Weights whose fake-quantized bf16 value ŵ_b is kept between steps: the bf16 mode's fused optimizer step
-//! (`AdamW::fuse_fake_quant`, `cuda/adamw.cu`'s `adamw_fake_quant_f32`) writes the next step's ŵ_b while it updates
+//! (`AdamW::fuse_fake_quant`, `cuda/fake_quant.cu`'s `fake_quant_adamw_f32`) writes the next step's ŵ_b while it updates
 //! w, its scales and its zeros, so the forward need not quantize again. For such a weight the tape's gradient of w
 //! is the gradient of ŵ (dŵ), not of w: the optimizer applies fake-quant's backward itself, and the scales and
 //! zeros get no gradient on the tape. `fake_quant_linear`'s bf16 path is the only op that reads a deferred weight.

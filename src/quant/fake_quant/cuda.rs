@@ -34,6 +34,15 @@ pub fn fake_quant_fwd_cuda(
     )
 }
 
+/// Threads of a launch that gives every group its lanes (cuda/fake_quant.cu's group layout): a team of 8 per group
+/// when g is a multiple of 64, else a warp.
+pub fn group_threads(n_groups: usize, g: usize) -> usize {
+    match g % 64 {
+        0 => n_groups.div_ceil(4) * 32,
+        _ => n_groups * 32,
+    }
+}
+
 /// dw, ds, dz as `fake_quant_bwd_cpu` (each written when given), one warp per group.
 #[allow(clippy::too_many_arguments)]
 pub fn fake_quant_bwd_cuda(
@@ -48,11 +57,10 @@ pub fn fake_quant_bwd_cuda(
     qmax: f32,
 ) -> Result<()> {
     let n_groups = scales.len();
-    // 32 threads per group: the 1-D launch covers n_groups warps.
     dout.ctx().launch_1d(
         &CUDA,
         "fake_quant_bwd_f32",
-        n_groups * 32,
+        group_threads(n_groups, g),
         &[
             opt_arg(&dw),
             opt_arg(&ds),

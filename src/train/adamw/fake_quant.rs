@@ -1,12 +1,12 @@
-//! AdamW's fused step for fake-quantized weights in the GPU's bf16 mode (`adamw_fake_quant_f32` in
-//! `cuda/adamw.cu`). Block-AP's step otherwise runs three memory-bound kernels over every weight after the dŵ GEMM:
+//! AdamW's fused step for fake-quantized weights in the GPU's bf16 mode (`fake_quant_adamw_f32` in
+//! `cuda/fake_quant.cu`). Block-AP's step otherwise runs three memory-bound kernels over every weight after the dŵ GEMM:
 //! fake-quant's backward (dŵ, w → dw, and the groups' ds, dz), AdamW (w, m, v, dw → w, m, v; scales and zeros the
 //! same) and, in the next forward, fake-quant's forward (w → ŵ_b). The fused kernel does all three in one pass
 //! (30 bytes per weight instead of 50) with the same arithmetic in the same order, so the trained values are
 //! bit-identical. The tape keeps dŵ as w's gradient and the new ŵ_b between steps (`Tape::defer_fake_quant`).
 //! The CPU twin is the composition it replaces: `fake_quant_bwd_cpu`, `adamw_update_cpu` on w, scales and zeros,
 //! then `fake_quant_fwd_cpu` rounded to bf16 (tests/cuda_block_ap.rs compares them).
-use super::cuda::{moments_of, Moments, CUDA};
+use super::cuda::{moments_of, Moments};
 use super::{AdamW, AdamWCoefs};
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
@@ -82,8 +82,13 @@ pub fn adamw_fake_quant_cuda(
     .chain(cw.kernel_args())
     .chain(cq.kernel_args())
     .collect();
-    // One warp per group.
-    ctx.launch_1d(&CUDA, "adamw_fake_quant_f32", n_groups * 32, &args)
+    let threads = crate::quant::fake_quant::group_threads(n_groups, g);
+    ctx.launch_1d(
+        &crate::quant::fake_quant::CUDA,
+        "fake_quant_adamw_f32",
+        threads,
+        &args,
+    )
 }
 
 /// The device moments of a parameter about to take a fused step.
