@@ -11,7 +11,7 @@
 use super::launch::{tcp_rendezvous, LaunchEnv};
 use super::Communicator;
 use crate::error::{Error, Result};
-use crate::gpu::GpuContext;
+use crate::gpu::{GpuBuf, GpuContext};
 use cudarc::driver::CudaSlice;
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use std::sync::Arc;
@@ -143,6 +143,27 @@ impl Communicator for NcclComm {
             .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
             .map_err(nccl_err("all-reduce"))?;
         self.download(&dev, buf)
+    }
+    /// On the device, on the communicator's stream (the context's one stream, so after the kernels that made
+    /// `buf`); the buffer must live on this communicator's GPU.
+    fn all_reduce_sum_gpu(&self, buf: &mut GpuBuf) -> Result<()> {
+        if buf.ctx().ordinal() != self.ctx.ordinal() {
+            return Err(Error::invalid(
+                "nccl",
+                format!(
+                    "all-reduce of a buffer on cuda:{} by the communicator of cuda:{}",
+                    buf.ctx().ordinal(),
+                    self.ctx.ordinal()
+                ),
+            ));
+        }
+        let Some(mut view) = buf.view_mut() else {
+            return Ok(());
+        };
+        self.comm
+            .all_reduce_in_place(&mut view, &ReduceOp::Sum)
+            .map_err(nccl_err("all-reduce on the device"))?;
+        Ok(())
     }
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
         if root >= self.world_size() {
