@@ -63,14 +63,14 @@ impl DataParallelFlags {
                 })
                 .collect::<eqat::Result<Vec<_>>>()?,
             (Some(list), k) => {
-                let devices = e2e_gpus(list, &job)?;
-                if let Some(k) = k.filter(|&k| k != devices.len()) {
+                let ordinals = gpu_ordinals(list)?;
+                if let Some(k) = k.filter(|&k| k != ordinals.len()) {
                     return Err(bad(format!(
                         "--e2e-ranks {k} with --e2e-gpus {list} ({} GPUs): one rank per listed GPU; drop --e2e-ranks",
-                        devices.len()
+                        ordinals.len()
                     )));
                 }
-                devices
+                open_gpus(list, &ordinals, &job)?
             }
         };
         let ranks = match devices.len() {
@@ -105,29 +105,31 @@ impl DataParallelFlags {
     }
 }
 
-/// `--e2e-gpus 0,1,3`: one device per entry, the job's own context where the ordinal is the job's GPU (for rank
-/// 0 only: the other ranks are other threads), a new one elsewhere. The list is read whole before any GPU is
-/// opened.
-fn e2e_gpus(list: &str, job: &Device) -> eqat::Result<Vec<Device>> {
-    let bad = |msg: String| bad(format!("--e2e-gpus {list}: {msg}"));
-    let ordinals = list
-        .split(',')
+/// `--e2e-gpus 0,1,3` as ordinals; errors name the flag.
+fn gpu_ordinals(list: &str) -> eqat::Result<Vec<usize>> {
+    list.split(',')
         .map(|g| {
             g.trim().parse::<usize>().map_err(|_| {
                 bad(format!(
-                    "`{g}` is not a GPU ordinal (expected e.g. 0,1,2,3)"
+                    "--e2e-gpus {list}: `{g}` is not a GPU ordinal (expected e.g. 0,1,2,3)"
                 ))
             })
         })
-        .collect::<eqat::Result<Vec<usize>>>()?;
+        .collect()
+}
+
+/// One device per listed ordinal: the job's own context for rank 0 where it is the job's GPU (the other ranks
+/// are other threads, each with a context of its own), a new one elsewhere.
+fn open_gpus(list: &str, ordinals: &[usize], job: &Device) -> eqat::Result<Vec<Device>> {
     ordinals
-        .into_iter()
+        .iter()
         .enumerate()
-        .map(|(r, n)| {
+        .map(|(r, &n)| {
             if r == 0 && job.ordinal() == Some(n) {
                 return Ok(job.clone());
             }
-            Device::parse(&format!("cuda:{n}")).map_err(|e| bad(format!("GPU {n}: {e}")))
+            Device::parse(&format!("cuda:{n}"))
+                .map_err(|e| bad(format!("--e2e-gpus {list}: GPU {n}: {e}")))
         })
         .collect()
 }
