@@ -1,7 +1,7 @@
 //! The NCCL communicator (the `cuda` feature): the same collectives as the loopback group, between GPUs, over
-//! NVLink/PCIe inside a host and the network between hosts. Buffers are the host's `&mut [f32]` of
-//! [`Communicator`]: each collective uploads, runs on the GPU's stream and downloads (a staging copy that costs
-//! PCIe time but keeps every caller backend-agnostic).
+//! NVLink/PCIe inside a host and the network between hosts. The host `&mut [f32]` collectives of
+//! [`Communicator`] upload, run on the GPU's stream and download (a staging copy that costs PCIe time but keeps
+//! every caller backend-agnostic); `all_reduce_sum_gpu` sums a device buffer in place, with no copy.
 //!
 //! Two ways to build a group: [`NcclComm::group`] for one process driving several GPUs (one communicator per
 //! GPU, `ncclCommInitAll`), and [`NcclComm::from_launch`] for one process per GPU, where rank 0 draws the NCCL
