@@ -90,7 +90,7 @@ pub(super) fn train_e2e_ranks(
         E2eRanks::Threads(devices) => {
             let mut comms = thread_comms(devices)?.into_iter();
             let mine = comms.next().expect("a group has rank 0");
-            let followers = comms
+            let mut followers = comms
                 .zip(&devices[1..])
                 .map(|(comm, d)| {
                     let out = args.out.clone();
@@ -109,9 +109,17 @@ pub(super) fn train_e2e_ranks(
                 ..opts.clone()
             };
             // On an error rank 0 returns at once: the other ranks then fail at their next collective (loopback
-            // timeout) or, in NCCL, end with the process.
+            // timeout) or, in NCCL, end with the process. When a rank failed first (rank 0 then waited for it in
+            // vain), its error says why.
             opts.device.set_matmul_bf16(bf16)?;
-            let losses = lead(model, data, &opts, &*mine, on_step)?;
+            let losses = lead(model, data, &opts, &*mine, on_step).map_err(|e| {
+                followers
+                    .iter()
+                    .position(|h| h.is_finished())
+                    .map(|r| followers.swap_remove(r).join())
+                    .and_then(|j| j.ok()?.err())
+                    .unwrap_or(e)
+            })?;
             opts.device.set_matmul_bf16(false)?;
             for (r, h) in followers.into_iter().enumerate() {
                 h.join().map_err(|_| {
