@@ -131,6 +131,13 @@ fn k_loopback_ranks_train_what_one_rank_trains() {
     }
 }
 
+/// A `--launcher env` run: the launcher variables set (all others removed), extra flags, what the error names.
+struct Launch {
+    vars: &'static [(&'static str, &'static str)],
+    flags: &'static [&'static str],
+    names: &'static [&'static str],
+}
+
 #[test]
 fn launcher_env_errors_name_the_variable_or_flag() {
     let Some(model) = shared_data::shared_data("tinyllamas/stories260K/stories260K.gguf") else {
@@ -147,25 +154,37 @@ fn launcher_env_errors_name_the_variable_or_flag() {
         "SLURM_NTASKS",
         "SLURM_LOCALID",
     ];
-    let cases: &[(&[(&str, &str)], &[&str], &[&str])] = &[
-        (&[], &[], &["--launcher env", "RANK and WORLD_SIZE"]),
-        (
-            &[("RANK", "1")],
-            &[],
-            &["RANK and WORLD_SIZE must be set together"],
-        ),
-        (
-            &[("SLURM_PROCID", "2"), ("SLURM_NTASKS", "2")],
-            &[],
-            &["SLURM_PROCID=2", "SLURM_NTASKS=2"],
-        ),
-        (
-            &[("RANK", "0"), ("WORLD_SIZE", "2")],
-            &["--device", "cpu"],
-            &["--launcher env", "--device cuda"],
-        ),
+    let cases = [
+        Launch {
+            vars: &[],
+            flags: &[],
+            names: &["--launcher env", "RANK and WORLD_SIZE"],
+        },
+        Launch {
+            vars: &[("RANK", "1")],
+            flags: &[],
+            names: &["RANK and WORLD_SIZE must be set together"],
+        },
+        Launch {
+            vars: &[("SLURM_PROCID", "2"), ("SLURM_NTASKS", "2")],
+            flags: &[],
+            names: &["SLURM_PROCID=2", "SLURM_NTASKS=2"],
+        },
+        Launch {
+            vars: &[("RANK", "0"), ("WORLD_SIZE", "2")],
+            flags: &["--device", "cpu"],
+            names: &["--launcher env", "--device cuda"],
+        },
     ];
-    for (i, (vars, extra, names)) in cases.iter().enumerate() {
+    for (
+        i,
+        Launch {
+            vars,
+            flags: extra,
+            names,
+        },
+    ) in cases.iter().enumerate()
+    {
         let out = root.join(format!("case{i}"));
         let mut flags = vec!["--launcher", "env"];
         flags.extend_from_slice(extra);
