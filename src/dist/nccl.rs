@@ -1,7 +1,7 @@
 //! The NCCL communicator (the `cuda` feature): the same collectives as the loopback group, between GPUs, over
-//! NVLink/PCIe inside a host and the network between hosts. Buffers are the host's `&mut [f32]` of
-//! [`Communicator`]: each collective uploads, runs on the GPU's stream and downloads (a staging copy that costs
-//! PCIe time but keeps every caller backend-agnostic).
+//! NVLink/PCIe inside a host and the network between hosts. The host `&mut [f32]` collectives of
+//! [`Communicator`] upload, run on the GPU's stream and download (a staging copy that costs PCIe time but keeps
+//! every caller backend-agnostic); `all_reduce_sum_gpu` sums a device buffer in place, with no copy.
 //!
 //! Two ways to build a group: [`NcclComm::group`] for one process driving several GPUs (one communicator per
 //! GPU, `ncclCommInitAll`), and [`NcclComm::from_launch`] for one process per GPU, where rank 0 draws the NCCL
@@ -11,7 +11,7 @@
 use super::launch::{tcp_rendezvous, LaunchEnv};
 use super::Communicator;
 use crate::error::{Error, Result};
-use crate::gpu::GpuContext;
+use crate::gpu::{GpuBuf, GpuContext};
 use cudarc::driver::CudaSlice;
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use std::sync::Arc;
@@ -143,6 +143,27 @@ impl Communicator for NcclComm {
             .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
             .map_err(nccl_err("all-reduce"))?;
         self.download(&dev, buf)
+    }
+    /// On the device, on the communicator's stream (the context's one stream, so after the kernels that made
+    /// `buf`); the buffer must live on this communicator's GPU.
+    fn all_reduce_sum_gpu(&self, buf: &mut GpuBuf) -> Result<()> {
+        if buf.ctx().ordinal() != self.ctx.ordinal() {
+            return Err(Error::invalid(
+                "nccl",
+                format!(
+                    "all-reduce of a buffer on cuda:{} by the communicator of cuda:{}",
+                    buf.ctx().ordinal(),
+                    self.ctx.ordinal()
+                ),
+            ));
+        }
+        let Some(mut view) = buf.view_mut() else {
+            return Ok(());
+        };
+        self.comm
+            .all_reduce_in_place(&mut view, &ReduceOp::Sum)
+            .map_err(nccl_err("all-reduce on the device"))?;
+        Ok(())
     }
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
         if root >= self.world_size() {

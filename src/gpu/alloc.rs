@@ -7,7 +7,7 @@
 //! When the driver is out of memory the cache is released and the request retried once.
 use super::{gpu_err, Arg, GpuContext};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -227,6 +227,12 @@ impl GpuBuf {
 
     pub(crate) fn ptr(&self) -> u64 {
         self.ptr
+    }
+
+    /// Its `len` values as a cudarc view (None for a zero-length buffer), for libraries that take one (NCCL).
+    pub(crate) fn view_mut(&mut self) -> Option<CudaViewMut<'_, f32>> {
+        let len = self.len;
+        self.slice.as_mut().map(|s| s.slice_mut(..len))
     }
 
     /// Copies the values to the host (waits for the stream).

@@ -105,6 +105,15 @@ impl Device {
         }
     }
 
+    /// The GPU's ordinal; None for the CPU.
+    pub fn ordinal(&self) -> Option<usize> {
+        match self {
+            Device::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ctx) => Some(ctx.ordinal()),
+        }
+    }
+
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
     }

@@ -8,9 +8,11 @@
 //! partials are taken first, with clip_grad_norm's kernel in its order, so the norm is that of the GPU clip bit
 //! for bit. The update then streams: each gradient is loaded, scaled by the clip coefficient, and applied by
 //! AdamW (`step_param_cuda`, moments pinned too). The arithmetic is the on-GPU path's, in the same order; only
-//! where the values wait changes.
+//! where the values wait changes. A data-parallel step sums the stashed gradients over the ranks first
+//! ([`PinnedGrads::all_reduce`]) and takes the partials of the sums instead.
 use super::SeqPos;
 use crate::autograd::{Tape, Var};
+use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBuf, GpuContext, PinnedF32};
 use crate::tensor::Tensor;
@@ -70,6 +72,27 @@ impl PinnedGrads {
                 *slot = Some(ctx.alloc_pinned_f32(g.len())?);
             }
             slot.as_mut().expect("made above").store(g)?;
+        }
+        Ok(())
+    }
+
+    /// Data-parallel steps: after this rank's last sequence (stashed without partials), sums every scale's
+    /// gradient over the ranks, one at a time through the GPU (`Communicator::all_reduce_sum_gpu`), and takes
+    /// the Σ g² partials of the sums, so that [`PinnedGrads::clip_and_step`] clips the global batch's gradient.
+    pub fn all_reduce(&mut self, scales: &[Var], comm: &dyn Communicator) -> Result<()> {
+        for &v in scales {
+            let p = self.bufs[v.index()].as_ref().ok_or_else(|| {
+                Error::Autograd(format!("e2e_qp: scale {} has no gradient", v.index()))
+            })?;
+            let ctx = p.ctx().clone();
+            let mut g = ctx.alloc(p.len())?;
+            p.load(&mut g)?;
+            comm.all_reduce_sum_gpu(&mut g)?;
+            clip_cuda::partial_sum_squares(self.partials(&ctx)?, v.index(), &g)?;
+            self.bufs[v.index()]
+                .as_mut()
+                .expect("checked above")
+                .store(&g)?;
         }
         Ok(())
     }

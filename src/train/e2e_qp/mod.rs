@@ -35,8 +35,11 @@ use crate::train::adamw::{AdamW, ParamGroup};
 use crate::train::clip::clip_grad_norm;
 use crate::train::device::Device;
 use crate::train::schedule::CosineSchedule;
+pub use dist::share_examples;
+use dist::{all_reduce_grads, broadcast_scales};
 use offload::BlockInputs;
 
+mod dist;
 #[cfg(feature = "cuda")]
 pub mod grads;
 pub mod offload;
@@ -222,10 +225,12 @@ impl E2eTrainer {
         let weight = 1.0 / batch.len() as f32;
         let mine = &batch[shard(batch.len(), comm.rank(), world)];
         for (s, ex) in mine.iter().enumerate() {
+            // Offloaded gradients take their clip partials on the last sequence, unless the ranks' sums are
+            // still to come (`PinnedGrads::all_reduce` takes them then).
             #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
             let pos = SeqPos {
                 first: s == 0,
-                last: s + 1 == mine.len(),
+                last: s + 1 == mine.len() && world == 1,
             };
             #[cfg(feature = "cuda")]
             let mut offloaded = self.grads.as_mut().map(|g| Offloaded(g, pos));
@@ -249,6 +254,12 @@ impl E2eTrainer {
         #[cfg(feature = "cuda")]
         if let Some(g) = &mut self.grads {
             let scales: Vec<Var> = self.vars.scales.iter().flatten().copied().collect();
+            if world > 1 {
+                g.all_reduce(&scales, comm)?;
+                let mut loss = [loss_sum as f32];
+                comm.all_reduce_sum(&mut loss)?;
+                loss_sum = loss[0] as f64;
+            }
             let limits = (self.max_grad_norm, lr_factor);
             let grad_norm = g.clip_and_step(&mut self.tape, &scales, &mut self.opt, limits)?;
             return Ok(((loss_sum / batch.len() as f64) as f32, grad_norm));
@@ -286,8 +297,10 @@ pub fn train_e2e(
 /// slice ([`shard`]) of every global batch. Each rank accumulates loss/global_batch over its sequences, exactly
 /// as the single rank does over all of them; the summed gradients (`all_reduce_sum`) are then the single-rank
 /// gradients up to the order of the f32 additions, and every rank clips and steps identically, so the scales
-/// stay equal on all ranks. Returns the loss of every optimizer step (the global-batch mean). Several ranks
-/// need host gradients (the communicator sums host buffers): `opts.device` must then be the CPU.
+/// stay equal on all ranks (rank 0's starting scales are broadcast first, so they start equal too). Returns the
+/// loss of every optimizer step (the global-batch mean). On a GPU the gradients are summed where the run keeps
+/// them: on the device, or, offloaded, loaded from pinned memory one scale at a time
+/// (`grads::PinnedGrads::all_reduce`); NCCL sums on the device, other communicators through the host.
 pub fn train_e2e_dist(
     model: &mut QuantizedModel,
     data: &[Example],
@@ -305,16 +318,10 @@ pub fn train_e2e_dist(
             ),
         ));
     }
-    if world > 1 && !opts.device.is_cpu() {
-        return Err(Error::invalid(
-            "e2e_qp",
-            format!(
-                "data-parallel E2E-QP ({world} ranks) sums host gradients: run it on the CPU, not {}",
-                opts.device.name()
-            ),
-        ));
-    }
     check_data(data, opts.global_batch)?;
+    if world > 1 {
+        broadcast_scales(model, comm)?;
+    }
     let mut trainer = E2eTrainer::new(model, opts)?;
     let steps_per_epoch = data.len() / opts.global_batch;
     let total = steps_per_epoch * opts.epochs;
@@ -345,22 +352,4 @@ pub fn train_e2e_dist(
     }
     trainer.finish(model)?;
     Ok(losses)
-}
-
-/// Sums every parameter gradient and `loss_sum` over the ranks (one flat buffer, one collective); returns the
-/// summed loss.
-fn all_reduce_grads(tape: &mut Tape, comm: &dyn Communicator, loss_sum: f32) -> Result<f32> {
-    let mut flat = Vec::new();
-    for g in tape.param_grads_mut() {
-        flat.extend_from_slice(g.f32s("e2e_qp all-reduce")?);
-    }
-    flat.push(loss_sum);
-    comm.all_reduce_sum(&mut flat)?;
-    let mut at = 0;
-    for g in tape.param_grads_mut() {
-        let d = g.f32s_mut("e2e_qp all-reduce")?;
-        d.copy_from_slice(&flat[at..at + d.len()]);
-        at += d.len();
-    }
-    Ok(flat[at])
 }

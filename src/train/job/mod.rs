@@ -13,7 +13,7 @@ use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
 use crate::train::device::Device;
 use crate::train::e2e_data::E2eData;
-use crate::train::e2e_qp::{train_e2e, E2eOptions};
+use crate::train::e2e_qp::E2eOptions;
 use crate::train::mrem::{run_block_ap_mrem, MremOptions};
 use crate::train::pipeline::{
     host_streams, run_block_ap_at, streams_at, BlockSink, Event, PipelineOptions, StreamsAt,
@@ -25,12 +25,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod checks;
+mod data_parallel;
 mod examples;
 mod models;
 mod pause;
 
 use checks::{check_args, offloads};
 pub use checks::{check_host_memory, FORWARD_BATCH};
+use data_parallel::{check_ranks, train_e2e_ranks};
+pub use data_parallel::{run_e2e_follower, E2eRanks};
 use examples::e2e_examples;
 use models::quantized_model;
 pub use models::rtn_model;
@@ -89,6 +92,8 @@ pub struct TrainArgs {
     pub eval: Option<(PathBuf, EvalOptions)>,
     /// Block-AP with K modules trained concurrently (`--parallel modules`); None = one block after another.
     pub mrem: Option<MremOptions>,
+    /// Data-parallel E2E-QP: the ranks and how they meet (`--e2e-ranks`, `--e2e-gpus`, `--launcher env`).
+    pub e2e_ranks: E2eRanks,
 }
 
 impl TrainArgs {
@@ -129,6 +134,7 @@ impl TrainArgs {
             dtype: ComputeDType::F32,
             eval: None,
             mrem: None,
+            e2e_ranks: E2eRanks::Single,
         }
     }
 }
@@ -193,6 +199,7 @@ pub fn run_train(
 ) -> Result<TrainSummary> {
     let cfg: LlamaConfig = fp.config().clone();
     check_args(args, &cfg)?;
+    check_ranks(args)?;
     let (split, budget) = check_host_memory(args, &cfg)?;
     let mut pause = PauseHook::from_env();
     let mut summary = TrainSummary::default();
@@ -430,8 +437,15 @@ pub fn run_train(
         device: args.device.clone(),
         ..args.e2e.clone()
     };
+    if args.e2e_ranks.world_size() > 1 {
+        say(&format!(
+            "E2E-QP data-parallel over {} ranks, each a slice of every global batch of {}",
+            args.e2e_ranks.world_size(),
+            e2e.global_batch
+        ));
+    }
     let e2e_losses = with_dtype(args, || {
-        train_e2e(&mut qm, &data, &e2e, |s| {
+        train_e2e_ranks(args, &mut qm, &data, &e2e, |s| {
             pause.step(&mut say);
             if (s.step + 1) % 4 == 0 || s.step + 1 == s.total_steps {
                 say(&format!(
