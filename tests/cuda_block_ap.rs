@@ -9,10 +9,9 @@ use cuda_common::*;
 use eqat::bench::random::{randn_cuda, uniform_cuda};
 use eqat::bench::{run_block_ap_bench, BenchShape, BlockApBench, MatmulDType};
 use eqat::gpu::GpuContext;
-use eqat::model::llama::{BlockWeights, LlamaConfig};
+use eqat::model::llama::BlockWeights;
 use eqat::ops::linear::cast_bf16_cuda;
 use eqat::ops::reshape::reshape;
-use eqat::ops::rope::RopeLayout;
 use eqat::quant::fake_quant::{fake_quant, fake_quant_linear, init_minmax, QuantConfig};
 use eqat::testing::to_f64;
 use eqat::train::block_ap::{train_block, BlockApOptions, TensorPairs};
@@ -200,30 +199,13 @@ fn device_pieces_match_the_cpu() {
     r.finish();
 }
 
-fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        hidden: 64,
-        intermediate: 96,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 16,
-        n_layers: 1,
-        vocab: 32,
-        rms_eps: 1e-5,
-        rope_base: 10_000.0,
-        rope_layout: RopeLayout::HalfSplit,
-        tie_embeddings: false,
-        attn_bias: false,
-    }
-}
-
 #[test]
 fn train_block_on_the_gpu_matches_the_cpu() {
     let Some(ctx) = device("train_block") else {
         return;
     };
     let mut r = Report::new("train_block gpu vs cpu");
-    let cfg = tiny();
+    let cfg = tiny_block(96);
     let mut rng = Rng::new(302);
     let w = BlockWeights::random(&cfg, &mut rng);
     let inputs = Tensor::randn(&[4, 16, cfg.hidden], 1.0, &mut rng);

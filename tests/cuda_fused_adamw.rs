@@ -7,8 +7,7 @@ mod cuda_common;
 
 use cuda_common::*;
 use eqat::gpu::GpuContext;
-use eqat::model::llama::{BlockWeights, LlamaConfig};
-use eqat::ops::rope::RopeLayout;
+use eqat::model::llama::BlockWeights;
 use eqat::quant::fake_quant::{
     fake_quant_bwd_cpu, fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, fake_quant_fwd_cpu,
     init_minmax, QuantConfig,
@@ -263,23 +262,6 @@ fn fused_step_equals_the_kernels_it_replaces_and_tracks_the_cpu() {
     r.finish();
 }
 
-fn block(intermediate: usize) -> LlamaConfig {
-    LlamaConfig {
-        hidden: 64,
-        intermediate,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 16,
-        n_layers: 1,
-        vocab: 32,
-        rms_eps: 1e-5,
-        rope_base: 10_000.0,
-        rope_layout: RopeLayout::HalfSplit,
-        tie_embeddings: false,
-        attn_bias: false,
-    }
-}
-
 #[test]
 fn block_ap_fused_and_unfused_train_identically() {
     let Some(_) = device("block_ap fused") else {
@@ -287,7 +269,7 @@ fn block_ap_fused_and_unfused_train_identically() {
     };
     let mut r = Report::new("block_ap fused vs unfused");
     for (intermediate, g) in [(96, 16), (128, 64)] {
-        let cfg = block(intermediate);
+        let cfg = tiny_block(intermediate);
         let mut rng = Rng::new(77);
         let w = BlockWeights::random(&cfg, &mut rng);
         let inputs = Tensor::randn(&[8, 32, cfg.hidden], 1.0, &mut rng);

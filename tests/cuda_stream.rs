@@ -9,8 +9,7 @@ mod cuda_common;
 use cuda_common::*;
 use eqat::bench::stream::{run_block_ap_stream, StreamBench};
 use eqat::bench::{BenchShape, BlockApBench, MatmulDType};
-use eqat::model::llama::{BlockVars, BlockWeights, LlamaConfig};
-use eqat::ops::rope::RopeLayout;
+use eqat::model::llama::{BlockVars, BlockWeights};
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::block_ap::{
     block_ap_optimizer, train_block, train_step, BlockApOptions, BlockSamples, TensorPairs,
@@ -123,23 +122,6 @@ fn streamed_batches_and_outputs_round_trip_through_pinned_ram_and_the_file() {
     r.finish();
 }
 
-fn tiny_block() -> LlamaConfig {
-    LlamaConfig {
-        hidden: 64,
-        intermediate: 96,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 16,
-        n_layers: 1,
-        vocab: 50,
-        rms_eps: 1e-5,
-        rope_base: 10_000.0,
-        rope_layout: RopeLayout::HalfSplit,
-        tie_embeddings: true,
-        attn_bias: false,
-    }
-}
-
 /// Losses of `steps` Block-AP steps over `batches`, each batch from `pair`.
 fn losses(
     ctx: &Arc<eqat::gpu::GpuContext>,
@@ -147,7 +129,7 @@ fn losses(
     steps: usize,
     mut pair: impl FnMut(usize) -> (Tensor, Tensor),
 ) -> Vec<f32> {
-    let cfg = tiny_block();
+    let cfg = tiny_block(96);
     let quant = QuantConfig::new(2, 16).unwrap();
     let mut opts = BlockApOptions::recipe(quant);
     opts.device = Device::Cuda(ctx.clone());
@@ -173,7 +155,7 @@ fn training_on_streamed_batches_matches_training_on_uploaded_batches() {
     };
     let mut r = Report::new("stream/training");
     let (mut store, fp, q) = filled_store(&ctx, "train");
-    let w = BlockWeights::random(&tiny_block(), &mut Rng::new(3));
+    let w = BlockWeights::random(&tiny_block(96), &mut Rng::new(3));
     let row = 8 * 64;
     // Two epochs of three batches of 2: batch 0 pinned, 1 across, 2 in the file.
     let batches: Vec<(usize, usize)> = (0..6).map(|i| ((i % 3) * 2, 2)).collect();
@@ -210,7 +192,7 @@ fn train_block_on_streamed_samples_matches_train_block_on_tensors() {
     };
     let mut r = Report::new("stream/train_block");
     let (mut store, fp, q) = filled_store(&ctx, "block");
-    let w = BlockWeights::random(&tiny_block(), &mut Rng::new(5));
+    let w = BlockWeights::random(&tiny_block(96), &mut Rng::new(5));
     let mut opts = BlockApOptions::recipe(QuantConfig::new(2, 16).unwrap());
     opts.device = Device::Cuda(ctx.clone());
     let (inputs, targets) = (
@@ -221,13 +203,13 @@ fn train_block_on_streamed_samples_matches_train_block_on_tensors() {
         inputs: &inputs,
         targets: &targets,
     };
-    let want = train_block(&tiny_block(), &w, &plain, Some(&plain), &opts, |_| {}).unwrap();
+    let want = train_block(&tiny_block(96), &w, &plain, Some(&plain), &opts, |_| {}).unwrap();
     let copy = Arc::new(ctx.copy_stream().unwrap());
     let streamed =
         StreamedSamples::new(&ctx, &copy, &mut store, opts.batch_size, opts.epochs).unwrap();
     r.expect("six samples", streamed.len() == 6);
     let val: &dyn BlockSamples = &streamed;
-    let got = train_block(&tiny_block(), &w, &streamed, Some(val), &opts, |_| {}).unwrap();
+    let got = train_block(&tiny_block(96), &w, &streamed, Some(val), &opts, |_| {}).unwrap();
     say(&format!(
         "train_block losses: tensors {:?}, streamed {:?}; val {:?} / {:?}",
         want.step_losses, got.step_losses, want.val_losses, got.val_losses

@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use eqat::gpu::{GpuBuf, GpuContext};
+use eqat::model::llama::LlamaConfig;
+use eqat::ops::rope::RopeLayout;
 use eqat::testing::compare;
 use std::io::Write;
 use std::sync::{Arc, OnceLock};
@@ -127,5 +129,23 @@ impl Report {
             self.name,
             self.failures.len()
         );
+    }
+}
+
+/// A one-block Llama small enough for a test to train in milliseconds (hidden 64, 4 heads of 16, 2 kv heads).
+pub fn tiny_block(intermediate: usize) -> LlamaConfig {
+    LlamaConfig {
+        hidden: 64,
+        intermediate,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+        n_layers: 1,
+        vocab: 32,
+        rms_eps: 1e-5,
+        rope_base: 10_000.0,
+        rope_layout: RopeLayout::HalfSplit,
+        tie_embeddings: false,
+        attn_bias: false,
     }
 }
