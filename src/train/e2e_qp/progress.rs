@@ -70,18 +70,24 @@ impl E2eIdentity {
         let digest: String = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
         E2eIdentity {
             settings: json!({
-                "e2e_lr": opts.lr,
+                "e2e_lr": readable(opts.lr),
                 "e2e_batch": opts.global_batch,
                 "e2e_epochs": opts.epochs,
-                "e2e_weight_decay": opts.weight_decay,
-                "e2e_max_grad_norm": opts.max_grad_norm,
-                "e2e_warmup_ratio": opts.warmup_ratio,
+                "e2e_weight_decay": readable(opts.weight_decay),
+                "e2e_max_grad_norm": readable(opts.max_grad_norm),
+                "e2e_warmup_ratio": readable(opts.warmup_ratio),
                 "e2e_examples": data.len(),
                 "e2e_data_sha256": digest,
             }),
             total_steps: total_steps(data.len(), opts),
         }
     }
+}
+
+/// `x` as the f64 its shortest decimal names (0.00001, not 9.999999747378752e-6): as exact a record of the
+/// f32, and readable in an error message.
+fn readable(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::NAN)
 }
 
 /// Optimizer steps of E2E-QP on `examples` sequences: whole global batches, every epoch.
