@@ -71,24 +71,31 @@ impl CheckpointDir {
                 ),
             ));
         }
-        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        // The tensors' bytes are borrowed from `progress`: a save of a large model holds no second copy.
+        let mut tensors: Vec<(String, &[usize], &[f32])> = Vec::new();
         for ((slot, s), st) in slots.iter().zip(&progress.scales).zip(params) {
             let p = &slot.prefix;
-            owned.push((
+            if s.shape() != slot.shape {
+                return Err(Error::shape(
+                    "save_e2e_progress",
+                    format!("{p}.scales is {:?}, expected {:?}", s.shape(), slot.shape),
+                ));
+            }
+            tensors.push((
                 format!("{p}.scales"),
-                s.shape().to_vec(),
-                le_bytes(s.f32s("save_e2e_progress")?),
+                s.shape(),
+                s.f32s("save_e2e_progress")?,
             ));
             if st.step > 0 {
-                owned.push((format!("{p}.adamw_m"), s.shape().to_vec(), le_bytes(&st.m)));
-                owned.push((format!("{p}.adamw_v"), s.shape().to_vec(), le_bytes(&st.v)));
+                tensors.push((format!("{p}.adamw_m"), s.shape(), &st.m));
+                tensors.push((format!("{p}.adamw_v"), s.shape(), &st.v));
             }
         }
-        let losses = &progress.losses;
-        owned.push(("losses".into(), vec![losses.len()], le_bytes(losses)));
-        let refs: Vec<_> = owned
+        let losses_shape = [progress.losses.len()];
+        tensors.push(("losses".into(), &losses_shape, &progress.losses));
+        let refs: Vec<_> = tensors
             .iter()
-            .map(|(n, s, b)| (n.as_str(), Dtype::F32, s.as_slice(), b.as_slice()))
+            .map(|&(ref n, s, v)| (n.as_str(), Dtype::F32, s, bytemuck::cast_slice(v)))
             .collect();
         let steps: Vec<u64> = params.iter().map(|p| p.step).collect();
         let md = BTreeMap::from([
@@ -257,8 +264,4 @@ fn read_f32s(f: &SafetensorsFile, name: &str, shape: &[usize]) -> Result<Vec<f32
         return Err(Error::format(f.path(), format!("tensor {name}"), msg));
     }
     Ok(values)
-}
-
-fn le_bytes(v: &[f32]) -> Vec<u8> {
-    bytemuck::cast_slice(v).to_vec()
 }
