@@ -4,7 +4,7 @@
 use super::pause::PauseHook;
 use super::{Log, TrainArgs};
 use crate::dist::SingleRank;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::checkpoint::CheckpointDir;
 use crate::model::quantized::QuantizedModel;
 use crate::train::e2e_qp::{E2eIdentity, E2eOptions, E2eRun, Example};
@@ -54,7 +54,19 @@ pub(super) fn e2e_stage(
         log.write(json!({"event": "step", "phase": "e2e-qp", "step": s.step, "loss": s.loss, "grad_norm": s.grad_norm}))?;
         let every = args.e2e_checkpoint_every;
         if run.is_done() || every.due(run.steps_done(), last_save.elapsed()) {
+            let t0 = Instant::now();
             ckpt.save_e2e_progress(&run.progress()?, &identity)?;
+            let path = ckpt.e2e_progress_path();
+            let bytes = std::fs::metadata(&path)
+                .map_err(|e| Error::io(&path, e))?
+                .len();
+            say(&format!(
+                "E2E-QP progress after step {}/{} saved: {:.1} MiB in {:.2} s",
+                run.steps_done(),
+                run.total_steps(),
+                bytes as f64 / (1 << 20) as f64,
+                t0.elapsed().as_secs_f64()
+            ));
             last_save = Instant::now();
         }
         pause.step(say);
