@@ -27,6 +27,10 @@
 //! every scale's gradient must exist until the last sequence's backward, in f32 (they are sums of 32 parts):
 //! AdamW cannot run layer by layer inside the backward, and the gradient buffer stays, in host memory when
 //! offloaded.
+//!
+//! Resuming: [`E2eRun`] (run.rs) steps the loop for a caller that saves its [`E2eProgress`] between steps
+//! (progress.rs: the scales, AdamW's state and the losses are the whole state) and continues from it later, bit
+//! for bit on the same device.
 use crate::autograd::{Tape, Var};
 use crate::dist::{shard, Communicator, SingleRank};
 use crate::error::{Error, Result};

@@ -113,7 +113,7 @@ pub fn identity_flags(key: &str) -> &'static str {
 /// How often `engine train` saves E2E-QP's progress (it always saves after the last step too).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SaveEvery {
-    /// After every N-th optimizer step (N >= 1).
+    /// After every N-th optimizer step (`parse` gives N >= 1; 0 saves only after the last step).
     Steps(usize),
     /// After the first step that ends this long after the last save (or the start).
     Interval(Duration),
@@ -152,7 +152,7 @@ impl SaveEvery {
     /// Whether to save now, `steps_done` steps into the run and `since_save` after the last save.
     pub fn due(&self, steps_done: usize, since_save: Duration) -> bool {
         match *self {
-            SaveEvery::Steps(n) => steps_done % n == 0,
+            SaveEvery::Steps(n) => steps_done > 0 && steps_done.is_multiple_of(n),
             SaveEvery::Interval(d) => since_save >= d,
         }
     }
@@ -244,6 +244,7 @@ mod tests {
         }
         let every3 = SaveEvery::Steps(3);
         assert!(!every3.due(2, Duration::ZERO) && every3.due(3, Duration::ZERO));
+        assert!(!SaveEvery::Steps(0).due(3, Duration::ZERO));
         let minute = SaveEvery::Interval(Duration::from_secs(60));
         assert!(!minute.due(7, Duration::from_secs(59)) && minute.due(7, Duration::from_secs(60)));
     }
