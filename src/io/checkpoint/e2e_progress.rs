@@ -116,6 +116,7 @@ impl CheckpointDir {
     /// The progress saved by an earlier attempt of the run `identity` describes, or None when there is no file.
     /// A file of another run (other bits, groups, settings or data) or a damaged one is an error.
     pub fn load_e2e_progress(&self, identity: &E2eIdentity) -> Result<Option<E2eProgress>> {
+        self.remove_unfinished_saves()?;
         let path = self.e2e_progress_path();
         if !path.exists() {
             return Ok(None);
@@ -186,6 +187,21 @@ impl CheckpointDir {
                 params,
             },
         }))
+    }
+
+    /// Removes the temporary files of saves a kill interrupted before their rename (write_safetensors names them
+    /// `.e2e_progress.safetensors.PID.N.tmp`): as large as the progress file, and never read.
+    fn remove_unfinished_saves(&self) -> Result<()> {
+        let prefix = format!(".{E2E_PROGRESS_FILE}.");
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(&self.dir, e))?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".tmp")) {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        Ok(())
     }
 }
 

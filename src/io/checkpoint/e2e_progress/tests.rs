@@ -102,7 +102,13 @@ fn progress_round_trips_and_no_file_is_none() {
     assert_eq!(ckpt.load_e2e_progress(&identity(4)).unwrap(), None);
     let p = progress(&ckpt);
     ckpt.save_e2e_progress(&p, &identity(4)).unwrap();
+    // A save killed before its rename left its temporary file; the next load removes it, and only it.
+    let unfinished = ckpt.dir().join(".e2e_progress.safetensors.4242.0.tmp");
+    let other = ckpt.dir().join(".head.safetensors.4242.0.tmp");
+    std::fs::write(&unfinished, b"half").unwrap();
+    std::fs::write(&other, b"half").unwrap();
     assert_eq!(ckpt.load_e2e_progress(&identity(4)).unwrap(), Some(p));
+    assert!(!unfinished.exists() && other.exists());
     std::fs::remove_dir_all(ckpt.dir()).unwrap();
 }
 
