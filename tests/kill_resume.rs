@@ -1,7 +1,9 @@
 //! Kill and resume the real binary: `engine train` on stories260K is SIGKILLed in the middle of a run, continued
 //! with `--resume`, and must end with a checkpoint byte-identical to an uninterrupted run with the same seed.
+//! Block-AP resumes after its last finished block, E2E-QP after its last progress save (e2e_progress.safetensors);
+//! a progress file of another run, or a damaged one, stops the resumed run with an error naming it.
 //!
-//! The kill point is made deterministic by the EQAT_TEST_PAUSE_AT_STEP hook (src/train/job.rs): the run prints
+//! The kill point is made deterministic by the EQAT_TEST_PAUSE_AT_STEP hook (src/train/job/pause.rs): the run prints
 //! "paused at step N" and sleeps at its N-th training step, and the test kills it then. Polling for a block file
 //! instead would race the run on a loaded machine (stories260K trains a block in a fraction of a second).
 //!
