@@ -12,7 +12,7 @@ use eqat::eval::{eval_ids, eval_windows, perplexity_of_windows, Perplexity};
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::block_ap::BlockApOptions;
 use eqat::train::e2e_data::E2eData;
-use eqat::train::e2e_qp::E2eOptions;
+use eqat::train::e2e_qp::{E2eOptions, SaveEvery};
 use eqat::train::job::{run_train, Calibration, Phase, TrainArgs};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -99,6 +99,10 @@ enum Command {
         /// E2E-QP training sequences (default: --train-size).
         #[arg(long)]
         e2e_train_size: Option<usize>,
+        /// Save E2E-QP's progress into --out every N optimizer steps (`50`) or every interval (`90s`, `5m`,
+        /// `1h`), and after the last step; --resume continues from the last save.
+        #[arg(long, default_value = "5m")]
+        e2e_checkpoint_every: String,
         /// Where Block-AP keeps its block inputs: ram, or disk (files in --out).
         #[arg(long, default_value = "ram")]
         offload: String,
@@ -299,6 +303,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         e2e_data,
         e2e_seqlen,
         e2e_train_size,
+        e2e_checkpoint_every,
         offload,
         host_mem,
         block_inputs,
@@ -380,6 +385,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         },
         e2e_seqlen: e2e_seqlen.unwrap_or(seqlen),
         e2e_train_size: e2e_train_size.unwrap_or(train_size),
+        e2e_checkpoint_every: SaveEvery::parse(&e2e_checkpoint_every)?,
         offload_disk,
         host_mem: host_mem
             .as_deref()

@@ -154,3 +154,55 @@ fn e2e_qp_offload_changes_nothing() {
     r.expect("scales equal", s0 == s1);
     r.finish();
 }
+
+/// E2E-QP's progress on the GPU (`E2eRun::progress`: scales downloaded, AdamW moments synchronised to the host)
+/// continued by a fresh run (scales and moments uploaded again) ends where the uninterrupted GPU run ends, bit
+/// for bit: losses and trained scales, with the moments pinned (offload) or on the device. The same shapes as
+/// `e2e_qp_offload_changes_nothing`, which finds two GPU runs bit-identical.
+#[test]
+fn e2e_qp_on_the_gpu_continues_from_its_progress_bit_for_bit() {
+    use eqat::dist::SingleRank;
+    use eqat::train::e2e_qp::E2eRun;
+    let Some(ctx) = device("e2e_qp_on_the_gpu_continues_from_its_progress_bit_for_bit") else {
+        return;
+    };
+    let mut r = Report::new("e2e_qp gpu resume");
+    let quant = QuantConfig::new(2, 8).unwrap();
+    let model = rtn_model(23, quant);
+    let train = data(8, 20, 23);
+    let scales = |m: &eqat::model::quantized::QuantizedModel| -> Vec<Vec<f32>> {
+        m.blocks
+            .iter()
+            .flat_map(|b| b.linears.iter().map(|l| l.scales().to_f32_vec()))
+            .collect()
+    };
+    for offload in [true, false] {
+        let opts = E2eOptions {
+            global_batch: 2,
+            device: Device::Cuda(ctx.clone()),
+            offload,
+            ..E2eOptions::recipe(2)
+        };
+        let mut whole = model.clone();
+        let want = train_e2e(&mut whole, &train, &opts, |_| {}).unwrap();
+        let mut run = E2eRun::new(&model, &train, &opts, None).unwrap();
+        for _ in 0..2 {
+            run.step(&model, &SingleRank).unwrap();
+        }
+        let progress = run.progress().unwrap();
+        drop(run);
+        let mut resumed = model.clone();
+        let mut run = E2eRun::new(&resumed, &train, &opts, Some(progress)).unwrap();
+        while !run.is_done() {
+            run.step(&resumed, &SingleRank).unwrap();
+        }
+        let got = run.finish(&mut resumed).unwrap();
+        say(&format!("offload {offload}: losses {got:?}"));
+        r.expect(&format!("offload {offload}: losses equal"), got == want);
+        r.expect(
+            &format!("offload {offload}: scales equal"),
+            scales(&resumed) == scales(&whole),
+        );
+    }
+    r.finish();
+}

@@ -166,3 +166,66 @@ fn data_parallel_e2e_matches_the_single_rank_run() {
     let e = train_e2e_dist(&mut m, &examples, &opts, &comms[0], |_| {}).unwrap_err();
     assert!(e.to_string().contains("each of 4 ranks"), "{e}");
 }
+
+/// llm.c's determinism check on E2E-QP: train 3 steps, take the progress, continue it on a fresh copy of the
+/// model (as a restarted process would) and end with the losses and scales of the uninterrupted run, bit for
+/// bit; progress that does not fit the model is refused.
+#[test]
+fn e2e_run_continued_from_its_progress_ends_as_the_uninterrupted_run() {
+    use eqat::dist::SingleRank;
+    use eqat::train::e2e_qp::E2eRun;
+    let quant = QuantConfig::new(2, 8).unwrap();
+    let examples = data(8, 12, 1);
+    let opts = E2eOptions {
+        global_batch: 2,
+        epochs: 2,
+        lr: 2e-3,
+        ..E2eOptions::recipe(2)
+    };
+    let mut whole = rtn_model(11, quant);
+    let want = train_e2e(&mut whole, &examples, &opts, |_| {}).unwrap();
+    assert_eq!(want.len(), 8);
+
+    let first = rtn_model(11, quant);
+    let mut run = E2eRun::new(&first, &examples, &opts, None).unwrap();
+    for _ in 0..3 {
+        run.step(&first, &SingleRank).unwrap();
+    }
+    let progress = run.progress().unwrap();
+    assert_eq!(progress.adamw.steps, 3);
+
+    let mut restarted = rtn_model(11, quant);
+    let mut run = E2eRun::new(&restarted, &examples, &opts, Some(progress.clone())).unwrap();
+    assert_eq!(run.steps_done(), 3);
+    while !run.is_done() {
+        run.step(&restarted, &SingleRank).unwrap();
+    }
+    assert_eq!(run.finish(&mut restarted).unwrap(), want);
+    for (b0, b1) in whole.blocks.iter().zip(&restarted.blocks) {
+        for (l0, l1) in b0.linears.iter().zip(&b1.linears) {
+            assert_eq!(
+                l0.scales().f32s("t").unwrap(),
+                l1.scales().f32s("t").unwrap()
+            );
+        }
+    }
+
+    let mut short = progress.clone();
+    short.scales.pop();
+    let e = E2eRun::new(&restarted, &examples, &opts, Some(short))
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("holds 20 scales, the model has 21"),
+        "{e}"
+    );
+    let mut ahead = progress;
+    ahead.losses = vec![1.0; 9];
+    let e = E2eRun::new(&restarted, &examples, &opts, Some(ahead))
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("has 9 steps, the run makes 8"),
+        "{e}"
+    );
+}

@@ -193,6 +193,12 @@ const CASES: &[Case] = &[
         kept: &[],
     },
     Case {
+        name: "--e2e-checkpoint-every 0",
+        setup: |_| flags(&["--e2e-checkpoint-every", "0"]),
+        names: &["--e2e-checkpoint-every 0", "N steps", "a duration"],
+        kept: &[],
+    },
+    Case {
         name: "NaN weights in block 2: stops there, keeps blocks 0 and 1",
         setup: |c| {
             vec![

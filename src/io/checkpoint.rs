@@ -11,8 +11,11 @@
 //!                                 qweight (U32 [out, ⌈in/per-word⌉], EQAT ten-per-word at 3 bits),
 //!                                 qzeros (U8 [out, groups]), scales (F32 [out, groups]); step and validation
 //!                                 losses and epochs_run in metadata
+//! DIR/e2e_progress.safetensors   E2E-QP's scales, AdamW state and losses so far, saved during the phase so that
+//!                                 a killed run continues it (e2e_progress.rs)
 //! ```
 //! Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+mod e2e_progress;
 mod open;
 mod validate;
 

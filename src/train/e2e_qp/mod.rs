@@ -27,6 +27,10 @@
 //! every scale's gradient must exist until the last sequence's backward, in f32 (they are sums of 32 parts):
 //! AdamW cannot run layer by layer inside the backward, and the gradient buffer stays, in host memory when
 //! offloaded.
+//!
+//! Resuming: [`E2eRun`] (run.rs) steps the loop for a caller that saves its [`E2eProgress`] between steps
+//! (progress.rs: the scales, AdamW's state and the losses are the whole state) and continues from it later, bit
+//! for bit on the same device.
 use crate::autograd::{Tape, Var};
 use crate::dist::{shard, Communicator, SingleRank};
 use crate::error::{Error, Result};
@@ -34,17 +38,20 @@ use crate::model::quantized::QuantizedModel;
 use crate::train::adamw::{AdamW, ParamGroup};
 use crate::train::clip::clip_grad_norm;
 use crate::train::device::Device;
-use crate::train::schedule::CosineSchedule;
-pub use dist::share_examples;
 use dist::{all_reduce_grads, broadcast_scales};
+pub use dist::{scale_shapes, share_examples, share_progress};
 use offload::BlockInputs;
 
 mod dist;
 #[cfg(feature = "cuda")]
 pub mod grads;
 pub mod offload;
+mod progress;
+mod run;
 mod sequence;
 
+pub use progress::{identity_flags, E2eIdentity, E2eProgress, SaveEvery};
+pub use run::{train_e2e, train_e2e_dist, E2eRun};
 #[cfg(feature = "cuda")]
 use sequence::Offloaded;
 pub use sequence::{example_loss_and_grads, SeqPos};
@@ -281,75 +288,4 @@ impl E2eTrainer {
         }
         Ok(())
     }
-}
-
-/// Trains the scales of `model` in place on `data`; returns the loss of every optimizer step.
-pub fn train_e2e(
-    model: &mut QuantizedModel,
-    data: &[Example],
-    opts: &E2eOptions,
-    on_step: impl FnMut(E2eStep),
-) -> Result<Vec<f32>> {
-    train_e2e_dist(model, data, opts, &SingleRank, on_step)
-}
-
-/// Data-parallel [`train_e2e`]: every rank holds the whole `data` and the same `model`, and takes its contiguous
-/// slice ([`shard`]) of every global batch. Each rank accumulates loss/global_batch over its sequences, exactly
-/// as the single rank does over all of them; the summed gradients (`all_reduce_sum`) are then the single-rank
-/// gradients up to the order of the f32 additions, and every rank clips and steps identically, so the scales
-/// stay equal on all ranks (rank 0's starting scales are broadcast first, so they start equal too). Returns the
-/// loss of every optimizer step (the global-batch mean). On a GPU the gradients are summed where the run keeps
-/// them: on the device, or, offloaded, loaded from pinned memory one scale at a time
-/// (`grads::PinnedGrads::all_reduce`); NCCL sums on the device, other communicators through the host.
-pub fn train_e2e_dist(
-    model: &mut QuantizedModel,
-    data: &[Example],
-    opts: &E2eOptions,
-    comm: &dyn Communicator,
-    mut on_step: impl FnMut(E2eStep),
-) -> Result<Vec<f32>> {
-    let world = comm.world_size();
-    if opts.global_batch < world {
-        return Err(Error::invalid(
-            "e2e_qp",
-            format!(
-                "a global batch of {} cannot give each of {world} ranks a sequence",
-                opts.global_batch
-            ),
-        ));
-    }
-    check_data(data, opts.global_batch)?;
-    if world > 1 {
-        broadcast_scales(model, comm)?;
-    }
-    let mut trainer = E2eTrainer::new(model, opts)?;
-    let steps_per_epoch = data.len() / opts.global_batch;
-    let total = steps_per_epoch * opts.epochs;
-    let warmup = (opts.warmup_ratio as f64 * total as f64).ceil() as u64;
-    let mut schedule = CosineSchedule::new(total as u64, f32::INFINITY)?;
-    if warmup > 0 && (warmup as usize) < total {
-        schedule = schedule.with_warmup(warmup)?;
-    }
-    let mut losses = Vec::with_capacity(total);
-    for step in 0..total {
-        let first = (step % steps_per_epoch) * opts.global_batch;
-        let batch = &data[first..first + opts.global_batch];
-        let (loss, grad_norm) = trainer
-            .step_dist(model, batch, schedule.lr_factor(step as u64), comm)
-            .map_err(|e| match e {
-                Error::NonFinite { what } => Error::NonFinite {
-                    what: format!("{what} at step {step}"),
-                },
-                e => e,
-            })?;
-        losses.push(loss);
-        on_step(E2eStep {
-            step,
-            total_steps: total,
-            loss,
-            grad_norm,
-        });
-    }
-    trainer.finish(model)?;
-    Ok(losses)
 }

@@ -9,13 +9,13 @@
 //! threads (CI) go through the code that launched GPU ranks run, the communicator aside.
 use super::{Phase, TrainArgs, TrainSummary};
 use crate::dist::launch::LaunchEnv;
-use crate::dist::{loopback, Communicator};
+use crate::dist::{loopback, Communicator, SingleRank};
 use crate::error::{Error, Result};
 use crate::io::checkpoint::open_checkpoint;
 use crate::model::quantized::QuantizedModel;
 use crate::train::device::Device;
 use crate::train::e2e_qp::{
-    share_examples, train_e2e, train_e2e_dist, E2eOptions, E2eStep, Example,
+    scale_shapes, share_examples, share_progress, E2eOptions, E2eRun, Example,
 };
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -76,17 +76,18 @@ pub(super) fn check_ranks(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Rank 0's E2E-QP on `model` (trained in place): alone, or with the other ranks `args.e2e_ranks` makes.
+/// Rank 0's E2E-QP on `model` (trained in place by `rank0`, the job's E2E-QP stage, given its options and
+/// communicator): alone, or with the other ranks `args.e2e_ranks` makes.
 pub(super) fn train_e2e_ranks(
     args: &TrainArgs,
     model: &mut QuantizedModel,
     data: &[Example],
     opts: &E2eOptions,
-    on_step: impl FnMut(E2eStep),
+    rank0: impl FnOnce(&mut QuantizedModel, &E2eOptions, &dyn Communicator) -> Result<Vec<f32>>,
 ) -> Result<Vec<f32>> {
     let bf16 = args.dtype == crate::plan::ComputeDType::Bf16;
     match &args.e2e_ranks {
-        E2eRanks::Single => train_e2e(model, data, opts, on_step),
+        E2eRanks::Single => rank0(model, opts, &SingleRank),
         E2eRanks::Threads(devices) => {
             let mut comms = thread_comms(devices)?.into_iter();
             let mine = comms.next().expect("a group has rank 0");
@@ -112,7 +113,7 @@ pub(super) fn train_e2e_ranks(
             // timeout) or, in NCCL, end with the process. When a rank failed first (rank 0 then waited for it in
             // vain), its error says why.
             opts.device.set_matmul_bf16(bf16)?;
-            let losses = lead(model, data, &opts, &*mine, on_step).map_err(|e| {
+            let losses = lead(model, data, &opts, &*mine, rank0).map_err(|e| {
                 followers
                     .iter()
                     .position(|h| h.is_finished())
@@ -130,7 +131,7 @@ pub(super) fn train_e2e_ranks(
         }
         E2eRanks::Launched { env, timeout } => {
             let comm = launched_comm(env, &opts.device, *timeout)?;
-            lead(model, data, opts, &*comm, on_step)
+            lead(model, data, opts, &*comm, rank0)
         }
     }
 }
@@ -140,18 +141,26 @@ fn lead(
     data: &[Example],
     opts: &E2eOptions,
     comm: &dyn Communicator,
-    on_step: impl FnMut(E2eStep),
+    rank0: impl FnOnce(&mut QuantizedModel, &E2eOptions, &dyn Communicator) -> Result<Vec<f32>>,
 ) -> Result<Vec<f32>> {
     share_examples(comm, Some(data))?;
-    train_e2e_dist(model, data, opts, comm, on_step)
+    rank0(model, opts, comm)
 }
 
-/// A rank other than 0: rank 0's sequences, the Block-AP model from `out`, its slice of every batch.
+/// A rank other than 0: rank 0's sequences, the Block-AP model from `out`, rank 0's saved progress when it
+/// resumes, then its slice of every batch.
 fn follow(out: &Path, opts: &E2eOptions, comm: &dyn Communicator, bf16: bool) -> Result<Vec<f32>> {
     let data = share_examples(comm, None)?;
     let (mut model, _) = open_checkpoint(out)?;
     opts.device.set_matmul_bf16(bf16)?;
-    let losses = train_e2e_dist(&mut model, &data, opts, comm, |_| {});
+    let losses = (|| {
+        let progress = share_progress(comm, None, &scale_shapes(&model))?;
+        let mut run = E2eRun::new_dist(&mut model, &data, opts, progress, comm)?;
+        while !run.is_done() {
+            run.step(&model, comm)?;
+        }
+        run.finish(&mut model)
+    })();
     opts.device.set_matmul_bf16(false)?;
     losses
 }

@@ -13,7 +13,7 @@ use crate::train::block_ap::BlockApOptions;
 use crate::train::calib::calibration_windows;
 use crate::train::device::Device;
 use crate::train::e2e_data::E2eData;
-use crate::train::e2e_qp::E2eOptions;
+use crate::train::e2e_qp::{E2eOptions, SaveEvery};
 use crate::train::mrem::{run_block_ap_mrem, MremOptions};
 use crate::train::pipeline::{
     host_streams, run_block_ap_at, streams_at, BlockSink, Event, PipelineOptions, StreamsAt,
@@ -26,6 +26,7 @@ use std::time::Instant;
 
 mod checks;
 mod data_parallel;
+mod e2e_stage;
 mod examples;
 mod models;
 mod pause;
@@ -34,6 +35,7 @@ use checks::{check_args, offloads};
 pub use checks::{check_host_memory, FORWARD_BATCH};
 use data_parallel::{check_ranks, train_e2e_ranks};
 pub use data_parallel::{run_e2e_follower, E2eRanks};
+use e2e_stage::e2e_stage;
 use examples::e2e_examples;
 use models::quantized_model;
 pub use models::rtn_model;
@@ -74,6 +76,8 @@ pub struct TrainArgs {
     pub e2e_seqlen: usize,
     /// E2E-QP training sequences.
     pub e2e_train_size: usize,
+    /// When E2E-QP saves its progress into the checkpoint (also after its last step), for `resume`.
+    pub e2e_checkpoint_every: SaveEvery,
     pub offload_disk: bool,
     /// Host memory budget: the run is checked against it (else against the available memory) before it
     /// starts, and block inputs beyond what it leaves go to disk (unless `offload_disk` puts them all there).
@@ -99,7 +103,8 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The `engine train` defaults (src/main.rs) for `model` at `quant`, without evaluation: self-generated
     /// calibration, Block-AP then E2E-QP, 64 + 8 sequences of 256 tokens, 2 epochs of batch 2, the recipe's
-    /// learning rates, E2E-QP on the calibration windows with batch 8, block inputs in RAM, on the CPU, seed 0.
+    /// learning rates, E2E-QP on the calibration windows with batch 8 saving its progress every 5 minutes, block
+    /// inputs in RAM, on the CPU, seed 0.
     /// `e2e_seqlen` and `e2e_train_size` are copies of `seqlen` and `train_size`: set them with those.
     pub fn new(model: PathBuf, out: PathBuf, quant: QuantConfig) -> TrainArgs {
         let block_ap = BlockApOptions::recipe(quant);
@@ -125,6 +130,7 @@ impl TrainArgs {
             e2e_data: E2eData::Calibration,
             e2e_seqlen: seqlen,
             e2e_train_size: train_size,
+            e2e_checkpoint_every: SaveEvery::DEFAULT,
             offload_disk: false,
             host_mem: None,
             stream_block_inputs: false,
@@ -432,7 +438,6 @@ pub fn run_train(
     // E2E-QP on the job's device (the trained scales come back to the host).
     let data = e2e_data.expect("read for Phase::All");
     let start = Instant::now();
-    let mut log_err = None;
     let e2e = E2eOptions {
         device: args.device.clone(),
         ..args.e2e.clone()
@@ -445,25 +450,18 @@ pub fn run_train(
         ));
     }
     let e2e_losses = with_dtype(args, || {
-        train_e2e_ranks(args, &mut qm, &data, &e2e, |s| {
-            pause.step(&mut say);
-            if (s.step + 1) % 4 == 0 || s.step + 1 == s.total_steps {
-                say(&format!(
-                    "E2E-QP step {}/{} loss {:.4} grad norm {:.3}",
-                    s.step + 1,
-                    s.total_steps,
-                    s.loss,
-                    s.grad_norm
-                ));
-            }
-            if let Err(e) = log.write(json!({"event": "step", "phase": "e2e-qp", "step": s.step, "loss": s.loss, "grad_norm": s.grad_norm})) {
-            log_err.get_or_insert(e);
-        }
+        train_e2e_ranks(args, &mut qm, &data, &e2e, |qm, opts, comm| {
+            e2e_stage(
+                args,
+                qm,
+                &data,
+                (opts, comm),
+                (&ckpt, &mut log),
+                &mut pause,
+                &mut say,
+            )
         })
     })?;
-    if let Some(e) = log_err {
-        return Err(e);
-    }
     summary.e2e_seconds = start.elapsed().as_secs_f64();
     ckpt.save_e2e_scales(&qm.blocks, &e2e_losses)?;
     if let Some((w, o)) = &eval_windows_ids {

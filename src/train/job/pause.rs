@@ -2,7 +2,8 @@
 
 /// Test hook for tests/kill_resume.rs: with EQAT_TEST_PAUSE_AT_STEP=N the run prints "paused at step N" and
 /// sleeps for a minute at its N-th training step (Block-AP and E2E-QP steps counted together from 1), so that a
-/// test can SIGKILL it at a known point in the middle of a block.
+/// test can SIGKILL it at a known point in the middle of a block or of E2E-QP (there after the step's log line
+/// and its progress save, if one was due).
 pub(super) struct PauseHook {
     at: Option<usize>,
     steps: usize,
