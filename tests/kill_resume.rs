@@ -174,19 +174,31 @@ fn e2e_losses(log: &[String]) -> Vec<f32> {
 
 #[test]
 fn a_run_killed_mid_e2e_qp_continues_from_its_last_save_to_the_same_bytes() {
+    killed_mid_e2e_qp_resumes_to_the_same_bytes("kill-resume-e2e", &[]);
+}
+
+/// With two data-parallel ranks, rank 0 saves the progress and shares it with rank 1 at the resume
+/// (`share_progress`), so the resumed pair ends as the uninterrupted pair does.
+#[test]
+fn data_parallel_ranks_killed_mid_e2e_qp_continue_from_rank_0s_save_to_the_same_bytes() {
+    killed_mid_e2e_qp_resumes_to_the_same_bytes("kill-resume-e2e-ranks", &["--e2e-ranks", "2"]);
+}
+
+fn killed_mid_e2e_qp_resumes_to_the_same_bytes(name: &str, ranks: &[&'static str]) {
     let Some(model) = shared_data("tinyllamas/stories260K/stories260K.gguf") else {
         return;
     };
-    let root = scratch("kill-resume-e2e");
+    let root = scratch(name);
+    let with = |flags: &[&'static str]| [flags, ranks].concat();
     // The uninterrupted run saves E2E-QP's progress only at its end (the default: every 5 minutes).
     let whole = root.join("whole");
-    run_to_end(&model, &whole, &E2E_BATCH_2);
+    run_to_end(&model, &whole, &with(&E2E_BATCH_2));
     let want = snapshot(&whole);
     let want_log = log_lines(&whole);
     assert_eq!(e2e_losses(&want_log).len(), 4);
 
     let out = root.join("killed");
-    kill_at_step(&model, &out, E2E_THIRD_STEP, &SAVE_EVERY_2);
+    kill_at_step(&model, &out, E2E_THIRD_STEP, &with(&SAVE_EVERY_2));
     assert!(!out.join("e2e_scales.safetensors").exists());
     let saved = SafetensorsFile::open(out.join("e2e_progress.safetensors")).unwrap();
     let saved_losses = saved.tensor_f32("losses").unwrap();
@@ -203,7 +215,11 @@ fn a_run_killed_mid_e2e_qp_continues_from_its_last_save_to_the_same_bytes() {
         "the killed run logs every step up to E2E-QP's third"
     );
 
-    let stdout = run_to_end(&model, &out, &[&SAVE_EVERY_2[..], &["--resume"]].concat());
+    let stdout = run_to_end(
+        &model,
+        &out,
+        &with(&[&SAVE_EVERY_2[..], &["--resume"]].concat()),
+    );
     assert!(
         stdout.contains("E2E-QP: continuing after step 2/4"),
         "{stdout}"
