@@ -512,6 +512,35 @@ fn real_quant_bf16_dequant_equals_the_cast() {
     ctx.set_matmul_bf16(true);
     let mut r = Report::new("real_quant bf16 dequant");
     let mut rng = Rng::new(307);
+    // The bf16 dequant (a packed word per thread) against the f32 one cast: odd K (single values, a partial last
+    // word), groups that start inside a word (g 13, 10 at 3 bits), 8 bits, a 70B-wide row.
+    for (bits, k, n, g) in [
+        (2, 32, 3, 16),
+        (3, 65, 7, 13),
+        (3, 70, 9, 10),
+        (4, 128, 33, 32),
+        (8, 96, 5, 96),
+        (2, 640, 5, 16),
+        (3, 240, 4, 16),
+        (2, 28672, 3, 64),
+    ] {
+        let (qlin, _, _, scales) = quant_layer(&mut rng, bits, n, k, g);
+        let (sb, packed) = (up(&ctx, &scales), qlin.device_packed(&ctx).unwrap());
+        let mut w = ctx.alloc(n * k).unwrap();
+        rq_cuda::real_quant_dequant_cuda(&mut w, &qlin, &packed, &sb).unwrap();
+        let want = cast_bf16_cuda(&w).unwrap().to_f32_vec().unwrap();
+        let mut wb = ctx.alloc_bf16(n * k).unwrap();
+        rq_cuda::real_quant_dequant_bf16_cuda(&mut wb, &qlin, &packed, &sb).unwrap();
+        let got = wb.to_f32_vec().unwrap();
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        r.expect(
+            &format!("dequant bf16 == cast(dequant f32), w{bits} g{g} K {k} N {n}"),
+            same,
+        );
+    }
     for (bits, rows, k, n, g) in [(2, 5, 640, 7, 16), (3, 4, 240, 9, 16), (4, 3, 128, 33, 32)] {
         let (qlin, _, _, scales) = quant_layer(&mut rng, bits, n, k, g);
         let name = format!("w{bits} g{g} rows {rows} K {k} N {n}");

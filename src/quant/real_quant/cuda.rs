@@ -152,7 +152,7 @@ pub fn real_quant_dequant_cuda(
     check_len("w", w.len(), n * k)?;
     dequant_launch(
         w.ctx(),
-        "real_quant_dequant_f32",
+        ("real_quant_dequant_f32", n * k),
         w.arg(),
         qlin,
         packed,
@@ -169,9 +169,10 @@ pub fn real_quant_dequant_bf16_cuda(
 ) -> Result<()> {
     let (n, k) = (qlin.out_features(), qlin.in_features());
     check_len("w", w.len(), n * k)?;
+    // A packed word per thread.
     dequant_launch(
         w.ctx(),
-        "real_quant_dequant_bf16",
+        ("real_quant_dequant_bf16", n * qlin.words_per_row()),
         w.arg(),
         qlin,
         packed,
@@ -179,9 +180,10 @@ pub fn real_quant_dequant_bf16_cuda(
     )
 }
 
+/// Launches `kernel` over `items` threads' worth of work.
 fn dequant_launch(
     ctx: &Arc<GpuContext>,
-    kernel: &'static str,
+    (kernel, items): (&'static str, usize),
     w: Arg,
     qlin: &QuantizedLinear,
     packed: &DevicePacked,
@@ -198,7 +200,19 @@ fn dequant_launch(
         Arg::I64(k as i64),
     ];
     let args: Vec<Arg> = head.into_iter().chain(qlin.layout_args()).collect();
-    ctx.launch_1d(&CUDA, kernel, n * k, &args)
+    check_u32_index(n, k)?;
+    ctx.launch_1d(&CUDA, kernel, items, &args)
+}
+
+/// The kernels index with 32 bits (cuda/real_quant.cu): N·K must stay below 2^32.
+fn check_u32_index(n: usize, k: usize) -> Result<()> {
+    match (n as u64) * (k as u64) < 1 << 32 {
+        true => Ok(()),
+        false => Err(Error::shape(
+            "real_quant",
+            format!("a [{n}, {k}] weight: the GPU kernels index at most 2^32 values"),
+        )),
+    }
 }
 
 /// dscales [N, K/g] = per-group Σ dw·(q − z) for dW [N, K], as `real_quant_dscales_cpu`; one warp per group.
@@ -212,6 +226,7 @@ pub fn real_quant_dscales_cuda(
     let n_groups = n * qlin.groups();
     check_len("dW", dw.len(), n * k)?;
     check_len("dscales", dscales.len(), n_groups)?;
+    check_u32_index(n, k)?;
     dscales.ctx().launch_1d(
         &CUDA,
         "real_quant_dscales_f32",
