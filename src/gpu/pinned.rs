@@ -295,7 +295,7 @@ impl Drop for CopyStream {
 }
 
 /// `len` f32 values of page-locked host memory whose copies run on the context's compute stream: where E2E-QP
-/// keeps what the GPU does not need between two uses (block checkpoints, scale gradients, AdamW moments).
+/// keeps what the GPU does not need between two uses (scale gradients, AdamW moments).
 /// Being on the compute stream, `store` and `load` are ordered with every kernel: a device buffer stored and then
 /// dropped (its memory handed to the next kernel) is read before that kernel runs, and a buffer loaded is
 /// written before any later kernel reads it. Host access (`to_vec`, `write`) and Drop wait for the compute
