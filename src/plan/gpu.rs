@@ -15,7 +15,7 @@
 //! E2E-QP as `train::e2e_qp` runs it on a GPU (offload on, the default): the whole packed model (integers and
 //! zero points in u32 words), the f32 scales, the frozen head and norms (f32; an untied embedding stays on the
 //! host), and, per sequence of T tokens, the larger of two working sets: one block's backward (its input back
-//! from pinned host memory, its recomputed f32 activations, the MLP backward's gradients, and one linear's f32
+//! from pinned host memory and the next block's on its way, its recomputed f32 activations, the MLP backward's gradients, and one linear's f32
 //! weight gradient dW that the scales' gradient is reduced from, with the bf16 casts of its operands), or the
 //! head's (the f32 logits with their gradient). The scales' gradients, their AdamW moments and the block
 //! checkpoints live in pinned host memory ([`e2e_qp_pinned`]).
@@ -151,7 +151,8 @@ pub fn e2e_qp(p: &PlanInput) -> Result<Phase> {
         ComputeDType::Bf16 => prod(&[t, f + c, 2])?,
         ComputeDType::F32 => 0,
     };
-    let block = prod(&[t, values + c + 2 * f + c, 4])? + prod(&[b.largest_linear, 4])? + casts;
+    // + C: the next block's input, copied back from pinned memory while this block computes (e2e_qp::offload).
+    let block = prod(&[t, values + 3 * c + 2 * f, 4])? + prod(&[b.largest_linear, 4])? + casts;
     let head_casts = match p.dtype {
         ComputeDType::Bf16 => prod(&[v + t, c, 2])?,
         ComputeDType::F32 => 0,
@@ -160,7 +161,7 @@ pub fn e2e_qp(p: &PlanInput) -> Result<Phase> {
     let head = prod(&[t, 3 * c + 2 * v, 4])? + head_casts;
     let cast_note = if casts > 0 { " + casts" } else { "" };
     let work_what = format!(
-        "max(block backward {t} × ({values} + 2C + 2F) × 4 B + dW {} × 4 B{cast_note} = {}, \
+        "max(block backward {t} × ({values} + 3C + 2F) × 4 B + dW {} × 4 B{cast_note} = {}, \
          head {t} × (3C + 2V) × 4 B{cast_note} = {})",
         count(b.largest_linear),
         super::human(block),
@@ -342,8 +343,9 @@ mod tests {
         // Untied: the head 32000 × 4096 in f32 (the embedding on the host); 65 norms of 4096.
         assert_eq!(bytes(&ph, "head, norms"), 32000 * 4096 * 4 + 65 * 4096 * 4);
         // Per token: 8C + 5·H·D + 5·G·D + 3F + 34 = 73_728 + 33_024 + 34 = 106_786 tape values, + C input,
-        // + 2F + C MLP gradients = 136_994 f32; dW of gate/up/down 11008 × 4096 f32; bf16 casts T × (F + C).
-        let block = 4096 * 136_994 * 4 + 45_088_768 * 4 + 4096 * (11008 + 4096) * 2;
+        // + C next input (copied back ahead), + 2F + C MLP gradients = 141_090 f32; dW of gate/up/down
+        // 11008 × 4096 f32; bf16 casts T × (F + C).
+        let block = 4096 * 141_090 * 4 + 45_088_768 * 4 + 4096 * (11008 + 4096) * 2;
         let head = 4096 * (3 * 4096 + 2 * 32000) * 4 + (32000 + 4096) * 4096 * 2;
         assert!(block > head);
         assert_eq!(bytes(&ph, "per-sequence working set"), block);
