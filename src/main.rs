@@ -103,6 +103,10 @@ enum Command {
         /// `1h`), and after the last step; --resume continues from the last save.
         #[arg(long, default_value = "5m")]
         e2e_checkpoint_every: String,
+        /// GPU E2E-QP: block checkpoints, scale gradients and AdamW moments in pinned host memory (on), in GPU
+        /// memory (off), or off when the whole run fits in the free GPU memory (auto). Same results either way.
+        #[arg(long, default_value = "auto")]
+        e2e_offload: String,
         /// Where Block-AP keeps its block inputs: ram, or disk (files in --out).
         #[arg(long, default_value = "ram")]
         offload: String,
@@ -304,6 +308,7 @@ fn train(cmd: Command) -> eqat::Result<()> {
         e2e_seqlen,
         e2e_train_size,
         e2e_checkpoint_every,
+        e2e_offload,
         offload,
         host_mem,
         block_inputs,
@@ -386,6 +391,17 @@ fn train(cmd: Command) -> eqat::Result<()> {
         e2e_seqlen: e2e_seqlen.unwrap_or(seqlen),
         e2e_train_size: e2e_train_size.unwrap_or(train_size),
         e2e_checkpoint_every: SaveEvery::parse(&e2e_checkpoint_every)?,
+        e2e_offload: match e2e_offload.as_str() {
+            "auto" => None,
+            "on" => Some(true),
+            "off" => Some(false),
+            other => {
+                return Err(eqat::Error::invalid(
+                    "engine train",
+                    format!("--e2e-offload {other}: expected auto, on or off"),
+                ))
+            }
+        },
         offload_disk,
         host_mem: host_mem
             .as_deref()

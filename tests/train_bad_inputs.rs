@@ -199,6 +199,12 @@ const CASES: &[Case] = &[
         kept: &[],
     },
     Case {
+        name: "--e2e-offload sometimes",
+        setup: |_| flags(&["--e2e-offload", "sometimes"]),
+        names: &["--e2e-offload sometimes", "auto, on or off"],
+        kept: &[],
+    },
+    Case {
         name: "NaN weights in block 2: stops there, keeps blocks 0 and 1",
         setup: |c| {
             vec![

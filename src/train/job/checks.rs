@@ -11,9 +11,9 @@ use crate::train::store::Offload;
 /// Samples per forward batch when the pipeline propagates the activation streams.
 pub const FORWARD_BATCH: usize = 4;
 
-/// The host-memory check of `args` on `cfg` (plan::host): where the block inputs go, before anything runs.
-pub fn check_host_memory(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(StoreSplit, u64)> {
-    let input = PlanInput {
+/// The plan's view of the job `args` on `cfg`.
+fn plan_input(args: &TrainArgs, cfg: &LlamaConfig) -> PlanInput {
+    PlanInput {
         cfg: cfg.clone(),
         quant: args.quant,
         train_size: args.train_size,
@@ -23,7 +23,41 @@ pub fn check_host_memory(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(StoreSp
         epochs: args.epochs,
         dtype: args.dtype,
         e2e_seqlen: args.e2e_seqlen,
-    };
+    }
+}
+
+/// Whether E2E-QP on a GPU keeps its block checkpoints, scale gradients and AdamW moments in pinned host memory:
+/// as `--e2e-offload on|off` says, or (auto) only when the plan's whole run, those included (plan::gpu), does not
+/// fit in the GPU's free memory with `DEVICE_RESERVE` to spare. Offloading costs time (Llama-2-7B: 734 against
+/// 616 ms a step, BENCHMARKS.md), never values: the two give the same bits. Returns the choice and why.
+pub fn e2e_offload(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(bool, String)> {
+    if let Some(on) = args.e2e_offload {
+        return Ok((
+            on,
+            format!("--e2e-offload {}", if on { "on" } else { "off" }),
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    if let crate::train::device::Device::Cuda(ctx) = &args.device {
+        let input = plan_input(args, cfg);
+        let whole = crate::plan::gpu::e2e_qp(&input)?.total()
+            + crate::plan::gpu::e2e_qp_pinned(&input)?.total();
+        let fits = crate::train::device_store::fits_on_device(ctx, whole)?;
+        let (free, _) = ctx.memory_info()?;
+        let why = format!(
+            "the whole run needs {} of {} free GPU memory",
+            crate::plan::human(whole),
+            crate::plan::human(free as u64)
+        );
+        return Ok((!fits, why));
+    }
+    let _ = cfg;
+    Ok((true, "the CPU ignores it".into()))
+}
+
+/// The host-memory check of `args` on `cfg` (plan::host): where the block inputs go, before anything runs.
+pub fn check_host_memory(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(StoreSplit, u64)> {
+    let input = plan_input(args, cfg);
     let policy = match (args.offload_disk, args.host_mem) {
         (true, _) => StorePolicy::Disk,
         (false, Some(_)) => StorePolicy::Budget,

@@ -31,7 +31,7 @@ mod examples;
 mod models;
 mod pause;
 
-use checks::{check_args, offloads};
+use checks::{check_args, e2e_offload, offloads};
 pub use checks::{check_host_memory, FORWARD_BATCH};
 use data_parallel::{check_ranks, train_e2e_ranks};
 pub use data_parallel::{run_e2e_follower, E2eRanks};
@@ -78,6 +78,9 @@ pub struct TrainArgs {
     pub e2e_train_size: usize,
     /// When E2E-QP saves its progress into the checkpoint (also after its last step), for `resume`.
     pub e2e_checkpoint_every: SaveEvery,
+    /// GPU E2E-QP: keep checkpoints, scale gradients and moments in pinned host memory (Some(true)), in GPU
+    /// memory (Some(false)), or decide from the plan and the free memory (None; `checks::e2e_offload`).
+    pub e2e_offload: Option<bool>,
     pub offload_disk: bool,
     /// Host memory budget: the run is checked against it (else against the available memory) before it
     /// starts, and block inputs beyond what it leaves go to disk (unless `offload_disk` puts them all there).
@@ -131,6 +134,7 @@ impl TrainArgs {
             e2e_seqlen: seqlen,
             e2e_train_size: train_size,
             e2e_checkpoint_every: SaveEvery::DEFAULT,
+            e2e_offload: None,
             offload_disk: false,
             host_mem: None,
             stream_block_inputs: false,
@@ -438,10 +442,22 @@ pub fn run_train(
     // E2E-QP on the job's device (the trained scales come back to the host).
     let data = e2e_data.expect("read for Phase::All");
     let start = Instant::now();
+    let (offload, why) = e2e_offload(args, &cfg)?;
     let e2e = E2eOptions {
         device: args.device.clone(),
+        offload,
         ..args.e2e.clone()
     };
+    if !args.device.is_cpu() {
+        say(&format!(
+            "E2E-QP: checkpoints, scale gradients and AdamW moments in {} ({why})",
+            if offload {
+                "pinned host memory"
+            } else {
+                "GPU memory"
+            }
+        ));
+    }
     if args.e2e_ranks.world_size() > 1 {
         say(&format!(
             "E2E-QP data-parallel over {} ranks, each a slice of every global batch of {}",
