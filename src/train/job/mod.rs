@@ -20,14 +20,14 @@ use crate::train::pipeline::{
 };
 use crate::train::store::{BlockInputStore, StoreDType};
 use serde_json::json;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 mod checks;
 mod data_parallel;
 mod e2e_stage;
 mod examples;
+mod log;
 mod models;
 mod pause;
 
@@ -37,6 +37,7 @@ use data_parallel::{check_ranks, train_e2e_ranks};
 pub use data_parallel::{run_e2e_follower, E2eRanks};
 use e2e_stage::e2e_stage;
 use examples::e2e_examples;
+use log::Log;
 use models::quantized_model;
 pub use models::rtn_model;
 use pause::PauseHook;
@@ -159,24 +160,6 @@ pub struct TrainSummary {
     pub block_ap_seconds: f64,
     pub e2e_seconds: f64,
     pub block_losses: Vec<(usize, f32, Option<f32>)>,
-}
-
-/// Appends one JSON object per line to DIR/train_log.jsonl.
-struct Log(std::fs::File, PathBuf);
-
-impl Log {
-    fn open(dir: &Path) -> Result<Log> {
-        let path = dir.join("train_log.jsonl");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        Ok(Log(f, path))
-    }
-    fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.0, "{v}").map_err(|e| Error::io(&self.1, e))
-    }
 }
 
 /// Perplexity on `device` with f32 GEMMs.
