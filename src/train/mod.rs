@@ -8,6 +8,7 @@ pub mod device;
 pub mod device_store;
 pub mod e2e_data;
 pub mod e2e_qp;
+mod early_stop;
 pub mod instruct;
 pub mod job;
 pub mod mrem;
