@@ -215,7 +215,7 @@ fn check_u32_index(n: usize, k: usize) -> Result<()> {
     }
 }
 
-/// dscales [N, K/g] = per-group Σ dw·(q − z) for dW [N, K], as `real_quant_dscales_cpu`; one warp per group.
+/// dscales [N, K/g] = per-group Σ dw·(q − z) for dW [N, K], as `real_quant_dscales_cpu`.
 pub fn real_quant_dscales_cuda(
     dscales: &mut GpuBuf,
     dw: &GpuBuf,
@@ -227,10 +227,15 @@ pub fn real_quant_dscales_cuda(
     check_len("dW", dw.len(), n * k)?;
     check_len("dscales", dscales.len(), n_groups)?;
     check_u32_index(n, k)?;
+    // Teams of 8 lanes per group where whole 8-value chunks line up (cuda/real_quant.cu), else a warp per group.
+    let (kernel, threads) = match qlin.group_size() % 8 == 0 && k % 8 == 0 {
+        true => ("real_quant_dscales_f32_teams", n_groups.div_ceil(4) * 32),
+        false => ("real_quant_dscales_f32", n_groups * 32),
+    };
     dscales.ctx().launch_1d(
         &CUDA,
-        "real_quant_dscales_f32",
-        n_groups * 32,
+        kernel,
+        threads,
         &[
             dscales.arg(),
             dw.arg(),

@@ -28,8 +28,8 @@ fn plan_input(args: &TrainArgs, cfg: &LlamaConfig) -> PlanInput {
 
 /// Whether E2E-QP on a GPU keeps its block checkpoints, scale gradients and AdamW moments in pinned host memory:
 /// as `--e2e-offload on|off` says, or (auto) only when the plan's whole run, those included (plan::gpu), does not
-/// fit in the GPU's free memory with `DEVICE_RESERVE` to spare. Offloading costs time (Llama-2-7B: 734 against
-/// 616 ms a step, BENCHMARKS.md), never values: the two give the same bits. Returns the choice and why.
+/// fit in the GPU's free memory with `DEVICE_RESERVE` to spare. Offloading costs time (Llama-2-7B: 716 against
+/// 604 ms a step, BENCHMARKS.md), never values: the two give the same bits. Returns the choice and why.
 pub fn e2e_offload(args: &TrainArgs, cfg: &LlamaConfig) -> Result<(bool, String)> {
     if let Some(on) = args.e2e_offload {
         return Ok((
