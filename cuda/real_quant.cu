@@ -41,40 +41,36 @@ __device__ __forceinline__ void real_quant_dequant_word(unsigned short* w, unsig
     unsigned gj = c0 / G, next = (gj + 1) * G;
     float z = real_quant_level(qzeros, row, gj, zwpr, BITS), s = scales[row * ng + gj];
     const unsigned base = row * K + c0;
-    if (P % 8 == 0 && c0 + P <= K && base % 8 == 0) {  // P % 8: whole 16-byte stores (2 and 4 bits)
-        unsigned int pairs[P / 2];
+    const bool vector = P % 8 == 0 && c0 + P <= K && base % 8 == 0;  // whole 16-byte stores (2 and 4 bits)
+    unsigned int pairs[(P + 1) / 2];
 #pragma unroll
-        for (unsigned e = 0; e < P; e++) {
-            if (c0 + e == next) {
-                gj++;
-                next += G;
-                z = real_quant_level(qzeros, row, gj, zwpr, BITS);
-                s = scales[row * ng + gj];
-            }
-            const unsigned b = bf16_bits(((float)((word >> (BITS * e)) & MASK) - z) * s);
-            pairs[e / 2] = e % 2 ? pairs[e / 2] | (b << 16) : b;
-        }
-#pragma unroll
-        for (unsigned q = 0; q < P / 8; q++)
-            reinterpret_cast<uint4*>(w + base)[q] =
-                make_uint4(pairs[4 * q], pairs[4 * q + 1], pairs[4 * q + 2], pairs[4 * q + 3]);
-        return;
-    }
-    for (unsigned col = c0; col < min(c0 + P, K); col++) {
-        if (col == next) {
+    for (unsigned e = 0; e < P; e++) {
+        if (c0 + e >= K) break;
+        if (c0 + e == next) {  // the word's values from here on belong to the next group
             gj++;
             next += G;
             z = real_quant_level(qzeros, row, gj, zwpr, BITS);
             s = scales[row * ng + gj];
         }
-        w[row * K + col] = (unsigned short)bf16_bits(((float)((word >> (BITS * (col - c0))) & MASK) - z) * s);
+        const unsigned b = bf16_bits(((float)((word >> (BITS * e)) & MASK) - z) * s);
+        if (!vector) {
+            w[base + e] = (unsigned short)b;
+        } else {
+            pairs[e / 2] = e % 2 ? pairs[e / 2] | (b << 16) : b;
+        }
+    }
+    if (vector) {
+#pragma unroll
+        for (unsigned q = 0; q < P / 8; q++)
+            reinterpret_cast<uint4*>(w + base)[q] =
+                make_uint4(pairs[4 * q], pairs[4 * q + 1], pairs[4 * q + 2], pairs[4 * q + 3]);
     }
 }
 
 extern "C" __global__ void real_quant_dequant_bf16(unsigned short* w, const unsigned int* qweight,
                                                    const unsigned int* qzeros, const float* scales, i64 n,
                                                    i64 k, i64 wpr, i64 zwpr, int bits, i64 g) {
-    const unsigned K = k, G = g, WPR = wpr, ZWPR = zwpr, p = 32 / bits;
+    const unsigned K = k, G = g, WPR = wpr, ZWPR = zwpr, p = 32 / bits;  // bits: one of SUPPORTED_BITS
     for (i64 t = global_index(); t < n * wpr; t += grid_stride()) {
         const unsigned row = (unsigned)t / WPR, c0 = ((unsigned)t - row * WPR) * p;
         const unsigned int word = qweight[t];
@@ -82,16 +78,7 @@ extern "C" __global__ void real_quant_dequant_bf16(unsigned short* w, const unsi
             case 2: real_quant_dequant_word<2>(w, word, qzeros, scales, row, c0, K, G, ZWPR); break;
             case 3: real_quant_dequant_word<3>(w, word, qzeros, scales, row, c0, K, G, ZWPR); break;
             case 4: real_quant_dequant_word<4>(w, word, qzeros, scales, row, c0, K, G, ZWPR); break;
-            case 8: real_quant_dequant_word<8>(w, word, qzeros, scales, row, c0, K, G, ZWPR); break;
-            default: {  // other widths: the generic value-by-value loop
-                const unsigned ng = K / G, mask = (1u << bits) - 1u;
-                for (unsigned col = c0; col < min(c0 + p, K); col++) {
-                    const unsigned gj = col / G;
-                    const float z = real_quant_level(qzeros, row, gj, ZWPR, bits);
-                    const float v = ((float)((word >> (bits * (col - c0))) & mask) - z) * scales[row * ng + gj];
-                    w[row * K + col] = (unsigned short)bf16_bits(v);
-                }
-            }
+            default: real_quant_dequant_word<8>(w, word, qzeros, scales, row, c0, K, G, ZWPR);  // 8 bits
         }
     }
 }

@@ -121,7 +121,9 @@ mod bf16 {
                     cfg.qmax(),
                 )?;
                 let wq = Arc::new(wq);
-                tape.set_fake_quant_copy(w, wq.clone());
+                if deferred.is_some() {
+                    tape.set_fake_quant_copy(w, wq.clone());
+                }
                 wq
             }
         };

@@ -22,6 +22,8 @@ pub(super) struct FusedWeight {
     w: Var,
     scales: Var,
     zeros: Var,
+    /// (group, index in `state.params`) of w, scales and zeros, fixed once the optimizer is built.
+    at: [(usize, usize); 3],
     g: usize,
     qmax: f32,
 }
@@ -120,11 +122,10 @@ impl AdamW {
     ) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid(OP, msg));
         let vars = [w, scales, zeros];
-        let positions: Vec<Option<(usize, usize)>> =
-            vars.iter().map(|&v| self.position(v)).collect();
-        let [Some(_), Some((gs, _)), Some((gz, _))] = positions[..] else {
+        let [Some(aw), Some(a_s), Some(az)] = vars.map(|v| self.position(v)) else {
             return bad(format!("entries {vars:?} must all be optimized parameters"));
         };
+        let (gs, gz) = (a_s.0, az.0);
         if gs != gz {
             return bad(format!(
                 "scales (group {gs}) and zeros (group {gz}) must share a group"
@@ -164,22 +165,11 @@ impl AdamW {
             w,
             scales,
             zeros,
+            at: [aw, a_s, az],
             g,
             qmax: cfg.qmax(),
         });
         Ok(())
-    }
-
-    /// (group, index in `state.params`) of an optimized parameter.
-    fn position(&self, var: Var) -> Option<(usize, usize)> {
-        let mut k = 0;
-        for (gi, group) in self.groups.iter().enumerate() {
-            if let Some(i) = group.params.iter().position(|&v| v == var) {
-                return Some((gi, k + i));
-            }
-            k += group.params.len();
-        }
-        None
     }
 
     /// This step's fused updates (`slots` as `Tape::params_and_grads_mut` gives them). Returns each updated
@@ -190,10 +180,9 @@ impl AdamW {
         lr_factor: f32,
     ) -> Result<Vec<(Var, Bf16Buf)>> {
         let mut copies = Vec::with_capacity(self.fused.len());
-        for f in self.fused.clone() {
-            let [(gw, kw), (gq, ks), (_, kz)] = f
-                .vars()
-                .map(|v| self.position(v).expect("checked when fused"));
+        for i in 0..self.fused.len() {
+            let f = self.fused[i];
+            let [(gw, kw), (gq, ks), (_, kz)] = f.at;
             let idx = f.vars().map(Var::index);
             let [(w, dwq), (s, _), (z, _)] = slots.get_disjoint_mut(idx).map_err(|e| {
                 Error::invalid(

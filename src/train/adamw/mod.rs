@@ -425,21 +425,30 @@ impl AdamW {
         g: &crate::gpu::GpuBuf,
         lr_factor: f32,
     ) -> Result<()> {
+        let Some((gi, k)) = self.position(var) else {
+            return Err(Error::invalid(
+                "AdamW",
+                format!("var {} is not an optimized parameter", var.index()),
+            ));
+        };
+        let group = &self.groups[gi];
+        let lr = group.lr as f64 * lr_factor as f64;
+        let betas = (self.beta1, self.beta2, self.eps);
+        let (st, slot) = (&mut self.state.params[k], &mut self.device[k]);
+        cuda::step(slot, self.pinned_moments, p, g, st, (lr, group), betas)
+    }
+
+    /// (group, index in `state.params`) of an optimized parameter.
+    #[cfg(feature = "cuda")]
+    fn position(&self, var: Var) -> Option<(usize, usize)> {
         let mut k = 0;
-        for group in &self.groups {
+        for (gi, group) in self.groups.iter().enumerate() {
             if let Some(i) = group.params.iter().position(|&v| v == var) {
-                let lr = group.lr as f64 * lr_factor as f64;
-                let st = &mut self.state.params[k + i];
-                let betas = (self.beta1, self.beta2, self.eps);
-                let slot = &mut self.device[k + i];
-                return cuda::step(slot, self.pinned_moments, p, g, st, (lr, group), betas);
+                return Some((gi, k + i));
             }
             k += group.params.len();
         }
-        Err(Error::invalid(
-            "AdamW",
-            format!("var {} is not an optimized parameter", var.index()),
-        ))
+        None
     }
 
     /// Counts a step made of [`AdamW::step_param_cuda`] calls.

@@ -153,16 +153,24 @@ fn follow(out: &Path, opts: &E2eOptions, comm: &dyn Communicator, bf16: bool) ->
     let data = share_examples(comm, None)?;
     let (mut model, _) = open_checkpoint(out)?;
     opts.device.set_matmul_bf16(bf16)?;
-    let losses = (|| {
-        let progress = share_progress(comm, None, &scale_shapes(&model))?;
-        let mut run = E2eRun::new_dist(&mut model, &data, opts, progress, comm)?;
-        while !run.is_done() {
-            run.step(&model, comm)?;
-        }
-        run.finish(&mut model)
-    })();
+    let losses = follow_steps(&mut model, &data, opts, comm);
     opts.device.set_matmul_bf16(false)?;
     losses
+}
+
+/// A following rank's E2E-QP on `model`: rank 0's progress when it resumes, then every step.
+fn follow_steps(
+    model: &mut QuantizedModel,
+    data: &[Example],
+    opts: &E2eOptions,
+    comm: &dyn Communicator,
+) -> Result<Vec<f32>> {
+    let progress = share_progress(comm, None, &scale_shapes(model))?;
+    let mut run = E2eRun::new_dist(model, data, opts, progress, comm)?;
+    while !run.is_done() {
+        run.step(model, comm)?;
+    }
+    run.finish(model)
 }
 
 /// One communicator per rank of an in-process group (module docs of [`E2eRanks::Threads`]).
