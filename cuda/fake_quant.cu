@@ -66,6 +66,18 @@ __device__ __forceinline__ void store8(float* p, const float8& v) {
     reinterpret_cast<float4*>(p)[0] = v.lo;
     reinterpret_cast<float4*>(p)[1] = v.hi;
 }
+// dŵ arrives in f32, or in bf16 (bits as unsigned short) from the bf16 mode's dŵ GEMM, which rounds it as
+// torch.autocast's bf16 matmul does; widening bf16 to f32 is exact.
+__device__ __forceinline__ float bf16_lo(unsigned int u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned int u) { return __uint_as_float(u & 0xffff0000u); }
+__device__ __forceinline__ float8 load8(const unsigned short* p) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    return {make_float4(bf16_lo(u.x), bf16_hi(u.x), bf16_lo(u.y), bf16_hi(u.y)),
+            make_float4(bf16_lo(u.z), bf16_hi(u.z), bf16_lo(u.w), bf16_hi(u.w))};
+}
+__device__ __forceinline__ float grad_value(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float grad_value(const unsigned short* p, i64 i) { return bf16_lo(p[i]); }
+
 // Element e of v; called with constant e (unrolled loops), so it resolves to a register.
 __device__ __forceinline__ float& at(float8& v, int e) {
     switch (e) {
@@ -96,11 +108,11 @@ __device__ __forceinline__ GroupLane group_lane(bool teams) {
 // A team's or warp's sum (above); every lane of the warp must call it.
 __device__ __forceinline__ float group_sum(float v, bool teams) { return teams ? team_sum(v) : warp_sum(v); }
 
-// dw, ds and dz, each of which may be null, in the layout above. A team past the last group computes nothing but
-// takes part in the sums.
-extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, const float* dout, const float* w,
-                                              const float* scales, const float* zeros, i64 n_groups, i64 g,
-                                              float qmax) {
+// dw, ds and dz, each of which may be null, in the layout above, from dout in f32 or bf16 (G). A team past the
+// last group computes nothing but takes part in the sums.
+template <typename G>
+__device__ void fake_quant_bwd(float* dw, float* ds, float* dz, const G* dout, const float* w, const float* scales,
+                               const float* zeros, i64 n_groups, i64 g, float qmax) {
     const bool teams = (g & 63) == 0;
     const GroupLane t = group_lane(teams);
     for (i64 first = t.first; first < n_groups; first += t.step) {
@@ -121,7 +133,7 @@ extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, c
         } else if (live) {
             for (i64 e = t.lane; e < g; e += 32) {
                 const i64 i = j * g + e;
-                const float d = fake_quant_bwd_elem(dout[i], w[i], s, zr, qmax, ds_acc, clamped);
+                const float d = fake_quant_bwd_elem(grad_value(dout, i), w[i], s, zr, qmax, ds_acc, clamped);
                 if (dw) dw[i] = d;
             }
         }
@@ -133,16 +145,26 @@ extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, c
         }
     }
 }
+extern "C" __global__ void fake_quant_bwd_f32(float* dw, float* ds, float* dz, const float* dout, const float* w,
+                                              const float* scales, const float* zeros, i64 n_groups, i64 g,
+                                              float qmax) {
+    fake_quant_bwd(dw, ds, dz, dout, w, scales, zeros, n_groups, g, qmax);
+}
+extern "C" __global__ void fake_quant_bwd_bf16(float* dw, float* ds, float* dz, const unsigned short* dout,
+                                               const float* w, const float* scales, const float* zeros,
+                                               i64 n_groups, i64 g, float qmax) {
+    fake_quant_bwd(dw, ds, dz, dout, w, scales, zeros, n_groups, g, qmax);
+}
 
-// AdamW's step for a fake-quantized weight, given the gradient of its fake-quantized value dŵ: per group,
-// fake-quant's backward (dŵ -> dw, ds, dz, as fake_quant_bwd_f32 in the same layout and order), AdamW on w
-// (coefficients cw), on the scale and the zero point (cq), and the next forward's ŵ in bf16 from the updated values
-// (fake_quant_fwd_bf16's arithmetic): one pass instead of three kernels, 30 bytes per weight instead of 50, the same
-// bits. A lane keeps its updated weights in registers for the last pass when g <= 128 (teams) and otherwise reads
+// AdamW's step for a fake-quantized weight, given the gradient of its fake-quantized value dŵ in bf16 (as the bf16
+// mode's dŵ GEMM writes it): per group, fake-quant's backward (dŵ -> dw, ds, dz, as fake_quant_bwd_bf16 in the same
+// layout and order), AdamW on w (coefficients cw), on the scale and the zero point (cq), and the next forward's ŵ
+// in bf16 from the updated values (fake_quant_fwd_bf16's arithmetic): one pass instead of three kernels, 28 bytes
+// per weight instead of 48, the same bits. A lane keeps its updated weights in registers for the last pass when g <= 128 (teams) and otherwise reads
 // back only what it wrote itself.
 extern "C" __global__ void fake_quant_adamw_f32(
-    float* w, float* mw, float* vw, const float* dwq, float* scales, float* ms, float* vs, float* zeros, float* mz,
-    float* vz, unsigned short* wq, i64 n_groups, i64 g, float qmax, float w_decay, float w_beta2, float w_omb1,
+    float* w, float* mw, float* vw, const unsigned short* dwq, float* scales, float* ms, float* vs, float* zeros,
+    float* mz, float* vz, unsigned short* wq, i64 n_groups, i64 g, float qmax, float w_decay, float w_beta2, float w_omb1,
     float w_omb2, float w_step_size, float w_bc2_sqrt, float w_eps, float q_decay, float q_beta2, float q_omb1,
     float q_omb2, float q_step_size, float q_bc2_sqrt, float q_eps) {
     const AdamWCoefs cw = {w_decay, w_beta2, w_omb1, w_omb2, w_step_size, w_bc2_sqrt, w_eps};
@@ -181,7 +203,7 @@ extern "C" __global__ void fake_quant_adamw_f32(
             for (i64 e = t.lane; e < g; e += 32) {
                 const i64 i = j * g + e;
                 float mi = mw[i], vi = vw[i];
-                const float d = fake_quant_bwd_elem(dwq[i], w[i], s, zr, qmax, ds_acc, clamped);
+                const float d = fake_quant_bwd_elem(grad_value(dwq, i), w[i], s, zr, qmax, ds_acc, clamped);
                 w[i] = adamw_elem(w[i], d, mi, vi, cw);
                 mw[i] = mi;
                 vw[i] = vi;

@@ -156,7 +156,10 @@ fn device_pieces_match_the_cpu() {
     }
 
     // The fused bf16 fake-quant linear against fake_quant then linear in the same bf16 mode: the same bf16
-    // operands go into the same GEMMs, so the values agree to f32 rounding (bitwise in practice).
+    // operands go into the same GEMMs, so y and dx agree to f32 rounding (bitwise in practice); the fused op's dŵ
+    // is rounded to bf16 once (as torch.autocast's), so dw (dŵ masked) is within half a bf16 ulp (2^-8 relative)
+    // of the f32 one, and a group sum (dscales, dzeros) of g = 16 such terms within 2^-8·Σ|term|, which a few rms
+    // of the sums bounds (2^-6·rms: Σ|term| <= √g·‖terms‖).
     let cfg = QuantConfig::new(2, 16).unwrap();
     let w = Tensor::randn(&[nn, kk], 0.1, &mut rng);
     let (s0, z0) = init_minmax(&w, cfg).unwrap();
@@ -187,13 +190,17 @@ fn device_pieces_match_the_cpu() {
     }
     for (i, what) in ["y", "dx", "dw", "dscales", "dzeros"].iter().enumerate() {
         let want = to_f64(&grads[0][i]);
-        let atol = 1e-6 * rms(&want);
+        let (atol, rtol) = match i {
+            0 | 1 => (1e-6 * rms(&want), 1e-6),
+            2 => (1e-30, 2f64.powi(-8)),
+            _ => (2f64.powi(-6) * rms(&want), 2f64.powi(-8)),
+        };
         r.check_tol(
             &format!("fused bf16 {what}"),
             &grads[1][i],
             &want,
             atol,
-            1e-6,
+            rtol,
         );
     }
     r.finish();

@@ -8,9 +8,10 @@ mod cuda_common;
 use cuda_common::*;
 use eqat::gpu::GpuContext;
 use eqat::model::llama::BlockWeights;
+use eqat::ops::linear::cast_bf16_cuda;
 use eqat::quant::fake_quant::{
-    fake_quant_bwd_cpu, fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, fake_quant_fwd_cpu,
-    init_minmax, QuantConfig,
+    fake_quant_bwd_bf16_cuda, fake_quant_bwd_cpu, fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda,
+    fake_quant_fwd_cpu, init_minmax, QuantConfig,
 };
 use eqat::testing::to_f64;
 use eqat::train::adamw::{adamw_fake_quant_cuda, adamw_update_cpu, adamw_update_cuda, AdamWCoefs};
@@ -19,7 +20,8 @@ use eqat::train::device::Device;
 use eqat::{Rng, Tensor};
 use half::bf16;
 
-/// One group-wise problem: w [n, k], scales/zeros [n, k/g], moments, dŵ, and the coefficients of a step.
+/// One group-wise problem: w [n, k], scales/zeros [n, k/g], moments, dŵ (bf16 values, as the dŵ GEMM writes
+/// them), and the coefficients of a step.
 struct Problem {
     n: usize,
     k: usize,
@@ -74,7 +76,11 @@ impl Problem {
             k,
             g,
             qmax: cfg.qmax(),
-            dwq: rng.normal_vec(n * k, 1e-2),
+            dwq: rng
+                .normal_vec(n * k, 1e-2)
+                .iter()
+                .map(|&x| bf16::from_f32(x).to_f32())
+                .collect(),
             w,
             wm,
             wv,
@@ -101,7 +107,7 @@ fn fused_gpu(ctx: &std::sync::Arc<GpuContext>, p: &Problem) -> After {
     adamw_fake_quant_cuda(
         &mut w,
         (&mut wm, &mut wv),
-        &up(ctx, &p.dwq),
+        &cast_bf16_cuda(&up(ctx, &p.dwq)).unwrap(),
         &mut s,
         (&mut sm, &mut sv),
         &mut z,
@@ -117,8 +123,9 @@ fn fused_gpu(ctx: &std::sync::Arc<GpuContext>, p: &Problem) -> After {
     [a, b, c, e, f, g, h, i, j, wq.to_f32_vec().unwrap()]
 }
 
-/// The kernels the fused step replaces, on the GPU: fake-quant backward, three AdamW updates, bf16 forward.
-fn unfused_gpu(ctx: &std::sync::Arc<GpuContext>, p: &Problem) -> After {
+/// The kernels the fused step replaces, on the GPU: fake-quant backward (from the bf16 dŵ; the f32 kernel on the
+/// same values must give the same bits), three AdamW updates, bf16 forward.
+fn unfused_gpu(ctx: &std::sync::Arc<GpuContext>, p: &Problem, r: &mut Report) -> After {
     let [mut w, mut wm, mut wv, mut s, mut sm, mut sv, mut z, mut zm, mut zv] =
         [&p.w, &p.wm, &p.wv, &p.s, &p.sm, &p.sv, &p.z, &p.zm, &p.zv].map(|v| up(ctx, v));
     let ng = p.s.len();
@@ -128,11 +135,12 @@ fn unfused_gpu(ctx: &std::sync::Arc<GpuContext>, p: &Problem) -> After {
         ctx.alloc(ng).unwrap(),
     );
     let dwq = up(ctx, &p.dwq);
-    fake_quant_bwd_cuda(
+    let dwq_b = cast_bf16_cuda(&dwq).unwrap();
+    fake_quant_bwd_bf16_cuda(
         Some(&mut dw),
         Some(&mut ds),
         Some(&mut dz),
-        &dwq,
+        &dwq_b,
         &w,
         &s,
         &z,
@@ -140,6 +148,28 @@ fn unfused_gpu(ctx: &std::sync::Arc<GpuContext>, p: &Problem) -> After {
         p.qmax,
     )
     .unwrap();
+    let (mut dw32, mut ds32, mut dz32) = (
+        ctx.alloc(p.n * p.k).unwrap(),
+        ctx.alloc(ng).unwrap(),
+        ctx.alloc(ng).unwrap(),
+    );
+    let (w0, s0, z0) = (&w, &s, &z);
+    fake_quant_bwd_cuda(
+        Some(&mut dw32),
+        Some(&mut ds32),
+        Some(&mut dz32),
+        &dwq,
+        w0,
+        s0,
+        z0,
+        p.g,
+        p.qmax,
+    )
+    .unwrap();
+    let bits = |b: &eqat::gpu::GpuBuf| down(b).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let same = bits(&dw) == bits(&dw32) && bits(&ds) == bits(&ds32) && bits(&dz) == bits(&dz32);
+    let tag = format!("{}x{} g{}", p.n, p.k, p.g);
+    r.expect(&format!("{tag}: fake_quant_bwd from bf16 == from f32, bit for bit"), same);
     adamw_update_cuda(&mut w, &dw, &mut wm, &mut wv, &p.cw).unwrap();
     adamw_update_cuda(&mut s, &ds, &mut sm, &mut sv, &p.cq).unwrap();
     adamw_update_cuda(&mut z, &dz, &mut zm, &mut zv, &p.cq).unwrap();
@@ -212,7 +242,7 @@ fn fused_step_equals_the_kernels_it_replaces_and_tracks_the_cpu() {
         let p = Problem::new(n, k, g, bits, 40 + i as u64);
         let (fused, unfused, cpu) = (
             fused_gpu(&ctx, &p),
-            unfused_gpu(&ctx, &p),
+            unfused_gpu(&ctx, &p, &mut r),
             composition_cpu(&p),
         );
         for (j, name) in NAMES.iter().enumerate() {

@@ -13,6 +13,8 @@
 mod backward;
 #[cfg(feature = "cuda")]
 mod fake_quant_copies;
+#[cfg(feature = "cuda")]
+pub use fake_quant_copies::DeferredGrad;
 mod grads;
 mod pool;
 
@@ -243,6 +245,8 @@ impl Tape {
 
     /// Zeroes parameter gradients in place (keeps their buffers).
     pub fn zero_grad(&mut self) {
+        #[cfg(feature = "cuda")]
+        self.fake_quant_copies.clear_grads();
         for g in self.grads[..self.n_params].iter_mut().flatten() {
             if let Ok(s) = g.f32s_mut("zero_grad") {
                 s.fill(0.0);
@@ -260,6 +264,8 @@ impl Tape {
     /// parameter's first gradient into place instead of adding it to a zeroed buffer, which saves a memset and
     /// an add over every parameter per step. Values equal `zero_grad` + `backward` (0 + g == g).
     pub fn clear_grads(&mut self) {
+        #[cfg(feature = "cuda")]
+        self.fake_quant_copies.clear_grads();
         for g in self.grads[..self.n_params].iter_mut() {
             if let Some(buf) = g.take().and_then(Tensor::into_f32_vec) {
                 self.pool.give(buf);
@@ -355,6 +361,12 @@ impl Tape {
                 if once && node.backward.accumulates(j) && self.grads[v.0].is_some() {
                     acc[j] = true;
                     dinputs.push(self.grads[v.0].take());
+                    continue;
+                }
+                // A deferred weight's dŵ goes to its `DeferredGrad`, not to a tape slot.
+                #[cfg(feature = "cuda")]
+                if self.fake_quant_copies.is_deferred(v.0) {
+                    dinputs.push(None);
                     continue;
                 }
                 dinputs.push(match self.requires_grad[v.0] {

@@ -27,6 +27,11 @@ impl Bf16Buf {
         self.buf.ctx()
     }
 
+    /// Sets every value to +0.
+    pub fn zero(&mut self) -> Result<()> {
+        self.buf.zero()
+    }
+
     /// The device address, as a kernel argument.
     pub fn arg(&self) -> Arg {
         self.buf.arg()

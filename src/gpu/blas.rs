@@ -5,7 +5,8 @@
 //! The handle keeps cuBLAS's default math mode: true f32 (no TF32), which the equivalence tests rely on.
 //!
 //! `gemm_bf16` is the same contract on bf16 A and B through cublasGemmEx: f32 C, f32 accumulation
-//! (CUBLAS_COMPUTE_32F), so only the rounding of the operands to bf16 differs from `sgemm`.
+//! (CUBLAS_COMPUTE_32F), so only the rounding of the operands to bf16 differs from `sgemm`; `gemm_bf16_to_bf16`
+//! also rounds C to bf16.
 use super::{Bf16Buf, GpuBuf, GpuContext};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -150,14 +151,59 @@ impl GpuContext {
         if self.gemm_without_product(m * n, k, beta, c)? {
             return Ok(());
         }
-        let [mi, ni, ki, ldai, ldbi] = dims_i32("gemm_bf16", transa, transb, m, n, k)?;
+        let out = (c.ptr(), cudaDataType::CUDA_R_32F);
+        self.gemm_ex_bf16("gemm_bf16", (transa, transb), [m, n, k], alpha, a, b, beta, out)
+    }
+
+    /// Row-major C[m, n] = alpha·op(A)·op(B) with bf16 A, B and C: f32 accumulation, C rounded to bf16 once at
+    /// the end (as torch.autocast's bf16 matmul writes it), half the bytes of an f32 C.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16_to_bf16(
+        &self,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &Bf16Buf,
+        b: &Bf16Buf,
+        c: &mut Bf16Buf,
+    ) -> Result<()> {
+        check_lens("gemm_bf16_to_bf16", m, n, k, a.len(), b.len(), c.len())?;
+        if m * n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return c.zero();
+        }
+        let out = (c.ptr(), cudaDataType::CUDA_R_16BF);
+        self.gemm_ex_bf16("gemm_bf16_to_bf16", (transa, transb), [m, n, k], alpha, a, b, 0.0, out)
+    }
+
+    /// cublasGemmEx on bf16 A and B with f32 accumulation into C at `out` = (address, element type), after the
+    /// callers' length checks; `op` names the caller in errors.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ex_bf16(
+        &self,
+        op: &'static str,
+        (transa, transb): (bool, bool),
+        [m, n, k]: [usize; 3],
+        alpha: f32,
+        a: &Bf16Buf,
+        b: &Bf16Buf,
+        beta: f32,
+        (c_ptr, c_type): (u64, cudaDataType),
+    ) -> Result<()> {
+        let [mi, ni, ki, ldai, ldbi] = dims_i32(op, transa, transb, m, n, k)?;
         self.ctx
             .bind_to_thread()
-            .map_err(|e| Error::Gpu(format!("gemm_bf16: binding the context: {e}")))?;
+            .map_err(|e| Error::Gpu(format!("{op}: binding the context: {e}")))?;
         let bf16 = cudaDataType::CUDA_R_16BF;
-        // SAFETY: the length checks above keep every access inside A, B (bf16 elements) and C (f32); the handle
-        // is bound to the context's stream, so the GEMM is ordered after the kernels that wrote A and B; alpha
-        // and beta are f32 as CUBLAS_COMPUTE_32F requires, read at call time (host pointer mode).
+        // SAFETY: the callers' length checks keep every access inside A, B (bf16 elements) and C (c_type
+        // elements); the handle is bound to the context's stream, so the GEMM is ordered after the kernels that
+        // wrote A and B; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires, read at call time (host pointer
+        // mode).
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.blas.handle(),
@@ -174,14 +220,14 @@ impl GpuContext {
                 bf16,
                 ldai,
                 &beta as *const f32 as *const c_void,
-                c.ptr() as *mut c_void,
-                cudaDataType::CUDA_R_32F,
+                c_ptr as *mut c_void,
+                c_type,
                 ni,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| Error::Gpu(format!("cuBLAS gemm_bf16 m {m} n {n} k {k}: {e}")))
+        .map_err(|e| Error::Gpu(format!("cuBLAS {op} m {m} n {n} k {k}: {e}")))
     }
 
     /// `batch` products at once: row-major C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i], where A[i], B[i] and C[i]

@@ -43,7 +43,7 @@ pub fn group_threads(n_groups: usize, g: usize) -> usize {
     }
 }
 
-/// dw, ds, dz as `fake_quant_bwd_cpu` (each written when given), one warp per group.
+/// dw, ds, dz as `fake_quant_bwd_cpu` (each written when given), in cuda/fake_quant.cu's group layout.
 #[allow(clippy::too_many_arguments)]
 pub fn fake_quant_bwd_cuda(
     dw: Option<&mut GpuBuf>,
@@ -56,16 +56,69 @@ pub fn fake_quant_bwd_cuda(
     g: usize,
     qmax: f32,
 ) -> Result<()> {
+    let grads = [grad_arg(&dw), grad_arg(&ds), grad_arg(&dz)];
+    let dout = ("fake_quant_bwd_f32", dout.arg(), dout.len());
+    launch_fake_quant_bwd(grads, dout, w, scales, zeros, g, qmax)
+}
+
+/// [`fake_quant_bwd_cuda`] from a bf16 dout (the bf16 mode's dŵ GEMM output), widened exactly in the kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn fake_quant_bwd_bf16_cuda(
+    dw: Option<&mut GpuBuf>,
+    ds: Option<&mut GpuBuf>,
+    dz: Option<&mut GpuBuf>,
+    dout: &Bf16Buf,
+    w: &GpuBuf,
+    scales: &GpuBuf,
+    zeros: &GpuBuf,
+    g: usize,
+    qmax: f32,
+) -> Result<()> {
+    let grads = [grad_arg(&dw), grad_arg(&ds), grad_arg(&dz)];
+    let dout = ("fake_quant_bwd_bf16", dout.arg(), dout.len());
+    launch_fake_quant_bwd(grads, dout, w, scales, zeros, g, qmax)
+}
+
+/// An optional gradient's kernel argument and length.
+fn grad_arg(b: &Option<&mut GpuBuf>) -> (Arg, Option<usize>) {
+    (opt_arg(b), b.as_ref().map(|b| b.len()))
+}
+
+/// One launch of the backward `kernel` with dout at `dout_arg` (`dout_len` values of its type) writing the given
+/// (dw, ds, dz).
+fn launch_fake_quant_bwd(
+    grads: [(Arg, Option<usize>); 3],
+    (kernel, dout_arg, dout_len): (&'static str, Arg, usize),
+    w: &GpuBuf,
+    scales: &GpuBuf,
+    zeros: &GpuBuf,
+    g: usize,
+    qmax: f32,
+) -> Result<()> {
     let n_groups = scales.len();
-    dout.ctx().launch_1d(
+    let [(dw, dw_len), (ds, ds_len), (dz, dz_len)] = grads;
+    let weights_ok = [Some(dout_len), dw_len].iter().flatten().all(|&l| l == w.len());
+    let groups_ok = [Some(zeros.len()), ds_len, dz_len].iter().flatten().all(|&l| l == n_groups);
+    if g == 0 || w.len() != n_groups * g || !weights_ok || !groups_ok {
+        return Err(Error::shape(
+            kernel,
+            format!(
+                "w of {} values with groups of {g}, dout of {dout_len}, scales {n_groups}, zeros {}, dw {dw_len:?}, \
+                 ds {ds_len:?}, dz {dz_len:?}",
+                w.len(),
+                zeros.len()
+            ),
+        ));
+    }
+    w.ctx().launch_1d(
         &CUDA,
-        "fake_quant_bwd_f32",
+        kernel,
         group_threads(n_groups, g),
         &[
-            opt_arg(&dw),
-            opt_arg(&ds),
-            opt_arg(&dz),
-            dout.arg(),
+            dw,
+            ds,
+            dz,
+            dout_arg,
             w.arg(),
             scales.arg(),
             zeros.arg(),

@@ -4,15 +4,17 @@
 //! Everywhere but the GPU's bf16 mode (`GpuContext::set_matmul_bf16`) this is `fake_quant` then `linear`, so
 //! values and gradients are theirs. In the bf16 mode one kernel writes ŵ straight to bf16 and no f32 ŵ is made:
 //!   forward   ŵ_b = bf16(fake_quant(w)) (`fake_quant_fwd_bf16`), x_b = bf16(x), y = x_b·ŵ_bᵀ (f32 accumulation)
-//!   backward  dy_b = bf16(dy); dx = dy_b·ŵ_b; dŵ = dy_bᵀ·x_b (f32), and fake_quant's backward on dŵ gives dw,
-//!             dscales, dzeros (the formulas of this module's parent header)
+//!   backward  dy_b = bf16(dy); dx = dy_b·ŵ_b; dŵ_b = bf16(dy_bᵀ·x_b) (f32 accumulation, rounded once, as
+//!             torch.autocast's weight gradient), and fake_quant's backward on dŵ_b gives dw, dscales, dzeros (the
+//!             formulas of this module's parent header)
 //! ŵ_b and x_b are kept for the backward (2 bytes per weight and per input value), as torch.autocast keeps the
 //! bf16 copies it multiplies; x_b is the tape's `bf16_copy`, shared by the linears that read the same x (q, k, v).
 //! Gradients are written (`=`), except dx, which the GEMM adds (beta = 1) into x's gradient when the tape hands
 //! over the sum so far (`Backward::accumulates`).
 //! A weight the tape defers (`Tape::defer_fake_quant`: the bf16 mode's fused optimizer step) is not quantized
 //! here: its ŵ_b is the one the optimizer wrote with the last update (made here only when there is none yet), and
-//! the backward leaves dŵ as w's gradient and none for scales and zeros (the optimizer does fake-quant's backward).
+//! the backward leaves dŵ_b in the weight's `DeferredGrad` and no gradient for scales and zeros (the optimizer does
+//! fake-quant's backward).
 use super::{fake_quant, QuantConfig};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
@@ -52,8 +54,8 @@ pub fn fake_quant_linear(
 
 #[cfg(feature = "cuda")]
 mod bf16 {
-    use super::super::{fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, QuantConfig};
-    use crate::autograd::{Backward, Tape, Var};
+    use super::super::{fake_quant_bwd_bf16_cuda, fake_quant_fwd_bf16_cuda, QuantConfig};
+    use crate::autograd::{Backward, DeferredGrad, Tape, Var};
     use crate::error::{Error, Result};
     use crate::gpu::Bf16Buf;
     use crate::ops::linear::cast_bf16_cuda;
@@ -146,7 +148,7 @@ mod bf16 {
                 k,
                 g,
                 qmax: cfg.qmax(),
-                deferred: deferred.is_some(),
+                deferred: tape.fake_quant_grad_slot(w),
                 saved,
             }),
         ))
@@ -158,8 +160,8 @@ mod bf16 {
         k: usize,
         g: usize,
         qmax: f32,
-        /// w's gradient is dŵ, and scales and zeros get none (module docs).
-        deferred: bool,
+        /// Where dŵ_b goes for a deferred weight, whose scales and zeros get no gradient (module docs).
+        deferred: Option<DeferredGrad>,
         /// (ŵ_b, x_b); None when nothing needed a gradient at the forward. x_b is the tape's shared copy.
         saved: Option<(Arc<Bf16Buf>, Arc<Bf16Buf>)>,
     }
@@ -218,23 +220,19 @@ mod bf16 {
                     dx.gpu_mut(op)?,
                 )?;
             }
-            if self.deferred {
-                if let Some(dw) = rest[0].as_mut() {
-                    ctx.gemm_bf16(true, false, n, k, rows, 1.0, &dy, xb, 0.0, dw.gpu_mut(op)?)?;
-                }
-                rest[1] = None;
-                rest[2] = None;
+            if self.deferred.is_none() && rest.iter().all(Option::is_none) {
                 return Ok(());
             }
-            if rest.iter().all(Option::is_none) {
-                return Ok(());
+            let mut dwq = ctx.alloc_bf16(n * k)?;
+            ctx.gemm_bf16_to_bf16(true, false, n, k, rows, 1.0, &dy, xb, &mut dwq)?;
+            if let Some(slot) = &self.deferred {
+                rest.iter_mut().for_each(|d| *d = None);
+                return slot.put(dwq);
             }
-            let mut dwq = ctx.alloc(n * k)?;
-            ctx.gemm_bf16(true, false, n, k, rows, 1.0, &dy, xb, 0.0, &mut dwq)?;
             let [dw, ds, dz] = rest else {
                 return Err(Error::Autograd(format!("{op}: expected 4 inputs")));
             };
-            fake_quant_bwd_cuda(
+            fake_quant_bwd_bf16_cuda(
                 slot(dw)?,
                 slot(ds)?,
                 slot(dz)?,

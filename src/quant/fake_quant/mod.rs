@@ -42,7 +42,7 @@ pub use linear::fake_quant_linear;
 
 #[cfg(feature = "cuda")]
 pub use cuda::{
-    fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, fake_quant_fwd_cuda, group_threads,
+    fake_quant_bwd_bf16_cuda, fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, fake_quant_fwd_cuda, group_threads,
     init_minmax_cuda, CUDA,
 };
 

@@ -2,7 +2,7 @@
 //! shared flag buffer that is downloaded once per step.
 use super::{AdamWCoefs, ParamGroup, ParamState};
 use crate::error::Result;
-use crate::gpu::{Arg, GpuBuf, GpuContext, KernelSource, PinnedF32};
+use crate::gpu::{Arg, Bf16Buf, GpuBuf, GpuContext, KernelSource, PinnedF32};
 use std::sync::Arc;
 
 pub const CUDA: KernelSource = KernelSource {
@@ -146,24 +146,23 @@ impl AdamWCoefs {
     }
 }
 
-/// For each gradient, whether it holds a NaN or an infinity: all checks queued, then one download.
-pub fn nonfinite_cuda(grads: &[&GpuBuf]) -> Result<Vec<bool>> {
-    let Some(first) = grads.first() else {
-        return Ok(Vec::new());
+/// For each gradient (the f32 ones, then the bf16 ones), whether it holds a NaN or an infinity: all checks
+/// queued, then one download.
+pub fn nonfinite_cuda(grads: &[&GpuBuf], bf16_grads: &[&Bf16Buf]) -> Result<Vec<bool>> {
+    let ctx = match (grads.first(), bf16_grads.first()) {
+        (Some(g), _) => g.ctx().clone(),
+        (None, Some(g)) => g.ctx().clone(),
+        (None, None) => return Ok(Vec::new()),
     };
-    let ctx = first.ctx().clone();
-    let flags = ctx.zeros(grads.len())?;
-    for (k, g) in grads.iter().enumerate() {
+    let flags = ctx.zeros(grads.len() + bf16_grads.len())?;
+    let checks = grads.iter().map(|g| ("adamw_check_f32", g.arg(), g.len()));
+    let bf16_checks = bf16_grads.iter().map(|g| ("adamw_check_bf16", g.arg(), g.len()));
+    for (k, (kernel, g, n)) in checks.chain(bf16_checks).enumerate() {
         ctx.launch_1d(
             &CUDA,
-            "adamw_check_f32",
-            g.len(),
-            &[
-                flags.arg(),
-                Arg::I32(k as i32),
-                g.arg(),
-                Arg::I64(g.len() as i64),
-            ],
+            kernel,
+            n,
+            &[flags.arg(), Arg::I32(k as i32), g, Arg::I64(n as i64)],
         )?;
     }
     Ok(flags.to_vec()?.iter().map(|&f| f != 0.0).collect())

@@ -2,8 +2,9 @@
 //! `cuda/fake_quant.cu`). Block-AP's step otherwise runs three memory-bound kernels over every weight after the dŵ GEMM:
 //! fake-quant's backward (dŵ, w → dw, and the groups' ds, dz), AdamW (w, m, v, dw → w, m, v; scales and zeros the
 //! same) and, in the next forward, fake-quant's forward (w → ŵ_b). The fused kernel does all three in one pass
-//! (30 bytes per weight instead of 50) with the same arithmetic in the same order, so the trained values are
-//! bit-identical. The tape keeps dŵ as w's gradient and the new ŵ_b between steps (`Tape::defer_fake_quant`).
+//! (28 bytes per weight instead of 48) with the same arithmetic in the same order, so the trained values are
+//! bit-identical. dŵ arrives in bf16 (the dŵ GEMM's output), kept by the tape apart from its gradient slots, and
+//! the tape keeps the new ŵ_b between steps (`Tape::defer_fake_quant`).
 //! The CPU twin is the composition it replaces: `fake_quant_bwd_cpu`, `adamw_update_cpu` on w, scales and zeros,
 //! then `fake_quant_fwd_cpu` rounded to bf16 (tests/cuda_block_ap.rs compares them).
 use super::cuda::{moments_of, Moments};
@@ -34,14 +35,14 @@ impl FusedWeight {
     }
 }
 
-/// One fused step over weight `w` [n, k] (groups of g) with the gradient of its fake-quantized value `dwq`, the
+/// One fused step over weight `w` [n, k] (groups of g) with the bf16 gradient of its fake-quantized value `dwq`, the
 /// scales and zeros [n, k/g], all moments, and coefficients `cw` (weight) and `cq` (scales and zeros); writes the
 /// next forward's ŵ to `wq` in bf16.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_fake_quant_cuda(
     w: &mut GpuBuf,
     wm: (&mut GpuBuf, &mut GpuBuf),
-    dwq: &GpuBuf,
+    dwq: &Bf16Buf,
     scales: &mut GpuBuf,
     sm: (&mut GpuBuf, &mut GpuBuf),
     zeros: &mut GpuBuf,
@@ -172,19 +173,21 @@ impl AdamW {
         Ok(())
     }
 
-    /// This step's fused updates (`slots` as `Tape::params_and_grads_mut` gives them). Returns each updated
-    /// weight's new ŵ_b, for the tape. A weight without a gradient this step does not move, nor do its step counts.
+    /// This step's fused updates (`slots` as `Tape::params_and_grads_mut` gives them, `dwqs` the fused weights'
+    /// dŵ in their order). Returns each updated weight's new ŵ_b, for the tape. A weight without a gradient this
+    /// step does not move, nor do its step counts.
     pub(super) fn step_fused(
         &mut self,
         slots: &mut [(&mut Tensor, Option<&Tensor>)],
+        dwqs: Vec<Option<Bf16Buf>>,
         lr_factor: f32,
     ) -> Result<Vec<(Var, Bf16Buf)>> {
         let mut copies = Vec::with_capacity(self.fused.len());
-        for i in 0..self.fused.len() {
+        for (i, dwq) in dwqs.into_iter().enumerate() {
             let f = self.fused[i];
             let [(gw, kw), (gq, ks), (_, kz)] = f.at;
             let idx = f.vars().map(Var::index);
-            let [(w, dwq), (s, _), (z, _)] = slots.get_disjoint_mut(idx).map_err(|e| {
+            let [(w, _), (s, _), (z, _)] = slots.get_disjoint_mut(idx).map_err(|e| {
                 Error::invalid(
                     OP,
                     format!("entries {idx:?} are not distinct tape parameters: {e}"),
@@ -229,7 +232,7 @@ impl AdamW {
             adamw_fake_quant_cuda(
                 w,
                 wm,
-                dwq.gpu(OP)?,
+                &dwq,
                 s,
                 sm,
                 z,

@@ -299,6 +299,13 @@ impl AdamW {
             ));
         }
         let n_params = tape.n_params();
+        // The fused weights' dŵ (bf16), which the tape keeps apart from its gradient slots.
+        #[cfg(feature = "cuda")]
+        let fused_grads: Vec<Option<crate::gpu::Bf16Buf>> = self
+            .fused
+            .iter()
+            .map(|f| tape.take_fake_quant_grad(f.vars()[0]))
+            .collect();
         let mut slots: Vec<(&mut Tensor, Option<&Tensor>)> = tape.params_and_grads_mut().collect();
         // Gradients on a GPU, checked for finiteness together after the loop: (group, entry, var, shape, grad).
         #[cfg(feature = "cuda")]
@@ -352,12 +359,21 @@ impl AdamW {
                 .iter()
                 .map(|(.., g)| g.gpu("AdamW"))
                 .collect::<Result<_>>()?;
-            let bad = nonfinite_cuda(&grads)?;
+            let dwqs: Vec<&crate::gpu::Bf16Buf> = fused_grads.iter().flatten().collect();
+            let bad = nonfinite_cuda(&grads, &dwqs)?;
             if let Some(i) = bad.iter().position(|&b| b) {
-                let (gi, pi, var, shape, _) = &on_device[i];
-                return Err(Error::NonFinite {
-                    what: format!("AdamW gradient of group {gi} entry {pi} (var {var}, {shape:?})"),
-                });
+                let what = match on_device.get(i) {
+                    Some((gi, pi, var, shape, _)) => {
+                        format!("AdamW gradient of group {gi} entry {pi} (var {var}, {shape:?})")
+                    }
+                    None => {
+                        let w = self.fused.iter().zip(&fused_grads).filter(|(_, g)| g.is_some());
+                        let f = w.map(|(f, _)| f).nth(i - on_device.len());
+                        let var = f.map(|f| f.vars()[0].index());
+                        format!("AdamW gradient dŵ of the fused weight (var {var:?})")
+                    }
+                };
+                return Err(Error::NonFinite { what });
             }
         }
         // Fused weights, scales and zeros take their step together below.
@@ -403,7 +419,7 @@ impl AdamW {
         }
         #[cfg(feature = "cuda")]
         {
-            let copies = self.step_fused(&mut slots, lr_factor)?;
+            let copies = self.step_fused(&mut slots, fused_grads, lr_factor)?;
             drop(slots);
             for (w, wq) in copies {
                 tape.set_fake_quant_copy(w, std::sync::Arc::new(wq));
