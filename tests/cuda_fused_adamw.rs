@@ -169,7 +169,10 @@ fn unfused_gpu(ctx: &std::sync::Arc<GpuContext>, p: &Problem, r: &mut Report) ->
     let bits = |b: &eqat::gpu::GpuBuf| down(b).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let same = bits(&dw) == bits(&dw32) && bits(&ds) == bits(&ds32) && bits(&dz) == bits(&dz32);
     let tag = format!("{}x{} g{}", p.n, p.k, p.g);
-    r.expect(&format!("{tag}: fake_quant_bwd from bf16 == from f32, bit for bit"), same);
+    r.expect(
+        &format!("{tag}: fake_quant_bwd from bf16 == from f32, bit for bit"),
+        same,
+    );
     adamw_update_cuda(&mut w, &dw, &mut wm, &mut wv, &p.cw).unwrap();
     adamw_update_cuda(&mut s, &ds, &mut sm, &mut sv, &p.cq).unwrap();
     adamw_update_cuda(&mut z, &dz, &mut zm, &mut zv, &p.cq).unwrap();

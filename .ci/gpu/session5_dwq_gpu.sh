@@ -1,17 +1,20 @@
 #!/bin/bash
-# Session 5, bf16 dŵ: the GPU tests touched by the change, the Block-AP benches and the kernel breakdowns
-# (ncu_block_ap_gpu.sh copied alongside). Copy the stripped engine and tests/cuda_* binaries and stories260K.gguf
-# next to it and carry the folder.
+# Session 5 (bf16 dŵ, the bf16 MLP): every GPU test binary copied alongside, the Block-AP benches and the kernel
+# breakdowns (ncu_block_ap_gpu.sh copied alongside). Copy the stripped engine and tests/cuda_* binaries next to it
+# and carry the folder. The test summary comes last.
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-echo "== tests"
+: > /tmp/tests.sum
 for t in cuda_*; do
-  timeout 200 ./$t --test-threads=1 > $OUT/$t.log 2>&1; echo "$t rc $? $(grep 'test result' $OUT/$t.log)"
-  grep -E "FAIL|panicked|skipped|worst" $OUT/$t.log | head -5
+  timeout 200 ./$t --test-threads=1 > /tmp/$t.log 2>&1; echo "$t rc $? $(grep 'test result' /tmp/$t.log)" >> /tmp/tests.sum
+  grep -E "FAIL|panicked" /tmp/$t.log | head -5 >> /tmp/tests.sum
 done
+cat /tmp/cuda_*.log > $OUT/tests.log
 echo "== bench"
 for s in smollm2-135m llama2-7b llama3-8b llama2-70b; do
   echo "$s"; timeout 120 ./engine bench block-ap --shape $s --wbits 2 --group-size 64 --batch 2 --seqlen 2048 --device cuda --dtype bf16 --steps 10 --warmup 2 2>&1 | tee -a $OUT/bench.log | grep -E "median|error|peak|steps"
 done
 echo "== ncu"
 bash ./ncu_block_ap_gpu.sh
+echo "== tests"
+cat /tmp/tests.sum

@@ -7,12 +7,23 @@ use crate::tensor::Tensor;
 /// uninitialised when `uninit` (the op overwrites it).
 pub(super) fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let crate::tensor::Storage::Cuda(b) = t.storage() {
-        let buf = match uninit {
-            true => b.ctx().alloc(t.numel())?,
-            false => b.ctx().zeros(t.numel())?,
-        };
-        return Tensor::from_gpu(t.shape(), buf);
+    match t.storage() {
+        crate::tensor::Storage::Cuda(b) => {
+            let buf = match uninit {
+                true => b.ctx().alloc(t.numel())?,
+                false => b.ctx().zeros(t.numel())?,
+            };
+            return Tensor::from_gpu(t.shape(), buf);
+        }
+        // A bf16 value's gradient is bf16 too (as in torch.autocast).
+        crate::tensor::Storage::CudaBf16(b) => {
+            let mut buf = b.ctx().alloc_bf16(t.numel())?;
+            if !uninit {
+                buf.zero()?;
+            }
+            return Tensor::from_gpu_bf16(t.shape(), buf);
+        }
+        _ => {}
     }
     let _ = uninit;
     Tensor::from_vec(t.shape(), pool.take_zeroed(t.numel()))
@@ -54,8 +65,12 @@ pub(super) fn pass_through(
 /// A copy of `t` where it lives (a pooled host buffer or a device copy).
 fn copy_of(t: &Tensor, pool: &mut BufferPool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let crate::tensor::Storage::Cuda(b) = t.storage() {
-        return Tensor::from_gpu(t.shape(), b.try_clone()?);
+    match t.storage() {
+        crate::tensor::Storage::Cuda(b) => return Tensor::from_gpu(t.shape(), b.try_clone()?),
+        crate::tensor::Storage::CudaBf16(b) => {
+            return Tensor::from_gpu_bf16(t.shape(), (**b).clone())
+        }
+        _ => {}
     }
     let mut buf = pool.take_zeroed(t.numel());
     buf.copy_from_slice(t.f32s("backward")?);
@@ -64,6 +79,13 @@ fn copy_of(t: &Tensor, pool: &mut BufferPool) -> Result<Tensor> {
 
 /// g += d, where both live.
 fn add_in_place(g: &mut Tensor, d: &Tensor) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if g.dtype() == crate::tensor::DType::BF16 || d.dtype() == crate::tensor::DType::BF16 {
+        return Err(Error::Autograd(
+            "a bf16 value used by two ops gets two gradients: adding bf16 gradients is not supported"
+                .into(),
+        ));
+    }
     #[cfg(feature = "cuda")]
     if crate::gpu::device_of("backward", &[g, d])?.is_some() {
         return crate::ops::add::add_assign_cuda(g.gpu_mut("backward")?, d.gpu("backward")?);

@@ -206,6 +206,10 @@ impl Tape {
         if let Some(b) = self.bf16_copies.get(&v.0) {
             return Ok(b.clone());
         }
+        // A bf16 value is its own copy.
+        if let crate::tensor::Storage::CudaBf16(b) = self.values[v.0].storage() {
+            return Ok(b.clone());
+        }
         let b = std::sync::Arc::new(crate::ops::linear::cast_bf16_cuda(
             self.values[v.0].gpu("bf16_copy")?,
         )?);

@@ -7,8 +7,8 @@ use crate::error::Result;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// `len` bf16 values in device memory from the context's cache.
-#[derive(Debug)]
+/// `len` bf16 values in device memory from the context's cache (a clone is a device copy).
+#[derive(Clone, Debug)]
 pub struct Bf16Buf {
     buf: GpuBuf,
     len: usize,

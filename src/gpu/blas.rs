@@ -152,7 +152,16 @@ impl GpuContext {
             return Ok(());
         }
         let out = (c.ptr(), cudaDataType::CUDA_R_32F);
-        self.gemm_ex_bf16("gemm_bf16", (transa, transb), [m, n, k], alpha, a, b, beta, out)
+        self.gemm_ex_bf16(
+            "gemm_bf16",
+            (transa, transb),
+            [m, n, k],
+            alpha,
+            a,
+            b,
+            beta,
+            out,
+        )
     }
 
     /// Row-major C[m, n] = alpha·op(A)·op(B) with bf16 A, B and C: f32 accumulation, C rounded to bf16 once at
@@ -178,7 +187,16 @@ impl GpuContext {
             return c.zero();
         }
         let out = (c.ptr(), cudaDataType::CUDA_R_16BF);
-        self.gemm_ex_bf16("gemm_bf16_to_bf16", (transa, transb), [m, n, k], alpha, a, b, 0.0, out)
+        self.gemm_ex_bf16(
+            "gemm_bf16_to_bf16",
+            (transa, transb),
+            [m, n, k],
+            alpha,
+            a,
+            b,
+            0.0,
+            out,
+        )
     }
 
     /// cublasGemmEx on bf16 A and B with f32 accumulation into C at `out` = (address, element type), after the

@@ -323,6 +323,7 @@ impl GpuContext {
 pub fn device_of(op: &'static str, tensors: &[&Tensor]) -> Result<Option<Arc<GpuContext>>> {
     let ctx = |t: &Tensor| match t.storage() {
         Storage::Cuda(b) => Some(b.ctx().clone()),
+        Storage::CudaBf16(b) => Some(b.ctx().clone()),
         _ => None,
     };
     let first = tensors.first().and_then(|t| ctx(t));

@@ -7,7 +7,9 @@ use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::ops::rope::RopeLayout;
 use crate::ops::{add, attention, linear, reshape, rmsnorm, rope, swiglu};
-use crate::quant::fake_quant::{fake_quant_linear, init_minmax, QuantConfig};
+use crate::quant::fake_quant::{
+    fake_quant_linear, fake_quant_linear_bf16_out, init_minmax, QuantConfig,
+};
 use crate::tensor::{rng::Rng, Tensor};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -185,6 +187,10 @@ pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Va
         &mut |tape, i, input| {
             let l = vars.linears[i];
             match (l.quant, vars.quant) {
+                // gate and up: only SwiGLU reads them, in bf16 when the GPU runs in the bf16 mode.
+                (Some((s, z)), Some(cfg)) if matches!(i, 4 | 5) => {
+                    fake_quant_linear_bf16_out(tape, input, l.weight, s, z, cfg)
+                }
                 (Some((s, z)), Some(cfg)) => fake_quant_linear(tape, input, l.weight, s, z, cfg),
                 _ => linear::linear(tape, input, l.weight, None),
             }

@@ -3,6 +3,8 @@
 //!
 //! Backward, with s = sigmoid(gate): dgate = dy * up * s * (1 + gate * (1 - s)); dup = dy * gate * s.
 //! Both come out of one pass that recomputes s. Activation gradients are written (`=`); the tape accumulates.
+//! On a GPU, bf16 gate and up (the bf16 mode's MLP, `fake_quant_linear_bf16_out`) give a bf16 output and bf16
+//! gradients, as torch.autocast keeps them: the same f32 math, each output rounded once.
 use crate::autograd::{Backward, Tape, Var};
 use crate::error::Result;
 #[cfg(feature = "cuda")]
@@ -139,6 +141,65 @@ fn swiglu_fwd_cuda_into(
     )
 }
 
+/// out = swiglu(gate, up) with every buffer bf16 (the bf16 mode's MLP; f32 math, outputs rounded to nearest even).
+#[cfg(feature = "cuda")]
+pub fn swiglu_fwd_bf16_cuda(out: &mut Bf16Buf, gate: &Bf16Buf, up: &Bf16Buf) -> Result<()> {
+    let n = out.len();
+    check_bf16_lens("swiglu_fwd_bf16", n, &[gate.len(), up.len()])?;
+    out.ctx().launch_1d(
+        &CUDA,
+        "swiglu_fwd_bf16",
+        n.div_ceil(8),
+        &[out.arg(), gate.arg(), up.arg(), Arg::I64(n as i64)],
+    )
+}
+
+/// [`swiglu_bwd_cuda`] with every buffer bf16.
+#[cfg(feature = "cuda")]
+pub fn swiglu_bwd_bf16_cuda(
+    dgate: Option<&mut Bf16Buf>,
+    dup: Option<&mut Bf16Buf>,
+    dout: &Bf16Buf,
+    gate: &Bf16Buf,
+    up: &Bf16Buf,
+) -> Result<()> {
+    let n = dout.len();
+    let lens: Vec<usize> = [
+        dgate.as_ref().map(|b| b.len()),
+        dup.as_ref().map(|b| b.len()),
+    ]
+    .into_iter()
+    .flatten()
+    .chain([gate.len(), up.len()])
+    .collect();
+    check_bf16_lens("swiglu_bwd_bf16", n, &lens)?;
+    let arg = |b: Option<&mut Bf16Buf>| b.map_or(Arg::NULL, |b| b.arg());
+    dout.ctx().launch_1d(
+        &CUDA,
+        "swiglu_bwd_bf16",
+        n.div_ceil(8),
+        &[
+            arg(dgate),
+            arg(dup),
+            dout.arg(),
+            gate.arg(),
+            up.arg(),
+            Arg::I64(n as i64),
+        ],
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn check_bf16_lens(op: &'static str, n: usize, lens: &[usize]) -> Result<()> {
+    match lens.iter().all(|&l| l == n) {
+        true => Ok(()),
+        false => Err(crate::error::Error::shape(
+            op,
+            format!("buffers of {lens:?} values, expected {n}"),
+        )),
+    }
+}
+
 /// Writes whichever of dgate and dup is given, in one pass.
 #[cfg(feature = "cuda")]
 pub fn swiglu_bwd_cuda(
@@ -170,6 +231,18 @@ pub fn swiglu(tape: &mut Tape, gate: Var, up: Var) -> Result<Var> {
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of("swiglu", &[tape.value(gate), tape.value(up)])? {
         let n = tape.value(gate).numel();
+        // bf16 gate and up (the bf16 mode's MLP): a bf16 output, the down projection's operand as it is.
+        if tape.value(gate).dtype() == crate::tensor::DType::BF16 {
+            let mut out = ctx.alloc_bf16(n)?;
+            let op = "swiglu";
+            swiglu_fwd_bf16_cuda(
+                &mut out,
+                tape.value(gate).gpu_bf16(op)?,
+                tape.value(up).gpu_bf16(op)?,
+            )?;
+            let out = Tensor::from_gpu_bf16(&shape, out)?;
+            return Ok(tape.push_op(out, &[gate, up], Box::new(SwigluBackward)));
+        }
         let mut out = ctx.alloc(n)?;
         // In the bf16 mode the output is a GEMM operand next: write its bf16 copy in the same pass.
         let mut out_b = ctx.matmul_bf16().then(|| ctx.alloc_bf16(n)).transpose()?;
@@ -213,6 +286,17 @@ impl Backward for SwigluBackward {
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
         let (dgate, dup) = d.split_at_mut(1);
+        #[cfg(feature = "cuda")]
+        if dout.dtype() == crate::tensor::DType::BF16 {
+            let op = "swiglu_bwd";
+            return swiglu_bwd_bf16_cuda(
+                dgate[0].as_mut().map(|t| t.gpu_bf16_mut(op)).transpose()?,
+                dup[0].as_mut().map(|t| t.gpu_bf16_mut(op)).transpose()?,
+                dout.gpu_bf16(op)?,
+                inputs[0].gpu_bf16(op)?,
+                inputs[1].gpu_bf16(op)?,
+            );
+        }
         #[cfg(feature = "cuda")]
         if dout.is_cuda() {
             let op = "swiglu_bwd";

@@ -32,6 +32,11 @@ pub enum Storage {
     /// f32 values in GPU memory, from the device's caching allocator.
     #[cfg(feature = "cuda")]
     Cuda(crate::gpu::GpuBuf),
+    /// bf16 values in GPU memory: the bf16 mode's activations that only GEMMs and bf16 kernels read (the MLP's
+    /// gate, up and SwiGLU output, as torch.autocast keeps them) and their gradients. Shared, never copied, by
+    /// the ops that take them as GEMM operands; writable only while unshared.
+    #[cfg(feature = "cuda")]
+    CudaBf16(std::sync::Arc<crate::gpu::Bf16Buf>),
 }
 
 #[derive(Clone, Debug)]
@@ -133,6 +138,8 @@ impl Tensor {
             Storage::CpuBF16(_) => DType::BF16,
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => DType::F32,
+            #[cfg(feature = "cuda")]
+            Storage::CudaBf16(_) => DType::BF16,
         }
     }
 
@@ -140,7 +147,7 @@ impl Tensor {
     pub fn is_cuda(&self) -> bool {
         match &self.storage {
             #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => true,
+            Storage::Cuda(_) | Storage::CudaBf16(_) => true,
             _ => false,
         }
     }
@@ -150,6 +157,8 @@ impl Tensor {
         match &self.storage {
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => format!("cuda:{}", b.ctx().ordinal()),
+            #[cfg(feature = "cuda")]
+            Storage::CudaBf16(b) => format!("cuda:{}", b.ctx().ordinal()),
             _ => "host".into(),
         }
     }
@@ -194,6 +203,8 @@ impl Tensor {
             Storage::CpuBF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.to_vec().unwrap_or_else(|e| panic!("to_f32_vec: {e}")),
+            #[cfg(feature = "cuda")]
+            Storage::CudaBf16(b) => b.to_f32_vec().unwrap_or_else(|e| panic!("to_f32_vec: {e}")),
         }
     }
 
@@ -202,18 +213,21 @@ impl Tensor {
         let data = match &self.storage {
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.to_vec()?,
+            #[cfg(feature = "cuda")]
+            Storage::CudaBf16(b) => b.to_f32_vec()?,
             _ => self.to_f32_vec(),
         };
         Tensor::from_vec(&self.shape, data)
     }
 
-    /// An f32 copy on the GPU of `ctx` (16-bit host storage is widened first).
+    /// An f32 copy on the GPU of `ctx` (16-bit storage is widened first).
     #[cfg(feature = "cuda")]
     pub fn to_device(&self, ctx: &std::sync::Arc<crate::gpu::GpuContext>) -> Result<Tensor> {
         let buf = match &self.storage {
             Storage::Cpu(v) => ctx.upload(v)?,
             Storage::Cuda(b) if std::sync::Arc::ptr_eq(b.ctx(), ctx) => b.try_clone()?,
             Storage::Cuda(b) => ctx.upload(&b.to_vec()?)?,
+            Storage::CudaBf16(b) => ctx.upload(&b.to_f32_vec()?)?,
             _ => ctx.upload(&self.to_f32_vec())?,
         };
         Ok(Tensor {
@@ -239,6 +253,53 @@ impl Tensor {
             shape: shape.to_vec(),
             storage: Storage::Cuda(buf),
         })
+    }
+
+    /// Wraps a bf16 device buffer; errors when its length is not the product of `shape`.
+    #[cfg(feature = "cuda")]
+    pub fn from_gpu_bf16(shape: &[usize], buf: crate::gpu::Bf16Buf) -> Result<Tensor> {
+        if buf.len() != numel(shape) {
+            return Err(Error::shape(
+                "Tensor::from_gpu_bf16",
+                format!(
+                    "shape {shape:?} needs {} values, got {}",
+                    numel(shape),
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::CudaBf16(std::sync::Arc::new(buf)),
+        })
+    }
+
+    /// The bf16 device buffer, shared; `op` names the caller in the error for any other storage.
+    #[cfg(feature = "cuda")]
+    pub fn gpu_bf16(&self, op: &'static str) -> Result<&std::sync::Arc<crate::gpu::Bf16Buf>> {
+        match &self.storage {
+            Storage::CudaBf16(b) => Ok(b),
+            _ => Err(Error::Storage {
+                op,
+                msg: format!("needs bf16 GPU storage, got {}", self.storage_name()),
+            }),
+        }
+    }
+
+    /// The bf16 device buffer to write; an error when another tensor shares it.
+    #[cfg(feature = "cuda")]
+    pub fn gpu_bf16_mut(&mut self, op: &'static str) -> Result<&mut crate::gpu::Bf16Buf> {
+        let name = self.storage_name();
+        match &mut self.storage {
+            Storage::CudaBf16(b) => std::sync::Arc::get_mut(b).ok_or_else(|| Error::Storage {
+                op,
+                msg: "the bf16 GPU buffer is shared and cannot be written".into(),
+            }),
+            _ => Err(Error::Storage {
+                op,
+                msg: format!("needs bf16 GPU storage, got {name}"),
+            }),
+        }
     }
 
     /// The device buffer; `op` names the caller in the error for host storage.

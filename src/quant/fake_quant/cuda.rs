@@ -97,8 +97,14 @@ fn launch_fake_quant_bwd(
 ) -> Result<()> {
     let n_groups = scales.len();
     let [(dw, dw_len), (ds, ds_len), (dz, dz_len)] = grads;
-    let weights_ok = [Some(dout_len), dw_len].iter().flatten().all(|&l| l == w.len());
-    let groups_ok = [Some(zeros.len()), ds_len, dz_len].iter().flatten().all(|&l| l == n_groups);
+    let weights_ok = [Some(dout_len), dw_len]
+        .iter()
+        .flatten()
+        .all(|&l| l == w.len());
+    let groups_ok = [Some(zeros.len()), ds_len, dz_len]
+        .iter()
+        .flatten()
+        .all(|&l| l == n_groups);
     if g == 0 || w.len() != n_groups * g || !weights_ok || !groups_ok {
         return Err(Error::shape(
             kernel,

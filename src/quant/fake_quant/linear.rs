@@ -28,6 +28,33 @@ pub fn fake_quant_linear(
     zeros: Var,
     cfg: QuantConfig,
 ) -> Result<Var> {
+    fake_quant_linear_to(tape, x, w, scales, zeros, cfg, false)
+}
+
+/// [`fake_quant_linear`] whose output is bf16 in the GPU's bf16 mode (the MLP's gate and up, which only the
+/// bf16 SwiGLU reads, as torch.autocast keeps them); elsewhere the same f32 output.
+pub fn fake_quant_linear_bf16_out(
+    tape: &mut Tape,
+    x: Var,
+    w: Var,
+    scales: Var,
+    zeros: Var,
+    cfg: QuantConfig,
+) -> Result<Var> {
+    fake_quant_linear_to(tape, x, w, scales, zeros, cfg, true)
+}
+
+fn fake_quant_linear_to(
+    tape: &mut Tape,
+    x: Var,
+    w: Var,
+    scales: Var,
+    zeros: Var,
+    cfg: QuantConfig,
+    out_bf16: bool,
+) -> Result<Var> {
+    #[cfg(not(feature = "cuda"))]
+    let _ = out_bf16;
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of(
         "fake_quant_linear",
@@ -39,7 +66,7 @@ pub fn fake_quant_linear(
         ],
     )? {
         if ctx.matmul_bf16() {
-            return bf16::fake_quant_linear_bf16(tape, x, w, scales, zeros, cfg);
+            return bf16::fake_quant_linear_bf16(tape, x, w, scales, zeros, cfg, out_bf16);
         }
         if tape.deferred_fake_quant(w).is_some() {
             return Err(crate::error::Error::invalid(
@@ -78,6 +105,7 @@ mod bf16 {
         scales: Var,
         zeros: Var,
         cfg: QuantConfig,
+        out_bf16: bool,
     ) -> Result<Var> {
         let (sx, sw) = (
             tape.value(x).shape().to_vec(),
@@ -108,8 +136,8 @@ mod bf16 {
             ));
         }
         let rows = tape.value(x).numel() / k;
-        let xg = tape.value(x).gpu(OP)?;
-        let ctx = xg.ctx().clone();
+        let ctx = tape.value(w).gpu(OP)?.ctx().clone();
+        let x_bf16 = tape.value(x).dtype() == crate::tensor::DType::BF16;
         let wq = match tape.fake_quant_copy(w) {
             Some(wq) => wq,
             None => {
@@ -130,17 +158,27 @@ mod bf16 {
             }
         };
         let xb = tape.bf16_copy(x)?;
-        let mut out = ctx.alloc(rows * n)?;
-        ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xb, &wq, 0.0, &mut out)?;
         let mut so = sx;
         *so.last_mut().expect("x has a last dim") = n;
+        let out = match out_bf16 {
+            true => {
+                let mut out = ctx.alloc_bf16(rows * n)?;
+                ctx.gemm_bf16_to_bf16(false, true, rows, n, k, 1.0, &xb, &wq, &mut out)?;
+                Tensor::from_gpu_bf16(&so, out)?
+            }
+            false => {
+                let mut out = ctx.alloc(rows * n)?;
+                ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xb, &wq, 0.0, &mut out)?;
+                Tensor::from_gpu(&so, out)?
+            }
+        };
         let inputs = [x, w, scales, zeros];
         let saved = match tape.needs_grad(&inputs) {
             true => Some((wq, xb)),
             false => None,
         };
         Ok(tape.push_op(
-            Tensor::from_gpu(&so, out)?,
+            out,
             &inputs,
             Box::new(FakeQuantLinearBackward {
                 rows,
@@ -149,6 +187,7 @@ mod bf16 {
                 g,
                 qmax: cfg.qmax(),
                 deferred: tape.fake_quant_grad_slot(w),
+                x_bf16,
                 saved,
             }),
         ))
@@ -162,6 +201,8 @@ mod bf16 {
         qmax: f32,
         /// Where dŵ_b goes for a deferred weight, whose scales and zeros get no gradient (module docs).
         deferred: Option<DeferredGrad>,
+        /// x is a bf16 value (the MLP's SwiGLU output): its gradient is bf16, written by the GEMM.
+        x_bf16: bool,
         /// (ŵ_b, x_b); None when nothing needed a gradient at the forward. x_b is the tape's shared copy.
         saved: Option<(Arc<Bf16Buf>, Arc<Bf16Buf>)>,
     }
@@ -174,9 +215,9 @@ mod bf16 {
         fn overwrites_dinputs(&self) -> bool {
             true
         }
-        /// dx = dy_b·ŵ_b can add into x's gradient so far (beta = 1 in the GEMM).
+        /// dx = dy_b·ŵ_b can add into x's f32 gradient so far (beta = 1 in the GEMM).
         fn accumulates(&self, i: usize) -> bool {
-            i == 0
+            i == 0 && !self.x_bf16
         }
         fn backward(
             &self,
@@ -202,12 +243,15 @@ mod bf16 {
                 )));
             };
             let (rows, n, k) = (self.rows, self.n, self.k);
-            let dy = cast_bf16_cuda(dout.gpu(op)?)?;
+            // A bf16 output's gradient is bf16 already (the bf16 SwiGLU's backward wrote it).
+            let dy = match dout.storage() {
+                crate::tensor::Storage::CudaBf16(b) => b.clone(),
+                _ => Arc::new(cast_bf16_cuda(dout.gpu(op)?)?),
+            };
             let ctx = dy.ctx().clone();
             let (dx, rest) = d.split_at_mut(1);
-            if let Some(dx) = dx[0].as_mut() {
-                let beta = if accumulate[0] { 1.0 } else { 0.0 };
-                ctx.gemm_bf16(
+            match dx[0].as_mut() {
+                Some(dx) if self.x_bf16 => ctx.gemm_bf16_to_bf16(
                     false,
                     false,
                     rows,
@@ -216,9 +260,24 @@ mod bf16 {
                     1.0,
                     &dy,
                     wq,
-                    beta,
-                    dx.gpu_mut(op)?,
-                )?;
+                    dx.gpu_bf16_mut(op)?,
+                )?,
+                Some(dx) => {
+                    let beta = if accumulate[0] { 1.0 } else { 0.0 };
+                    ctx.gemm_bf16(
+                        false,
+                        false,
+                        rows,
+                        k,
+                        n,
+                        1.0,
+                        &dy,
+                        wq,
+                        beta,
+                        dx.gpu_mut(op)?,
+                    )?
+                }
+                None => {}
             }
             if self.deferred.is_none() && rest.iter().all(Option::is_none) {
                 return Ok(());

@@ -156,7 +156,9 @@ pub fn nonfinite_cuda(grads: &[&GpuBuf], bf16_grads: &[&Bf16Buf]) -> Result<Vec<
     };
     let flags = ctx.zeros(grads.len() + bf16_grads.len())?;
     let checks = grads.iter().map(|g| ("adamw_check_f32", g.arg(), g.len()));
-    let bf16_checks = bf16_grads.iter().map(|g| ("adamw_check_bf16", g.arg(), g.len()));
+    let bf16_checks = bf16_grads
+        .iter()
+        .map(|g| ("adamw_check_bf16", g.arg(), g.len()));
     for (k, (kernel, g, n)) in checks.chain(bf16_checks).enumerate() {
         ctx.launch_1d(
             &CUDA,

@@ -229,19 +229,7 @@ impl AdamW {
                 device_moments(mz, z, stz)?,
             );
             let mut wq = w.ctx().alloc_bf16(w.len())?;
-            adamw_fake_quant_cuda(
-                w,
-                wm,
-                &dwq,
-                s,
-                sm,
-                z,
-                zm,
-                &mut wq,
-                (f.g, f.qmax),
-                &cw,
-                &cq,
-            )?;
+            adamw_fake_quant_cuda(w, wm, &dwq, s, sm, z, zm, &mut wq, (f.g, f.qmax), &cw, &cq)?;
             copies.push((f.w, wq));
         }
         Ok(copies)

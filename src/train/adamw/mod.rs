@@ -367,7 +367,11 @@ impl AdamW {
                         format!("AdamW gradient of group {gi} entry {pi} (var {var}, {shape:?})")
                     }
                     None => {
-                        let w = self.fused.iter().zip(&fused_grads).filter(|(_, g)| g.is_some());
+                        let w = self
+                            .fused
+                            .iter()
+                            .zip(&fused_grads)
+                            .filter(|(_, g)| g.is_some());
                         let f = w.map(|(f, _)| f).nth(i - on_device.len());
                         let var = f.map(|f| f.vars()[0].index());
                         format!("AdamW gradient dŵ of the fused weight (var {var:?})")
