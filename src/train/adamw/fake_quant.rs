@@ -86,12 +86,12 @@ pub fn adamw_fake_quant_cuda(
     .chain(cq.kernel_args())
     .collect();
     let threads = crate::quant::fake_quant::group_threads(n_groups, g);
-    ctx.launch_1d(
-        &crate::quant::fake_quant::CUDA,
-        "fake_quant_adamw_f32",
-        threads,
-        &args,
-    )
+    // g = 64, the recipe's, has a software-pipelined kernel of its own (cuda/fake_quant.cu).
+    let kernel = match g {
+        64 => "fake_quant_adamw_g64_f32",
+        _ => "fake_quant_adamw_f32",
+    };
+    ctx.launch_1d(&crate::quant::fake_quant::CUDA, kernel, threads, &args)
 }
 
 /// The device moments of a parameter about to take a fused step.
