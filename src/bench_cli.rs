@@ -105,6 +105,11 @@ pub fn bench(args: BenchArgs) -> eqat::Result<()> {
         r.median_ms(),
         r.tflops()
     );
+    if let (Some(ms), Some(tflops)) = (r.back_to_back_ms, r.back_to_back_tflops()) {
+        println!(
+            "  back to back (as engine train runs them): {ms:.2} ms a step, {tflops:.2} TFLOP/s"
+        );
+    }
     if let Some((driver, cached)) = r.allocs_per_step {
         println!(
             "  device buffers per step: {driver:.1} from cuMemAlloc, {cached:.1} from the cache"

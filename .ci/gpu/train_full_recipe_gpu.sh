@@ -7,7 +7,7 @@
 #   call 1: carry [".gpu/smolB", ".gpu/traingpu"]   command: bash .gpu/traingpu/full.sh
 #   call 2: carry [".gpu/traingpu"]  (at once)      command: bash .gpu/traingpu/full.sh
 # Each call runs `engine train` for at most LIMIT seconds (default 570) and stops it there; rerun until the log
-# ends with the summary. Logs: $OUT/full.log (this call), /tmp/full.log (all calls).
+# ends with the summary. PHASE=block-ap runs only that phase (and its perplexity). Logs: $OUT/full.log (this call), /tmp/full.log (all calls).
 # Layout (a copy of .ci/gpu/train_full_recipe_gpu.sh): .gpu/traingpu/{full.sh, engine (stripped release build with
 # --features cuda,cli), data/wiki.test.raw, data/c4-train.00000-of-01024.first1000.jsonl, data/c4_validation_2k.jsonl};
 # .gpu/smolA/smolpart.aa + .gpu/smolB/smolpart.ab = `split -b 60000000` of SmolLM2-135M-Instruct.Q4_1.gguf.
@@ -26,6 +26,7 @@ echo "== $(date -u +%T) engine train $RESUME (limit $LIMIT s)" | tee -a /tmp/ful
 /usr/bin/time -f "wall %e s, max RSS %M KB" timeout $LIMIT ./engine train --model /tmp/smol.gguf \
   --wbits 2 --group-size 64 --calib /tmp/c4.jsonl --train-size 4096 --val-size 64 --seqlen 2048 --epochs 2 \
   --eval-data data/wiki.test.raw --eval-windows 8 --device cuda --dtype bf16 --out /tmp/eqat-full $RESUME \
+  ${PHASE:+--phase $PHASE} \
   2>&1 | tee -a /tmp/full.log | grep -E "calibration|block inputs|perplexity|done|E2E-QP step [0-9]*0/|summary|wall|error"
 echo "rc=${PIPESTATUS[0]}"
 cp /tmp/full.log $OUT/full.log

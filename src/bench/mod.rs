@@ -4,8 +4,9 @@
 //!
 //! Weights, inputs and targets are random from a seed; on a GPU they are generated there (`random.rs`), so no
 //! host copy of a 70B-shaped block is made. Reported: the median step time over the timed steps (each step ends
-//! with a device synchronisation), the achieved TFLOP/s for [`StepFlops`], and the peak memory of the timed
-//! steps (GPU: the caching allocator's `MemoryStats`, parameters and optimizer state included; CPU: the process's
+//! with a device synchronisation), the achieved TFLOP/s for [`StepFlops`], on a GPU also the mean step time of as
+//! many steps run back to back as `engine train` runs them (`train_step_queued`: losses read once at the end, so
+//! the host queues a step while the device runs the last), and the peak memory of the timed steps (GPU: the caching allocator's `MemoryStats`, parameters and optimizer state included; CPU: the process's
 //! peak RSS, VmHWM).
 pub mod e2e;
 #[cfg(feature = "cuda")]
@@ -21,7 +22,7 @@ use crate::model::llama::{BlockVars, BlockWeights, LlamaConfig};
 use crate::ops::rope::RopeLayout;
 use crate::quant::fake_quant::QuantConfig;
 use crate::tensor::{rng::Rng, Tensor};
-use crate::train::block_ap::{block_ap_optimizer, train_step, BlockApOptions};
+use crate::train::block_ap::{block_ap_optimizer, train_step, train_step_queued, BlockApOptions};
 use crate::train::device::Device;
 use std::time::Instant;
 
@@ -164,6 +165,8 @@ pub struct BenchReport {
     pub peak_reserved_bytes: Option<usize>,
     /// GPU only: device buffers requested per timed step, (from cuMemAlloc, from the allocator's cache).
     pub allocs_per_step: Option<(f64, f64)>,
+    /// GPU only: the mean step time, in milliseconds, of `step_ms.len()` steps run back to back.
+    pub back_to_back_ms: Option<f64>,
 }
 
 impl BenchReport {
@@ -173,6 +176,12 @@ impl BenchReport {
 
     pub fn tflops(&self) -> f64 {
         self.flops.total() / (self.median_ms() * 1e-3) * 1e-12
+    }
+
+    /// TFLOP/s of the back-to-back steps (GPU only).
+    pub fn back_to_back_tflops(&self) -> Option<f64> {
+        self.back_to_back_ms
+            .map(|ms| self.flops.total() / (ms * 1e-3) * 1e-12)
     }
 }
 
@@ -355,6 +364,17 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
         }
     }
     let (peak_bytes, peak_reserved_bytes) = peak_memory(&b.device);
+    let back_to_back_ms = match b.device.is_cpu() {
+        true => None,
+        false => Some(back_to_back_step_ms(
+            &mut tape,
+            &cfg,
+            &vars,
+            &mut opt,
+            (&xs, &ys),
+            b,
+        )?),
+    };
     let allocs_per_step = match (allocs_before, alloc_counts(&b.device)) {
         (Some((d0, r0)), Some((d1, r1))) => Some((
             (d1 - d0) as f64 / b.steps as f64,
@@ -370,7 +390,38 @@ pub fn run_block_ap_bench(b: &BlockApBench) -> Result<BenchReport> {
         peak_bytes,
         peak_reserved_bytes,
         allocs_per_step,
+        back_to_back_ms,
     })
+}
+
+/// The mean time of `b.steps` steps queued back to back as `engine train` queues them on a GPU (the losses left
+/// on the device and read once at the end), after one synchronisation.
+fn back_to_back_step_ms(
+    tape: &mut Tape,
+    cfg: &LlamaConfig,
+    vars: &BlockVars,
+    opt: &mut crate::train::adamw::AdamW,
+    (xs, ys): (&Tensor, &Tensor),
+    b: &BlockApBench,
+) -> Result<f64> {
+    synchronize(&b.device)?;
+    let mut losses = crate::train::device::LossQueue::new();
+    let t0 = Instant::now();
+    for i in 0..b.steps {
+        let batch = (xs.clone(), ys.clone());
+        let loss = train_step_queued(tape, cfg, vars, opt, batch, 1.0, &mut |_| Ok(()))?;
+        losses.push(i, loss);
+    }
+    synchronize(&b.device)?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3 / b.steps as f64;
+    for (i, loss) in losses.read_back()? {
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                what: format!("block-ap bench loss {loss} at back-to-back step {i}"),
+            });
+        }
+    }
+    Ok(ms)
 }
 
 #[cfg(test)]
