@@ -8,6 +8,7 @@
 mod cuda_common;
 
 use cuda_common::*;
+use eqat::ops::linear::cast_bf16_cuda;
 use eqat::ops::{add, linear, mse, rmsnorm, rope, swiglu};
 use eqat::quant::fake_quant::{self as fq, QuantConfig, PER_CHANNEL};
 use eqat::testing::to_f64;
@@ -165,15 +166,56 @@ fn rope_matches_ref() {
                 let dt = table.to_device(&ctx).unwrap();
                 let name = format!("{shape:?} {layout:?} pos0 {pos0}");
                 let mut out = ctx.alloc(n).unwrap();
-                rope::rope_fwd_cuda(&mut out, &up(&ctx, &x), shape, &dt, layout).unwrap();
+                let bufs = rope::RopeBufs::F32(&mut out, &up(&ctx, &x));
+                rope::rope_fwd_cuda(bufs, shape, &dt, layout).unwrap();
                 let mut want = vec![0.0; n];
                 rope::rope_fwd_ref(&mut want, &to_f64(&x), shape, pos0, base as f64, layout);
                 r.check(&format!("fwd {name}"), &down(&out), &want);
                 let mut dx = ctx.alloc(n).unwrap();
-                rope::rope_bwd_cuda(&mut dx, &up(&ctx, &dout), shape, &dt, layout).unwrap();
+                let bufs = rope::RopeBufs::F32(&mut dx, &up(&ctx, &dout));
+                rope::rope_bwd_cuda(bufs, shape, &dt, layout).unwrap();
+                let mut want_dx = vec![0.0; n];
+                rope::rope_bwd_ref(
+                    &mut want_dx,
+                    &to_f64(&dout),
+                    shape,
+                    pos0,
+                    base as f64,
+                    layout,
+                );
+                r.check(&format!("dx {name}"), &down(&dx), &want_dx);
+                // bf16 in and out (the bf16 mode's q and k): the f32 results of the bf16-rounded inputs,
+                // rounded once more (2^-8 relative), near zero the f32 error of a two-term sum.
+                let rounded = |v: &[f32]| -> Vec<f32> {
+                    v.iter()
+                        .map(|&a| half::bf16::from_f32(a).to_f32())
+                        .collect()
+                };
+                let (xr, dr) = (rounded(&x), rounded(&dout));
                 let mut want = vec![0.0; n];
-                rope::rope_bwd_ref(&mut want, &to_f64(&dout), shape, pos0, base as f64, layout);
-                r.check(&format!("dx {name}"), &down(&dx), &want);
+                rope::rope_fwd_ref(&mut want, &to_f64(&xr), shape, pos0, base as f64, layout);
+                let mut out_b = ctx.alloc_bf16(n).unwrap();
+                let xb = cast_bf16_cuda(&up(&ctx, &xr)).unwrap();
+                rope::rope_fwd_cuda(rope::RopeBufs::Bf16(&mut out_b, &xb), shape, &dt, layout)
+                    .unwrap();
+                let atol = 1e-6 * rms(&want);
+                let rtol = 2f64.powi(-8) + 1e-5;
+                let got = out_b.to_f32_vec().unwrap();
+                r.check_tol(&format!("bf16 fwd {name}"), &got, &want, atol, rtol);
+                let mut want = vec![0.0; n];
+                rope::rope_bwd_ref(&mut want, &to_f64(&dr), shape, pos0, base as f64, layout);
+                let mut dx_b = ctx.alloc_bf16(n).unwrap();
+                let db = cast_bf16_cuda(&up(&ctx, &dr)).unwrap();
+                rope::rope_bwd_cuda(rope::RopeBufs::Bf16(&mut dx_b, &db), shape, &dt, layout)
+                    .unwrap();
+                let got = dx_b.to_f32_vec().unwrap();
+                r.check_tol(
+                    &format!("bf16 dx {name}"),
+                    &got,
+                    &want,
+                    1e-6 * rms(&want),
+                    rtol,
+                );
             }
         }
     }

@@ -1,7 +1,8 @@
 //! reshape: the same values in the same row-major order under a new shape with the same element count
 //! (e.g. [B, T, H·D] -> [B, T, H, D] before rope). Tape values own their buffers, so the data is copied; on
 //! the GPU that copy is one device-to-device memcpy, no kernel (a copy-free view would need tensors that
-//! share one device buffer, which `Storage::Cuda` does not do).
+//! share one device buffer, which `Storage::Cuda` does not do). bf16 device values (`Storage::CudaBf16`) are
+//! shared buffers, so their reshape copies nothing.
 //!
 //! Backward: dx = dout under x's shape (again a copy in the same order). Activation grads are written (`=`).
 use crate::autograd::{Backward, Tape, Var};
@@ -39,9 +40,17 @@ pub fn reshape(tape: &mut Tape, x: Var, shape: &[usize]) -> Result<Var> {
         ));
     }
     #[cfg(feature = "cuda")]
-    if let crate::tensor::Storage::Cuda(b) = tape.value(x).storage() {
-        let out = Tensor::from_gpu(shape, b.try_clone()?)?;
-        return Ok(tape.push_op(out, &[x], Box::new(ReshapeBackward)));
+    match tape.value(x).storage() {
+        crate::tensor::Storage::Cuda(b) => {
+            let out = Tensor::from_gpu(shape, b.try_clone()?)?;
+            return Ok(tape.push_op(out, &[x], Box::new(ReshapeBackward)));
+        }
+        // bf16 device values are shared, never written once made: the output shares x's buffer.
+        crate::tensor::Storage::CudaBf16(_) => {
+            let out = tape.value(x).clone().reshape(shape)?;
+            return Ok(tape.push_op(out, &[x], Box::new(ReshapeBackward)));
+        }
+        _ => {}
     }
     let mut out = tape.alloc(shape);
     reshape_fwd_cpu(out.f32s_mut("reshape")?, tape.value(x).f32s("reshape")?);

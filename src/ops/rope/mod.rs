@@ -223,29 +223,30 @@ impl RopeTable {
     }
 }
 
-/// One thread per (row, head, pair); `kernel` is rope_fwd_f32 or rope_bwd_f32 (rotation by -theta).
+/// One thread per (row, head, pair); `kernel` is rope_fwd_f32 or rope_bwd_f32 (rotation by -theta), or their bf16
+/// twins, with y and x (`len` values each) at `y_x`.
 #[cfg(feature = "cuda")]
 fn rotate_cuda(
     kernel: &'static str,
-    y: &mut GpuBuf,
-    x: &GpuBuf,
+    ctx: &std::sync::Arc<crate::gpu::GpuContext>,
+    (y, x, len): (Arg, Arg, usize),
     dims: [usize; 4],
     table: &RopeTableCuda,
     layout: RopeLayout,
 ) -> Result<()> {
     let [_, t, h, d] = dims;
-    let n_pairs = y.len() / 2;
+    let n_pairs = len / 2;
     let layout = match layout {
         RopeLayout::HalfSplit => 0,
         RopeLayout::Interleaved => 1,
     };
-    y.ctx().launch_1d(
+    ctx.launch_1d(
         &CUDA,
         kernel,
         n_pairs,
         &[
-            y.arg(),
-            x.arg(),
+            y,
+            x,
             table.cos.arg(),
             table.sin.arg(),
             Arg::I64(n_pairs as i64),
@@ -257,26 +258,70 @@ fn rotate_cuda(
     )
 }
 
+/// The device buffers of a rotation: f32 or bf16 (the bf16 mode's q and k), both alike.
 #[cfg(feature = "cuda")]
-pub fn rope_fwd_cuda(
-    out: &mut GpuBuf,
-    x: &GpuBuf,
-    shape: [usize; 4],
-    table: &RopeTableCuda,
-    layout: RopeLayout,
-) -> Result<()> {
-    rotate_cuda("rope_fwd_f32", out, x, shape, table, layout)
+pub enum RopeBufs<'a> {
+    F32(&'a mut GpuBuf, &'a GpuBuf),
+    Bf16(&'a mut crate::gpu::Bf16Buf, &'a crate::gpu::Bf16Buf),
 }
 
 #[cfg(feature = "cuda")]
-pub fn rope_bwd_cuda(
-    dx: &mut GpuBuf,
-    dout: &GpuBuf,
+impl RopeBufs<'_> {
+    /// (kernel, context, (y, x, len)) for the forward (`fwd`) or backward rotation; errors when the lengths differ.
+    #[allow(clippy::type_complexity)]
+    fn launch_args(
+        &self,
+        fwd: bool,
+    ) -> Result<(
+        &'static str,
+        std::sync::Arc<crate::gpu::GpuContext>,
+        (Arg, Arg, usize),
+    )> {
+        let (kernel, ctx, lens, args) = match self {
+            RopeBufs::F32(y, x) => (
+                ["rope_fwd_f32", "rope_bwd_f32"],
+                y.ctx().clone(),
+                (y.len(), x.len()),
+                (y.arg(), x.arg()),
+            ),
+            RopeBufs::Bf16(y, x) => (
+                ["rope_fwd_bf16", "rope_bwd_bf16"],
+                y.ctx().clone(),
+                (y.len(), x.len()),
+                (y.arg(), x.arg()),
+            ),
+        };
+        if lens.0 != lens.1 {
+            return Err(Error::shape(
+                "rope",
+                format!("output of {} values, input of {}", lens.0, lens.1),
+            ));
+        }
+        Ok((kernel[usize::from(!fwd)], ctx, (args.0, args.1, lens.0)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub fn rope_fwd_cuda(
+    bufs: RopeBufs,
     shape: [usize; 4],
     table: &RopeTableCuda,
     layout: RopeLayout,
 ) -> Result<()> {
-    rotate_cuda("rope_bwd_f32", dx, dout, shape, table, layout)
+    let (kernel, ctx, args) = bufs.launch_args(true)?;
+    rotate_cuda(kernel, &ctx, args, shape, table, layout)
+}
+
+/// dx from dout: the rotation by -theta.
+#[cfg(feature = "cuda")]
+pub fn rope_bwd_cuda(
+    bufs: RopeBufs,
+    shape: [usize; 4],
+    table: &RopeTableCuda,
+    layout: RopeLayout,
+) -> Result<()> {
+    let (kernel, ctx, args) = bufs.launch_args(false)?;
+    rotate_cuda(kernel, &ctx, args, shape, table, layout)
 }
 
 pub fn rope(tape: &mut Tape, x: Var, pos0: usize, base: f32, layout: RopeLayout) -> Result<Var> {
@@ -306,14 +351,32 @@ pub fn rope(tape: &mut Tape, x: Var, pos0: usize, base: f32, layout: RopeLayout)
             ));
         }
         let table = table.to_device(&ctx)?;
-        let mut out = ctx.alloc(tape.value(x).numel())?;
-        rope_fwd_cuda(&mut out, tape.value(x).gpu("rope")?, shape, &table, layout)?;
+        let n = tape.value(x).numel();
+        // A bf16 x (the bf16 mode's q and k) gives a bf16 output, which attention reads as it is.
+        let out = match tape.value(x).dtype() {
+            crate::tensor::DType::BF16 => {
+                let mut out = ctx.alloc_bf16(n)?;
+                let bufs = RopeBufs::Bf16(&mut out, tape.value(x).gpu_bf16("rope")?);
+                rope_fwd_cuda(bufs, shape, &table, layout)?;
+                Tensor::from_gpu_bf16(&sx, out)?
+            }
+            _ => {
+                let mut out = ctx.alloc(n)?;
+                rope_fwd_cuda(
+                    RopeBufs::F32(&mut out, tape.value(x).gpu("rope")?),
+                    shape,
+                    &table,
+                    layout,
+                )?;
+                Tensor::from_gpu(&sx, out)?
+            }
+        };
         let backward = RopeBackward {
             table: SavedTable::Device(table),
             shape,
             layout,
         };
-        return Ok(tape.push_op(Tensor::from_gpu(&sx, out)?, &[x], Box::new(backward)));
+        return Ok(tape.push_op(out, &[x], Box::new(backward)));
     }
     let mut out = tape.alloc(&sx);
     rope_fwd_cpu(
@@ -370,8 +433,13 @@ impl Backward for RopeBackward {
             }
             #[cfg(feature = "cuda")]
             SavedTable::Device(table) => {
-                let dx = dx.gpu_mut(op)?;
-                rope_bwd_cuda(dx, dout.gpu(op)?, self.shape, table, self.layout)?;
+                let bufs = match dout.dtype() {
+                    crate::tensor::DType::BF16 => {
+                        RopeBufs::Bf16(dx.gpu_bf16_mut(op)?, dout.gpu_bf16(op)?)
+                    }
+                    _ => RopeBufs::F32(dx.gpu_mut(op)?, dout.gpu(op)?),
+                };
+                rope_bwd_cuda(bufs, self.shape, table, self.layout)?;
             }
         }
         Ok(())
