@@ -1,7 +1,13 @@
 // attention_bf16: the tensor-core twin of cuda/attention.cu for the bf16 mode (src/ops/attention/cuda_bf16.rs),
 // head dims 64 and 128. Same tensors and layouts (q [B, T, H, D], k and v [B, T, G, D], out [B, T, H, D] f32,
 // lse [B, H, T] natural log), but q, k, v and dO arrive as bf16 copies (the launcher casts them) and every product
-// is mma.sync m16n8k16 bf16 x bf16 -> f32. FlashAttention-2's schedule.
+// is bf16 x bf16 -> f32 on the tensor cores. FlashAttention-2's algorithm. Three files, concatenated by the
+// launcher: this one (helpers, the forward kernels, the backward's prep), attention_bf16_bwd.cu (the mma.sync
+// backward) and attention_bf16_sm90.cu (Hopper's wgmma forward and backward for D 128, compiled for sm_90a only).
+// Which kernel runs, as measured on an H100 (BENCHMARKS.md): forward D 64 attention_fwd_bf16_d64 everywhere (the
+// fastest at SmolLM2's shape, wgmma included); D 128 attention_fwd_bf16_d128_sm90 on Hopper, else
+// attention_fwd_bf16_d128. Backward D 128 on Hopper attention_bwd_bf16_d128_sm90, else attention_bwd_bf16_d*_w8
+// when ceil(T/128)·B·G blocks fill the SMs, attention_bwd_bf16_d*_w4 (more, shorter blocks) when not.
 //
 // mma.sync m16n8k16 fragments (lane = 4·gi + ti): A 16x16 row-major, a0 (row gi, cols 2ti, 2ti+1), a1 (row gi+8),
 // a2 (row gi, cols 2ti+8, +9), a3 (row gi+8, cols 2ti+8, +9); B 16x8, b0 (k 2ti, 2ti+1, col gi), b1 (k 2ti+8, +9);
@@ -9,22 +15,40 @@
 // packed to bf16 pairs, exactly an A fragment over their 16 columns: P and dS never leave registers on the way to
 // the next product. ldmatrix.x4 gives a thread row (lane / 4) elements 2·(lane % 4), +1 of four 8x8 matrices whose
 // row addresses lanes 0-7, 8-15, 16-23, 24-31 supply; .trans gives the transpose. Shared-memory rows are padded by 8
-// bf16 (16 bytes), so the 8 rows of one 8x8 matrix fall in distinct banks.
+// bf16 (16 bytes), so the 8 rows of one 8x8 matrix fall in distinct banks. wgmma's m64nNk16 accumulators hold, per
+// warp of the warpgroup, 16 rows in exactly the C layout above (n-tile j in registers 4j..4j+3), and its A from
+// registers takes the A layout above: the softmax and the P/dS packing are the same code for both.
 //
-// Forward: one block of 4 warps per (64-query block, batch, query head); warp w owns query rows 16w..16w+15, keeps
-// its Q fragments in registers, and runs the online softmax over 64-key tiles 0..q block (the causal mask only in
-// the diagonal tile) in the log2 domain (exp2 of scores times scale·log2 e). K/V tiles are double-buffered with
-// cp.async: tile j + 1 loads while tile j is multiplied.
+// Forward: one block per (query block, batch, query head), query blocks longest first; the online softmax runs
+// over 64-key tiles up to the block's last row in the log2 domain (exp2 of scores times scale·log2 e), K/V tiles
+// double-buffered with cp.async (tile j + 1 loads while tile j is multiplied), the causal mask only in tiles that
+// reach past a warp's first row or past T. D 64: 4 warps of 16 rows, Q fragments kept in registers.
+// D 128 (mma.sync): 4 warps of 32 rows (128-row blocks), so that each K and V fragment loaded by ldmatrix feeds two
+// MMAs; Q fragments reloaded from shared memory per k-step (registers: 128 for O, 64 for S); a warp skips tiles
+// whose keys all follow its rows.
+// D 128 on Hopper: 2 warpgroups of 64 rows (128-row blocks); per tile S = Q·Kᵀ (wgmma m64n64k16, Q and K from
+// shared memory), the softmax on the accumulators, O += P·V (m64n128k16, P from registers); at most 128 registers,
+// so two blocks share an SM. (Overlapping S_{j+1} with P_j·V_j as FlashAttention-3 does took 208 to 255 registers,
+// one block per SM, and ran 25-45% slower.)
 // Backward: attention_prep_bwd_bf16 rounds dO to bf16 and computes delta = rowsum(dO∘O) from that rounded dO, the
 // one the products see (so that at T = 1, where dS = P∘(dP − delta) is 0 exactly, dP and delta agree up to f32
-// rounding). One block of 4 warps
-// per (64-key block, batch, key/value head); warp w owns keys 16w..16w+15 and accumulates their dK and dV in
-// registers over every query block at or after the key block and every query head of the group (so dK and dV are
-// written once, `=`, already summed over the group). Per query block: Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·c − lse·log2 e),
-// dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta); dV += Pᵀ·dO, dK += dSᵀ·Q; dSᵀ goes to shared memory and the block adds
-// its share of dQ = scale·dS·K into dq with f32 atomics, two floats per instruction on sm_90 (dq must start
-// zeroed; the order of the adds, and so the
-// low bits of dq, vary from run to run). The next query block's Q and dO load during the dQ product.
+// rounding). One block per (key block, batch, key/value head), key block 0 (the longest) first; the block
+// accumulates dK and dV of its keys in registers over every 64-query block at or after the key block and every
+// query head of the group (so dK and dV are written once, `=`, already summed over the group). Per (query block,
+// head): Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·c − lse·log2 e), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta); dV += Pᵀ·dO,
+// dK += dSᵀ·Q; dSᵀ goes to shared memory and the block adds its share of dQ = scale·dS·K into dq with f32 atomics, two floats
+// per instruction on sm_90 (dq must start zeroed; the order of the adds, and so the low bits of dq, vary from run
+// to run). Q, dO, lse and delta are double-buffered: the next pair loads during the whole step. Keys that follow
+// every query of the tile skip it (and their k-steps of the dQ product).
+// mma.sync: W warps (8, or 4 for small grids) of 16 keys, 16·W-key blocks; the dQ product gives warp w query rows
+// 16 (w % 4) and D·4/W head-dim columns. Hopper (D 128): 2 warpgroups of 64 keys (128-key blocks); Sᵀ and dPᵀ by
+// wgmma m64n64k16 from shared memory, dV and dK by m64n128k16 with Pᵀ and dSᵀ from registers, and dQ [64 queries]
+// [64 columns per warpgroup] by m64n64k16 with dS read from the dSᵀ tile (M-major) and K (N-major).
+// wgmma's shared-memory tiles use the 128-byte swizzle: D/64 sub-tiles of [rows][64] bf16, the 16-byte chunk c of
+// row r at chunk c ^ (r % 8), 1024-byte aligned; descriptors with stride 1024 bytes between 8-row groups, k-steps
+// 32 bytes apart inside a row for K-major operands, 16 rows (2048 bytes) apart for M/N-major ones, whose 64-column
+// sub-tiles lie rows·128 bytes apart. Writes by cp.async and st.shared are fenced (fence.proxy.async) before the
+// barrier that precedes wgmma's reads.
 
 #define AB_KEYS 64     // keys per forward K/V tile
 #define AB_QUERIES 64  // queries per backward Q/dO tile
@@ -114,8 +138,137 @@ __device__ __forceinline__ void ab_load_tile(bf16_t* tile, const bf16_t* src, in
     }
 }
 
-// Forward. Grid: ceil(T / (64·MT)) * B * H blocks of 128 threads (4 warps of 16·MT query rows); dynamic shared
-// memory (64·MT + 4·64) * (D + 8) bf16 (Q, two K and two V tiles).
+// Forward, 64 query rows per block (the D 64 kernel). Grid: ceil(T/64) * B * H blocks of 128 threads (4 warps of
+// 16 rows); dynamic shared memory 5 * 64 * (D + 8) bf16 (Q, two K and two V tiles).
+template <int D>
+__device__ void attention_fwd_bf16_rows64(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb,
+                                   int t, int h, int g, float scale) {
+    constexpr int SD = D + 8, KD = D / 16, ND = D / 8, TILE = 64;  // k-steps and n-tiles over the head dim
+    extern __shared__ uint4 ab_smem[];
+    bf16_t* qs = reinterpret_cast<bf16_t*>(ab_smem);
+    bf16_t* ks = qs + TILE * SD;          // [2][64][SD]
+    bf16_t* vs = ks + 2 * TILE * SD;      // [2][64][SD]
+    const int nqb = (t + TILE - 1) / TILE;
+    const int bh = blockIdx.x % (nb * h);
+    const int qb = nqb - 1 - blockIdx.x / (nb * h);  // the longest rows start first
+    const int b = bh / h, head = bh % h, kvh = head / (h / g), q0 = qb * TILE;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
+    const int row0 = q0 + warp * 16 + gi;  // this thread's rows: row0 and row0 + 8
+    const float c = scale * AB_LOG2E;
+
+    ab_load_tile<TILE, D, 128>(qs, q, b, q0, head, h, t);
+    ab_load_tile<TILE, D, 128>(ks, k, b, 0, kvh, g, t);
+    ab_load_tile<TILE, D, 128>(vs, v, b, 0, kvh, g, t);
+    ab_cp_commit();
+
+    unsigned qf[KD][4];
+    float o[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {AB_NEG_INF, AB_NEG_INF}, l[2] = {0.0f, 0.0f};  // l: this thread's share of the row sums
+
+    for (int j = 0; j <= qb; j++) {
+        ab_cp_wait_all();
+        __syncthreads();  // tile j is in; every warp is done with tile j - 1, whose buffers tile j + 1 takes
+        if (j < qb) {
+            const int nxt = (j + 1) & 1;
+            ab_load_tile<TILE, D, 128>(ks + nxt * TILE * SD, k, b, (j + 1) * TILE, kvh, g, t);
+            ab_load_tile<TILE, D, 128>(vs + nxt * TILE * SD, v, b, (j + 1) * TILE, kvh, g, t);
+            ab_cp_commit();
+        }
+        if (j == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KD; kk++)
+                ab_ldsm(qf[kk], qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + kk * 16 + (lane >> 4) * 8);
+        }
+        const bf16_t* kt = ks + (j & 1) * TILE * SD;
+        const bf16_t* vt = vs + (j & 1) * TILE * SD;
+        float s[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++)
+#pragma unroll
+            for (int np = 0; np < 4; np++) {
+                unsigned f[4];
+                ab_ldsm(f, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SD + kk * 16 + ((lane >> 3) & 1) * 8);
+                ab_mma(s[2 * np], qf[kk], f[0], f[1]);
+                ab_mma(s[2 * np + 1], qf[kk], f[2], f[3]);
+            }
+        // Keys k0 + 8n + 2ti + (e & 1) for rows row0 + 8 (e >> 1); only the diagonal tile (j == qb) holds keys
+        // after a row or at or past T.
+        const int k0 = j * TILE;
+        float mx[2] = {AB_NEG_INF, AB_NEG_INF};
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = k0 + n * 8 + 2 * ti + (e & 1), row = row0 + (e >> 1) * 8;
+                float x = s[n][e] * c;
+                if (j == qb && (key > row || key >= t)) x = AB_NEG_INF;
+                s[n][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        float corr[2], mu[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float m_new = fmaxf(m[r], mx[r]);
+            // Every row meets key k0 <= row in its first tile, so m_new is finite; the guard keeps a row with no
+            // valid key at 0 rather than NaN.
+            mu[r] = m_new == AB_NEG_INF ? 0.0f : m_new;
+            corr[r] = ab_exp2(m[r] - mu[r]);  // 0 on the first tile (m = -inf)
+            m[r] = m_new;
+            l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float p = ab_exp2(s[n][e] - mu[e >> 1]);
+                s[n][e] = p;
+                l[e >> 1] += p;
+            }
+#pragma unroll
+        for (int n = 0; n < ND; n++) {
+            o[n][0] *= corr[0];
+            o[n][1] *= corr[0];
+            o[n][2] *= corr[1];
+            o[n][3] *= corr[1];
+        }
+        // O += P·V: P's A fragments straight from the score registers, V through ldmatrix.trans.
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            unsigned pa[4];
+            ab_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int dp = 0; dp < D / 16; dp++) {
+                unsigned f[4];
+                ab_ldsm_t(f, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + dp * 16 + (lane >> 4) * 8);
+                ab_mma(o[2 * dp], pa, f[0], f[1]);
+                ab_mma(o[2 * dp + 1], pa, f[2], f[3]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        const int row = row0 + r * 8;
+        if (row >= t) continue;
+        const float inv = 1.0f / l[r];
+        float* dst = out + (((i64)b * t + row) * h + head) * D + 2 * ti;
+#pragma unroll
+        for (int n = 0; n < ND; n++)
+            *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+        if (ti == 0) lse[((i64)b * h + head) * t + row] = (m[r] + log2f(l[r])) * AB_LN2;
+    }
+}
+
+// Forward, 64·MT query rows per block (the D 128 kernel off Hopper, MT 2). Grid: ceil(T / (64·MT)) * B * H blocks
+// of 128 threads (4 warps of 16·MT query rows); dynamic shared memory (64·MT + 4·64) * (D + 8) bf16 (Q, two K and
+// two V tiles).
 template <int D, int MT>
 __device__ void attention_fwd_bf16(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb,
                                    int t, int h, int g, float scale) {
@@ -274,229 +427,13 @@ __device__ void attention_fwd_bf16(float* out, float* lse, const bf16_t* q, cons
         }
 }
 
-// Starts copying the lse and delta of queries q0 .. q0 + 63 of head `head` into rows_s[0..64) and [64..128)
-// (0 past T); the first 128 threads take one float each.
-__device__ __forceinline__ void ab_stage_rows(float* rows_s, const float* lse, const float* delta, int b, int q0,
-                                              int head, int h, int t) {
-    if (threadIdx.x >= 2 * AB_QUERIES) return;
-    const int i = threadIdx.x % AB_QUERIES, qq = q0 + i;
-    const bool valid = qq < t;
-    const i64 at = ((i64)b * h + head) * t + (valid ? qq : 0);
-    ab_cp4(rows_s + threadIdx.x, (threadIdx.x < AB_QUERIES ? lse : delta) + at, valid);
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_bf16_d64(float* out, float* lse, const bf16_t* q,
+                                                                         const bf16_t* k, const bf16_t* v, int nb,
+                                                                         int t, int h, int g, float scale) {
+    attention_fwd_bf16_rows64<64>(out, lse, q, k, v, nb, t, h, g, scale);
 }
-
-// Backward. Grid: ceil(T / (16·W)) * B * G blocks of 32·W threads (W warps of 16 keys); dynamic shared memory
-// (16·W + 4·64) * (D + 8) + 16·W * 72 bf16 (K, V, two Q and two dO tiles, dSᵀ) and 256 floats (two lse and delta
-// stages). dq must be zeroed (or null); dk, dv [B, T, G, D] are written (each may be null).
-template <int D, int W>
-__device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, const bf16_t* dout, const bf16_t* q,
-                                   const bf16_t* k, const bf16_t* v, const float* lse, const float* delta, int nb,
-                                   int t, int h, int g, float scale) {
-    constexpr int SD = D + 8, SQ = AB_QUERIES + 8, KD = D / 16, ND = D / 8, BK = 16 * W, THREADS = 32 * W;
-    // The dQ product: warp w takes query rows 16 (w % 4) and DQ = D / (W / 4) head-dim columns, 64 at a time.
-    constexpr int DQ = D * 4 / W, DC = DQ < 64 ? DQ : 64;
-    extern __shared__ uint4 ab_smem[];
-    bf16_t* ks = reinterpret_cast<bf16_t*>(ab_smem);  // [BK][SD]
-    bf16_t* vs = ks + BK * SD;                         // [BK][SD]
-    bf16_t* qs = vs + BK * SD;                         // [2][64][SD]
-    bf16_t* dos = qs + 2 * AB_QUERIES * SD;            // [2][64][SD]
-    bf16_t* dss = dos + 2 * AB_QUERIES * SD;           // dSᵀ [BK keys][64 queries + 8]
-    float* rows_s = reinterpret_cast<float*>(dss + BK * SQ);  // [2][lse 64, delta 64]
-    const int nqb = (t + AB_QUERIES - 1) / AB_QUERIES, group = h / g;
-    const int bg = blockIdx.x % (nb * g);
-    const int kb = blockIdx.x / (nb * g);  // key block 0 meets every query block: it starts first
-    const int b = bg / g, kvh = bg % g, k0 = kb * BK;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
-    const int kw = k0 + warp * 16, key0 = kw + gi;  // the warp's first key; this thread's keys key0, key0 + 8
-    const float c = scale * AB_LOG2E;
-    const int qb0 = k0 / AB_QUERIES;            // the first query block at or after a key of the block
-    const int iters = (nqb - qb0) * group;      // (query block, query head of the group) pairs
-    auto stage = [&](int it) {
-        const int q0 = (qb0 + it / group) * AB_QUERIES, head = kvh * group + it % group, buf = it & 1;
-        ab_load_tile<AB_QUERIES, D, THREADS>(qs + buf * AB_QUERIES * SD, q, b, q0, head, h, t);
-        ab_load_tile<AB_QUERIES, D, THREADS>(dos + buf * AB_QUERIES * SD, dout, b, q0, head, h, t);
-        ab_stage_rows(rows_s + buf * 2 * AB_QUERIES, lse, delta, b, q0, head, h, t);
-    };
-
-    ab_load_tile<BK, D, THREADS>(ks, k, b, k0, kvh, g, t);
-    ab_load_tile<BK, D, THREADS>(vs, v, b, k0, kvh, g, t);
-    stage(0);
-    ab_cp_commit();
-
-    float dka[ND][4], dva[ND][4];
-#pragma unroll
-    for (int n = 0; n < ND; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
-
-    for (int it = 0; it < iters; it++) {
-        const int q0 = (qb0 + it / group) * AB_QUERIES, head = kvh * group + it % group;
-        const int qlast = min(q0 + AB_QUERIES, t) - 1;  // the last valid query of the tile
-        ab_cp_wait_all();
-        __syncthreads();  // this iteration's Q, dO and rows are in; the last dQ product is done with dSᵀ, and
-                          // every warp with the other stage, which the next iteration's loads take
-        if (it + 1 < iters) {
-            stage(it + 1);
-            ab_cp_commit();
-        }
-        const bf16_t* qt = qs + (it & 1) * AB_QUERIES * SD;
-        const bf16_t* dot = dos + (it & 1) * AB_QUERIES * SD;
-        const float* rows = rows_s + (it & 1) * 2 * AB_QUERIES;
-        if (kw <= qlast) {  // else every query of the tile is before every key of this warp
-            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys and the 64 queries.
-            float s[8][4], dp[8][4];
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < KD; kk++) {
-                unsigned ka[4], va[4];
-                const int a_off = (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + kk * 16 + (lane >> 4) * 8;
-                ab_ldsm(ka, ks + a_off);
-                ab_ldsm(va, vs + a_off);
-#pragma unroll
-                for (int np = 0; np < 4; np++) {
-                    const int b_off = (np * 16 + (lane & 7) + (lane >> 4) * 8) * SD + kk * 16 + ((lane >> 3) & 1) * 8;
-                    unsigned f[4];
-                    ab_ldsm(f, qt + b_off);
-                    ab_mma(s[2 * np], ka, f[0], f[1]);
-                    ab_mma(s[2 * np + 1], ka, f[2], f[3]);
-                    ab_ldsm(f, dot + b_off);
-                    ab_mma(dp[2 * np], va, f[0], f[1]);
-                    ab_mma(dp[2 * np + 1], va, f[2], f[3]);
-                }
-            }
-            // Pᵀ (0 where the key is after the query or the query is past T) and dSᵀ = Pᵀ∘(dPᵀ − delta); queries
-            // q0 + 8n + 2ti + (e & 1) are this thread's columns. Only tiles with a query before one of the
-            // warp's keys, or past T, need the mask.
-            const bool edge = q0 < kw + 15 || q0 + AB_QUERIES > t;
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-                const float2 l2 = *reinterpret_cast<const float2*>(rows + n * 8 + 2 * ti);
-                const float2 dl = *reinterpret_cast<const float2*>(rows + AB_QUERIES + n * 8 + 2 * ti);
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int qq = q0 + n * 8 + 2 * ti + (e & 1), key = key0 + (e >> 1) * 8;
-                    float p = ab_exp2(fmaf(s[n][e], c, -((e & 1) ? l2.y : l2.x) * AB_LOG2E));
-                    if (edge && (qq >= t || key > qq)) p = 0.0f;
-                    s[n][e] = p;
-                    dp[n][e] = p * (dp[n][e] - ((e & 1) ? dl.y : dl.x));
-                }
-            }
-            // dV += Pᵀ·dO and dK += dSᵀ·Q; dSᵀ also goes to shared memory for the dQ product.
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                unsigned pa[4], da[4];
-                ab_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-                ab_c_to_a(da, dp[2 * kk], dp[2 * kk + 1]);
-                bf16_t* ds_row = dss + (warp * 16 + gi) * SQ + kk * 16 + 2 * ti;
-                *reinterpret_cast<unsigned*>(ds_row) = da[0];
-                *reinterpret_cast<unsigned*>(ds_row + 8 * SQ) = da[1];
-                *reinterpret_cast<unsigned*>(ds_row + 8) = da[2];
-                *reinterpret_cast<unsigned*>(ds_row + 8 * SQ + 8) = da[3];
-#pragma unroll
-                for (int dd = 0; dd < D / 16; dd++) {
-                    const int off = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + dd * 16 + (lane >> 4) * 8;
-                    unsigned f[4];
-                    ab_ldsm_t(f, dot + off);
-                    ab_mma(dva[2 * dd], pa, f[0], f[1]);
-                    ab_mma(dva[2 * dd + 1], pa, f[2], f[3]);
-                    ab_ldsm_t(f, qt + off);
-                    ab_mma(dka[2 * dd], da, f[0], f[1]);
-                    ab_mma(dka[2 * dd + 1], da, f[2], f[3]);
-                }
-            }
-        }
-        if (!dq) continue;
-        __syncthreads();  // dSᵀ is complete
-        // dQ rows q0 + 16 (warp % 4) + gi (+8) = scale·dS·K over the keys of the warps that ran above; dS = (dSᵀ)ᵀ
-        // via ldmatrix.trans, K [key][d] as the col-major B via ldmatrix.trans.
-        const int qr = (warp % 4) * 16;
-#pragma unroll
-        for (int dc = 0; dc < DQ / DC; dc++) {
-            const int col0 = (warp / 4) * DQ + dc * DC;
-            float acc[DC / 8][4];
-#pragma unroll
-            for (int n = 0; n < DC / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < W; kk++) {
-                if (k0 + kk * 16 > qlast) break;  // warp kk's keys: every one after every query
-                unsigned a[4];
-                ab_ldsm_t(a, dss + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * SQ + qr + ((lane >> 3) & 1) * 8);
-#pragma unroll
-                for (int np = 0; np < DC / 16; np++) {
-                    unsigned f[4];
-                    ab_ldsm_t(f, ks + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + col0 + np * 16 +
-                                     (lane >> 4) * 8);
-                    ab_mma(acc[2 * np], a, f[0], f[1]);
-                    ab_mma(acc[2 * np + 1], a, f[2], f[3]);
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const int row = q0 + qr + gi + r * 8;
-                if (row >= t) continue;
-                float* dst = dq + (((i64)b * t + row) * h + head) * D + col0 + 2 * ti;
-#pragma unroll
-                for (int n = 0; n < DC / 8; n++)
-                    ab_atomic_add2(dst + n * 8, acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
-            }
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int key = key0 + r * 8;
-        if (key >= t) continue;
-        const i64 at = (((i64)b * t + key) * g + kvh) * D + 2 * ti;
-#pragma unroll
-        for (int n = 0; n < ND; n++) {
-            if (dk) *reinterpret_cast<float2*>(dk + at + n * 8) = make_float2(dka[n][2 * r] * scale, dka[n][2 * r + 1] * scale);
-            if (dv) *reinterpret_cast<float2*>(dv + at + n * 8) = make_float2(dva[n][2 * r], dva[n][2 * r + 1]);
-        }
-    }
-}
-
-#define AB_FWD(D, MT)                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) attention_fwd_bf16_d##D##_m##MT(                             \
-        float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb, int t, int h, int g,    \
-        float scale) {                                                                                              \
-        attention_fwd_bf16<D, MT>(out, lse, q, k, v, nb, t, h, g, scale);                                          \
-    }
-AB_FWD(64, 2)
-AB_FWD(128, 2)
-
-#define AB_BWD(D, W)                                                                                                \
-    extern "C" __global__ void __launch_bounds__(32 * W) attention_bwd_bf16_d##D##_w##W(                           \
-        float* dq, float* dk, float* dv, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,    \
-        const float* lse, const float* delta, int nb, int t, int h, int g, float scale) {                          \
-        attention_bwd_bf16<D, W>(dq, dk, dv, dout, q, k, v, lse, delta, nb, t, h, g, scale);                       \
-    }
-AB_BWD(64, 4)
-AB_BWD(64, 8)
-AB_BWD(128, 4)
-AB_BWD(128, 8)
-
-// dout_bf16 = bf16(dout) and delta [B, H, T] = rowsum(bf16(dout) ∘ out) over d, one warp per row of [B, T, H, D]
-// (rows = B*T*H), two columns per lane at a time (d even).
-extern "C" __global__ void attention_prep_bwd_bf16(float* delta, unsigned* dout_bf16, const float* dout,
-                                                   const float* out, i64 rows, int t, int h, int d) {
-    const int lane = threadIdx.x & 31;
-    const i64 warps = grid_stride() / 32;
-    for (i64 row = global_index() / 32; row < rows; row += warps) {
-        float acc = 0.0f;
-        for (int c = 2 * lane; c < d; c += 64) {
-            const i64 at = row * d + c;
-            const float2 x = *reinterpret_cast<const float2*>(dout + at);
-            const float2 o = *reinterpret_cast<const float2*>(out + at);
-            const unsigned lo = bf16_bits(x.x), hi = bf16_bits(x.y);
-            dout_bf16[at / 2] = lo | (hi << 16);
-            acc = fmaf(__uint_as_float(lo << 16), o.x, acc);
-            acc = fmaf(__uint_as_float(hi << 16), o.y, acc);
-        }
-        acc = warp_sum(acc);
-        // row = (b*T + tt)*H + head -> delta index (b*H + head)*T + tt
-        const i64 head = row % h, bt = row / h, tt = bt % t, b = bt / t;
-        if (lane == 0) delta[(b * h + head) * t + tt] = acc;
-    }
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_bf16_d128(float* out, float* lse, const bf16_t* q,
+                                                                          const bf16_t* k, const bf16_t* v, int nb,
+                                                                          int t, int h, int g, float scale) {
+    attention_fwd_bf16<128, 2>(out, lse, q, k, v, nb, t, h, g, scale);
 }

@@ -19,32 +19,18 @@ __device__ __forceinline__ void ab_reg_fence(float (&d)[N]) {
 // d (m64n64 f32 accumulator fragments) = A·B (+ d when `accumulate`), A and B in shared memory, K-major
 // unless TA / TB (then M-major A, N-major B).
 template <int TA, int TB>
-__device__ __forceinline__ void ab_wgmma_ss_n64(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
+__device__ __forceinline__ void ab_wgmma_ss_n64(float (&d)[32], unsigned long long a, unsigned long long b,
+                                                int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
-}
-
-// d (m64n64 f32 accumulator fragments) += A·B, A in registers (per warp the mma.sync A fragment layout of
-// its 16 rows), B N-major in shared memory.
-__device__ __forceinline__ void ab_wgmma_rs_n64(float (&d)[32], const unsigned (&a)[4], unsigned long long b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-}
-
-// d (m64n128 f32 accumulator fragments) = A·B (+ d when `accumulate`), A and B in shared memory, K-major
-// unless TA / TB (then M-major A, N-major B).
-template <int TA, int TB>
-__device__ __forceinline__ void ab_wgmma_ss_n128(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
 }
 
@@ -53,8 +39,20 @@ __device__ __forceinline__ void ab_wgmma_ss_n128(float (&d)[64], unsigned long l
 __device__ __forceinline__ void ab_wgmma_rs_n128(float (&d)[64], const unsigned (&a)[4], unsigned long long b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
@@ -80,33 +78,12 @@ __device__ __forceinline__ void ab_load_tile_sw(unsigned char* tile, const bf16_
     }
 }
 
-template <int N>
-__device__ __forceinline__ void ab_wgmma_ss(float (&d)[N / 2], unsigned long long a, unsigned long long b, int acc);
-template <>
-__device__ __forceinline__ void ab_wgmma_ss<64>(float (&d)[32], unsigned long long a, unsigned long long b, int acc) {
-    ab_wgmma_ss_n64<0, 0>(d, a, b, acc);
-}
-template <>
-__device__ __forceinline__ void ab_wgmma_ss<128>(float (&d)[64], unsigned long long a, unsigned long long b, int acc) {
-    ab_wgmma_ss_n128<0, 0>(d, a, b, acc);
-}
-template <int N>
-__device__ __forceinline__ void ab_wgmma_rs(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long b);
-template <>
-__device__ __forceinline__ void ab_wgmma_rs<64>(float (&d)[32], const unsigned (&a)[4], unsigned long long b) {
-    ab_wgmma_rs_n64(d, a, b);
-}
-template <>
-__device__ __forceinline__ void ab_wgmma_rs<128>(float (&d)[64], const unsigned (&a)[4], unsigned long long b) {
-    ab_wgmma_rs_n128(d, a, b);
-}
-
-// Forward on wgmma. Grid: ceil(T / 128) * B * H blocks of 256 threads (2 warpgroups of 64 query rows); dynamic
-// shared memory 1024 + (128 + 4·BN) · 2D bytes (Q, two K and two V tiles, swizzled).
-template <int D, int BN>
+// Forward on wgmma, D 128. Grid: ceil(T / 128) * B * H blocks of 256 threads (2 warpgroups of 64 query rows);
+// dynamic shared memory 1024 + (128 + 4·64) · 256 bytes (Q, two stages of K and V, swizzled; 1 KiB for the
+// alignment). At most 128 registers, so that two blocks share an SM.
 __device__ void attention_fwd_wg(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb,
                                  int t, int h, int g, float scale) {
-    constexpr int BM = 128, ND = D / 8, NS = BN / 8, TILE_KV = BN * D * 2;
+    constexpr int D = 128, BN = AB_KEYS, BM = 128, ND = D / 8, NS = BN / 8, TILE_KV = BN * D * 2;
     extern __shared__ uint4 ab_smem[];
     unsigned char* base = reinterpret_cast<unsigned char*>(ab_smem);
     base += (1024 - (ab_smem_addr(base) & 1023)) & 1023;  // the swizzle pattern repeats every 1024 bytes
@@ -153,7 +130,7 @@ __device__ void attention_fwd_wg(float* out, float* lse, const bf16_t* q, const 
         ab_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
-            ab_wgmma_ss<BN>(s, ab_desc(qs + (kk / 4) * BM * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024),
+            ab_wgmma_ss_n64<0, 0>(s, ab_desc(qs + (kk / 4) * BM * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024),
                             ab_desc(kt + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
         ab_wgmma_commit();
         ab_wgmma_wait_all();
@@ -206,7 +183,7 @@ __device__ void attention_fwd_wg(float* out, float* lse, const bf16_t* q, const 
         ab_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++)
-            ab_wgmma_rs<D>(o, pa[kk], ab_desc(vt + kk * 2048, BN * 128, 1024));
+            ab_wgmma_rs_n128(o, pa[kk], ab_desc(vt + kk * 2048, BN * 128, 1024));
         ab_wgmma_commit();
         ab_wgmma_wait_all();
         ab_reg_fence(o);
@@ -375,19 +352,16 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, const bf16_t* 
     }
 }
 
-#define AB_FWD_WG(D, BN, MINB)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256, MINB) attention_fwd_bf16_d##D##_wg##BN(                      \
-        float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb, int t, int h, int g,    \
-        float scale) {                                                                                              \
-        attention_fwd_wg<D, BN>(out, lse, q, k, v, nb, t, h, g, scale);                                            \
-    }
-AB_FWD_WG(64, 128, 1)
-AB_FWD_WG(128, 64, 2)
-
-extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_bf16_d128_wg(
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_bf16_d128_sm90(
+    float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb, int t, int h, int g,
+    float scale) {
+    attention_fwd_wg(out, lse, q, k, v, nb, t, h, g, scale);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_bf16_d128_sm90(
     float* dq, float* dk, float* dv, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,
     const float* lse, const float* delta, int nb, int t, int h, int g, float scale) {
     attention_bwd_wg(dq, dk, dv, dout, q, k, v, lse, delta, nb, t, h, g, scale);
 }
+
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

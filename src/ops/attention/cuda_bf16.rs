@@ -12,16 +12,18 @@ use crate::error::Result;
 use crate::gpu::{Arg, Bf16Buf, GpuBuf, GpuContext, KernelSource};
 use crate::ops::linear::cast_bf16_cuda;
 
-/// The mma.sync kernels and helpers, then the Hopper kernels (which compile to nothing on other targets).
+/// The helpers and forward kernels, the mma.sync backward, then the Hopper kernels (which compile to nothing on
+/// other targets).
 pub const CUDA: KernelSource = KernelSource {
     op: "attention_bf16",
     code: concat!(
         include_str!("../../../cuda/attention_bf16.cu"),
+        include_str!("../../../cuda/attention_bf16_bwd.cu"),
         include_str!("../../../cuda/attention_bf16_sm90.cu")
     ),
 };
 
-/// Keys per forward K/V tile of the mma.sync kernel and queries per backward Q/dO tile (cuda/attention_bf16.cu).
+/// Queries per backward Q/dO tile and keys per forward K/V tile (cuda/attention_bf16.cu).
 const TILE: usize = 64;
 
 /// Whether the wgmma kernels run (`compile::ptx` targets sm_90a on sm_90 devices).
@@ -31,31 +33,23 @@ fn hopper(ctx: &GpuContext) -> bool {
 
 /// A forward launch: kernel, query rows per block, threads, dynamic shared memory bytes.
 fn fwd_kernel(ctx: &GpuContext, s: AttentionShape) -> (&'static str, usize, u32, usize) {
-    match (hopper(ctx), s.d) {
-        // Two warpgroups of 64 rows, BN-key tiles: Q and two stages of K and V, 128-byte swizzled, plus 1 KiB
-        // for the alignment.
-        (true, 64) => (
-            "attention_fwd_bf16_d64_wg128",
+    match (s.d, hopper(ctx)) {
+        // Four warps of 16 rows: Q, two K and two V tiles [64][72] in bf16.
+        (64, _) => ("attention_fwd_bf16_d64", 64, 128, 2 * 5 * TILE * (64 + 8)),
+        // Two warpgroups of 64 rows: Q [128][128] and two stages of K and V [64][128] in 128-byte-swizzled bf16,
+        // plus 1 KiB for the alignment.
+        (_, true) => (
+            "attention_fwd_bf16_d128_sm90",
             128,
             256,
-            1024 + (128 + 4 * 128) * 2 * 64,
+            1024 + (128 + 4 * TILE) * 2 * 128,
         ),
-        (true, _) => (
-            "attention_fwd_bf16_d128_wg64",
-            128,
-            256,
-            1024 + (128 + 4 * 64) * 2 * 128,
-        ),
-        // Four warps of 32 rows: Q [128][D + 8], two K and two V tiles [64][D + 8] in bf16.
-        (false, d) => (
-            if d == 64 {
-                "attention_fwd_bf16_d64_m2"
-            } else {
-                "attention_fwd_bf16_d128_m2"
-            },
+        // Four warps of 32 rows: Q [128][136], two K and two V tiles [64][136] in bf16.
+        (_, false) => (
+            "attention_fwd_bf16_d128",
             128,
             128,
-            2 * (128 + 4 * TILE) * (d + 8),
+            2 * (128 + 4 * TILE) * (128 + 8),
         ),
     }
 }
@@ -66,7 +60,7 @@ fn bwd_kernel(ctx: &GpuContext, s: AttentionShape) -> (&'static str, usize, u32,
         // K, V [128][128], two stages of Q and dO [64][128], dSᵀ [128][64] in swizzled bf16, two stages of the
         // lse and delta of a query block, 1 KiB for the alignment.
         return (
-            "attention_bwd_bf16_d128_wg",
+            "attention_bwd_bf16_d128_sm90",
             128,
             256,
             1024 + (2 * 128 + 4 * TILE) * 256 + 128 * 128 + 1024,
