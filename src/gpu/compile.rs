@@ -36,7 +36,12 @@ pub fn ptx(src: &KernelSource, arch: &str) -> Result<Ptx> {
     }
     let opts = CompileOptions {
         options: vec![
-            format!("--gpu-architecture={arch}"),
+            // On Hopper the arch-specific target, so that kernels may use wgmma (the code is the same
+            // otherwise; such PTX loads only on sm_90 devices, which is where it is compiled for).
+            format!(
+                "--gpu-architecture={}",
+                if arch == "sm_90" { "sm_90a" } else { arch }
+            ),
             "--std=c++17".into(),
             // Source lines in the PTX, for profilers; it does not change the code.
             "--generate-line-info".into(),

@@ -1,5 +1,6 @@
-//! The bf16 GPU path: launches of `cuda/attention_bf16.cu` (FlashAttention-2 on the tensor cores, mma.sync
-//! m16n8k16 bf16 with f32 accumulation; the tiling is described in the kernel file's header). It runs when the
+//! The bf16 GPU path: launches of `cuda/attention_bf16.cu` (FlashAttention-2 on the tensor cores, bf16 products
+//! with f32 accumulation: wgmma on Hopper, `cuda/attention_bf16_sm90.cu`, mma.sync m16n8k16 elsewhere; the
+//! tilings are described in the kernel file's header). It runs when the
 //! context is in the bf16 mode (`GpuContext::set_matmul_bf16`) and D is 64 or 128; the tensors keep their f32
 //! storage and API: q, k, v (and dO in the backward) are rounded to bf16 copies right before the kernels, out,
 //! lse and the gradients are f32. Every product takes bf16 operands (Q, K, V, dO, and P and dS rounded in
@@ -11,14 +12,78 @@ use crate::error::Result;
 use crate::gpu::{Arg, Bf16Buf, GpuBuf, GpuContext, KernelSource};
 use crate::ops::linear::cast_bf16_cuda;
 
+/// The helpers and forward kernels, the mma.sync backward, then the Hopper kernels (which compile to nothing on
+/// other targets).
 pub const CUDA: KernelSource = KernelSource {
     op: "attention_bf16",
-    code: include_str!("../../../cuda/attention_bf16.cu"),
+    code: concat!(
+        include_str!("../../../cuda/attention_bf16.cu"),
+        include_str!("../../../cuda/attention_bf16_bwd.cu"),
+        include_str!("../../../cuda/attention_bf16_sm90.cu")
+    ),
 };
 
-/// Query rows and keys per tile, and threads per block (fixed in cuda/attention_bf16.cu).
+/// Queries per backward Q/dO tile and keys per forward K/V tile (cuda/attention_bf16.cu).
 const TILE: usize = 64;
-const THREADS: u32 = 128;
+
+/// Whether the wgmma kernels run (`compile::ptx` targets sm_90a on sm_90 devices).
+fn hopper(ctx: &GpuContext) -> bool {
+    ctx.arch() == "sm_90"
+}
+
+/// A forward launch: kernel, query rows per block, threads, dynamic shared memory bytes.
+fn fwd_kernel(ctx: &GpuContext, s: AttentionShape) -> (&'static str, usize, u32, usize) {
+    match (s.d, hopper(ctx)) {
+        // Four warps of 16 rows: Q, two K and two V tiles [64][72] in bf16.
+        (64, _) => ("attention_fwd_bf16_d64", 64, 128, 2 * 5 * TILE * (64 + 8)),
+        // Two warpgroups of 64 rows: Q [128][128] and two stages of K and V [64][128] in 128-byte-swizzled bf16,
+        // plus 1 KiB for the alignment.
+        (_, true) => (
+            "attention_fwd_bf16_d128_sm90",
+            128,
+            256,
+            1024 + (128 + 4 * TILE) * 2 * 128,
+        ),
+        // Four warps of 32 rows: Q [128][136], two K and two V tiles [64][136] in bf16.
+        (_, false) => (
+            "attention_fwd_bf16_d128",
+            128,
+            128,
+            2 * (128 + 4 * TILE) * (128 + 8),
+        ),
+    }
+}
+
+/// A backward launch: kernel, keys per block, threads, dynamic shared memory bytes.
+fn bwd_kernel(ctx: &GpuContext, s: AttentionShape) -> (&'static str, usize, u32, usize) {
+    if hopper(ctx) && s.d == 128 {
+        // K, V [128][128], two stages of Q and dO [64][128], dSᵀ [128][64] in swizzled bf16, two stages of the
+        // lse and delta of a query block, 1 KiB for the alignment.
+        return (
+            "attention_bwd_bf16_d128_sm90",
+            128,
+            256,
+            1024 + (2 * 128 + 4 * TILE) * 256 + 128 * 128 + 1024,
+        );
+    }
+    // Warps of 16 keys: 8 when that still gives a block per SM, else 4 (more, shorter blocks). K and V
+    // [16·warps][D + 8], two stages of Q and dO [64][D + 8] and dSᵀ [16·warps][72] in bf16, two stages of the lse
+    // and delta of a query block in f32.
+    let warps = if s.t.div_ceil(128) * s.b * s.g >= ctx.sm_count() as usize {
+        8
+    } else {
+        4
+    };
+    let keys = 16 * warps;
+    let smem = 2 * ((2 * keys + 4 * TILE) * (s.d + 8) + keys * (TILE + 8)) + 4 * 4 * TILE;
+    let kernel = match (s.d, warps) {
+        (64, 4) => "attention_bwd_bf16_d64_w4",
+        (64, _) => "attention_bwd_bf16_d64_w8",
+        (_, 4) => "attention_bwd_bf16_d128_w4",
+        _ => "attention_bwd_bf16_d128_w8",
+    };
+    (kernel, keys, 32 * warps as u32, smem)
+}
 
 /// Whether a call on `ctx` at shape `s` takes this path.
 pub fn runs_bf16(ctx: &GpuContext, s: AttentionShape) -> bool {
@@ -60,18 +125,13 @@ pub(super) fn fwd(
     x: &Bf16Inputs,
     s: AttentionShape,
 ) -> Result<()> {
-    let kernel = match s.d {
-        64 => "attention_fwd_bf16_d64",
-        _ => "attention_fwd_bf16_d128",
-    };
-    // Q, two K and two V tiles of [64][D + 8] bf16.
-    let smem = 2 * 5 * TILE * (s.d + 8);
+    let (kernel, rows, threads, smem) = fwd_kernel(out.ctx(), s);
     let [b, t, h, g, scale] = dims(s);
     out.ctx().launch(
         &CUDA,
         kernel,
-        ((s.t.div_ceil(TILE) * s.b * s.h) as u32, 1, 1),
-        (THREADS, 1, 1),
+        ((s.t.div_ceil(rows) * s.b * s.h) as u32, 1, 1),
+        (threads, 1, 1),
         smem as u32,
         &[
             out.arg(),
@@ -123,19 +183,14 @@ pub(super) fn bwd(
     if let Some(dq) = dq.as_deref_mut() {
         dq.zero()?; // the key blocks add into it
     }
-    let kernel = match s.d {
-        64 => "attention_bwd_bf16_d64",
-        _ => "attention_bwd_bf16_d128",
-    };
-    // K, V, Q, dO tiles [64][D + 8] and dSᵀ [64][72] in bf16, lse and delta of a query block in f32.
-    let smem = 2 * (4 * TILE * (s.d + 8) + TILE * (TILE + 8)) + 4 * 2 * TILE;
+    let (kernel, keys, threads, smem) = bwd_kernel(&ctx, s);
     let opt = |x: &Option<&mut GpuBuf>| x.as_ref().map_or(Arg::NULL, |b| b.arg());
     let [b, t, h, g, scale] = dims(s);
     ctx.launch(
         &CUDA,
         kernel,
-        ((s.t.div_ceil(TILE) * s.b * s.g) as u32, 1, 1),
-        (THREADS, 1, 1),
+        ((s.t.div_ceil(keys) * s.b * s.g) as u32, 1, 1),
+        (threads, 1, 1),
         smem as u32,
         &[
             opt(&dq),
