@@ -424,3 +424,87 @@ fn attention_timing() {
     }
     ctx.set_poison(true);
 }
+
+/// In the bf16 mode q, k and v may be bf16 values (the block's rope outputs and v projection): the attention reads
+/// them as they are and gives bf16 gradients. Against f32 inputs holding the same bf16 values in the same mode:
+/// the same out bit for bit (the same kernels on the same bf16 operands), and each gradient the f32 one rounded
+/// to bf16 (within one bf16 ulp: dq's atomic adds may land in another order).
+#[test]
+fn bf16_values_give_the_f32_inputs_results_rounded() {
+    let Some(_) = device("attention bf16 values") else {
+        return;
+    };
+    let ctx = eqat::gpu::GpuContext::new(0).unwrap();
+    ctx.set_poison(true);
+    ctx.set_matmul_bf16(true);
+    let mut r = Report::new("attention bf16 values");
+    let mut rng = Rng::new(113);
+    for s in [shape(2, 45, 6, 2, 64), shape(1, 130, 4, 4, 128)] {
+        let tensors: Vec<Tensor> = [s.h, s.g, s.g]
+            .iter()
+            .map(|&heads| {
+                let t = Tensor::randn(&[s.b, s.t, heads, s.d], 1.0, &mut rng);
+                Tensor::from_vec(
+                    t.shape(),
+                    round_bf16(&t.to_f32_vec())
+                        .iter()
+                        .map(|&x| x as f32)
+                        .collect(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let target = Tensor::randn(&[s.b, s.t, s.h, s.d], 1.0, &mut rng);
+        let run = |bf16_values: bool| -> Vec<Vec<f32>> {
+            let mut tape = Tape::new();
+            let vars: Vec<_> = tensors
+                .iter()
+                .map(|t| {
+                    let d = t.to_device(&ctx).unwrap();
+                    let d = match bf16_values {
+                        true => {
+                            let b =
+                                eqat::ops::linear::cast_bf16_cuda(d.gpu("test").unwrap()).unwrap();
+                            Tensor::from_gpu_bf16(t.shape(), b).unwrap()
+                        }
+                        false => d,
+                    };
+                    tape.leaf(d, true)
+                })
+                .collect();
+            let out = att::attention(&mut tape, vars[0], vars[1], vars[2]).unwrap();
+            let t = tape.input(target.to_device(&ctx).unwrap());
+            let loss = eqat::ops::mse::mse(&mut tape, out, t).unwrap();
+            tape.backward(loss).unwrap();
+            let mut got = vec![tape.value(out).to_f32_vec()];
+            for &v in &vars {
+                let g = tape.grad(v).unwrap();
+                assert_grad_dtype(g, bf16_values);
+                got.push(g.to_f32_vec());
+            }
+            got
+        };
+        let (f, b) = (run(false), run(true));
+        let name = format!("{s:?}");
+        r.expect(&format!("{name}: out bit for bit"), f[0] == b[0]);
+        for (i, what) in ["dq", "dk", "dv"].iter().enumerate() {
+            let ok = f[i + 1].iter().zip(&b[i + 1]).all(|(&x, &y)| {
+                (half::bf16::from_f32(x).to_f32() - y).abs() <= x.abs() * 2f32.powi(-7) + 1e-30
+            });
+            r.expect(
+                &format!("{name}: {what} = bf16(f32 input's {what}) within one ulp"),
+                ok,
+            );
+        }
+    }
+    r.finish();
+}
+
+/// A gradient's dtype: bf16 for bf16 values, f32 otherwise.
+fn assert_grad_dtype(g: &Tensor, bf16: bool) {
+    let want = match bf16 {
+        true => eqat::tensor::DType::BF16,
+        false => eqat::tensor::DType::F32,
+    };
+    assert_eq!(g.dtype(), want, "gradient dtype");
+}

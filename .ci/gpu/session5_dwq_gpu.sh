@@ -3,6 +3,8 @@
 # breakdowns (ncu_block_ap_gpu.sh copied alongside). Copy the stripped engine and tests/cuda_* binaries next to it
 # and carry the folder. The test summary comes last.
 cd "$(dirname "$0")"
+mkdir -p /tmp/nccl && ln -sf $(python3 -c 'import nvidia.nccl,os;print(os.path.join(list(nvidia.nccl.__path__)[0],"lib"))')/libnccl.so.2 /tmp/nccl/libnccl.so
+export LD_LIBRARY_PATH=/tmp/nccl:$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 : > /tmp/tests.sum
 for t in cuda_*; do
@@ -12,7 +14,7 @@ done
 cat /tmp/cuda_*.log > $OUT/tests.log
 echo "== bench"
 for s in smollm2-135m llama2-7b llama3-8b llama2-70b; do
-  echo "$s"; timeout 120 ./engine bench block-ap --shape $s --wbits 2 --group-size 64 --batch 2 --seqlen 2048 --device cuda --dtype bf16 --steps 10 --warmup 2 2>&1 | tee -a $OUT/bench.log | grep -E "median|error|peak|steps"
+  echo "$s"; timeout 120 ./engine bench block-ap --shape $s --wbits 2 --group-size 64 --batch 2 --seqlen 2048 --device cuda --dtype bf16 --steps 20 --warmup 3 2>&1 | tee -a $OUT/bench.log | grep -E "median|error|peak|back to back"
 done
 echo "== ncu"
 bash ./ncu_block_ap_gpu.sh

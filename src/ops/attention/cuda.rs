@@ -123,6 +123,26 @@ pub(super) fn attention_fwd_cuda_keep(
     Ok(None)
 }
 
+/// The forward on bf16 q, k and v (the bf16 mode's values, shared): out [B, T, H, D] and lse [B, H, T] in f32.
+/// Needs the tensor-core kernels (the bf16 mode, D 64 or 128).
+pub(super) fn attention_fwd_bf16_values(
+    out: &mut GpuBuf,
+    lse: &mut GpuBuf,
+    x: &Bf16Inputs,
+    s: AttentionShape,
+) -> Result<()> {
+    check_cuda(s)?;
+    if !runs_bf16(out.ctx(), s) {
+        return Err(Error::invalid(
+            "attention",
+            format!(
+                "{s:?}: bf16 q, k, v need the bf16 mode's tensor-core kernels (head dim 64 or 128)"
+            ),
+        ));
+    }
+    cuda_bf16::fwd(out, lse, x, s)
+}
+
 /// Backward: dq [B, T, H, D], dk and dv [B, T, G, D] (each written when present) from dout, the inputs, the
 /// forward's out and lse, as `attention_bwd_cpu`.
 #[allow(clippy::too_many_arguments)]

@@ -11,6 +11,7 @@ use super::AttentionShape;
 use crate::error::Result;
 use crate::gpu::{Arg, Bf16Buf, GpuBuf, GpuContext, KernelSource};
 use crate::ops::linear::cast_bf16_cuda;
+use std::sync::Arc;
 
 /// The helpers and forward kernels, the mma.sync backward, then the Hopper kernels (which compile to nothing on
 /// other targets).
@@ -87,24 +88,34 @@ fn bwd_kernel(ctx: &GpuContext, s: AttentionShape) -> (&'static str, usize, u32,
 
 /// Whether a call on `ctx` at shape `s` takes this path.
 pub fn runs_bf16(ctx: &GpuContext, s: AttentionShape) -> bool {
-    ctx.matmul_bf16() && (s.d == 64 || s.d == 128)
+    ctx.matmul_bf16() && has_bf16_kernels(s.d)
 }
 
-/// The bf16 copies of q, k and v that both kernels read.
+/// Whether the tensor-core kernels exist for head dim `d` (so that q, k, v may be bf16 values).
+pub fn has_bf16_kernels(d: usize) -> bool {
+    d == 64 || d == 128
+}
+
+/// The bf16 q, k and v that both kernels read: copies of f32 inputs, or the bf16 values themselves.
 #[derive(Debug)]
 pub struct Bf16Inputs {
-    q: Bf16Buf,
-    k: Bf16Buf,
-    v: Bf16Buf,
+    q: Arc<Bf16Buf>,
+    k: Arc<Bf16Buf>,
+    v: Arc<Bf16Buf>,
 }
 
 impl Bf16Inputs {
     pub fn cast(q: &GpuBuf, k: &GpuBuf, v: &GpuBuf) -> Result<Bf16Inputs> {
         Ok(Bf16Inputs {
-            q: cast_bf16_cuda(q)?,
-            k: cast_bf16_cuda(k)?,
-            v: cast_bf16_cuda(v)?,
+            q: Arc::new(cast_bf16_cuda(q)?),
+            k: Arc::new(cast_bf16_cuda(k)?),
+            v: Arc::new(cast_bf16_cuda(v)?),
         })
+    }
+
+    /// bf16 values (the bf16 mode's q, k and v), shared rather than copied.
+    pub fn shared(q: Arc<Bf16Buf>, k: Arc<Bf16Buf>, v: Arc<Bf16Buf>) -> Bf16Inputs {
+        Bf16Inputs { q, k, v }
     }
 }
 

@@ -34,7 +34,7 @@ pub use cuda::{
     MAX_HEAD_DIM,
 };
 #[cfg(feature = "cuda")]
-pub use cuda_bf16::{runs_bf16, CUDA as CUDA_BF16};
+pub use cuda_bf16::{has_bf16_kernels, runs_bf16, CUDA as CUDA_BF16};
 pub use reference::{attention_bwd_ref, attention_fwd_ref};
 
 use crate::autograd::{Backward, Tape, Var};
@@ -119,12 +119,26 @@ pub fn attention(tape: &mut Tape, q: Var, k: Var, v: Var) -> Result<Var> {
             ctx.alloc(s.b * s.t * s.h * s.d)?,
             ctx.alloc(s.b * s.h * s.t)?,
         );
-        let (qb, kb, vb) = (
-            tape.value(q).gpu(OP)?,
-            tape.value(k).gpu(OP)?,
-            tape.value(v).gpu(OP)?,
-        );
-        let bf16 = cuda::attention_fwd_cuda_keep(&mut out, &mut lse, qb, kb, vb, s)?;
+        let bf16 = match tape.value(q).dtype() {
+            // bf16 q, k, v (the bf16 mode's rope outputs and v projection): read as they are.
+            crate::tensor::DType::BF16 => {
+                let x = cuda_bf16::Bf16Inputs::shared(
+                    tape.value(q).gpu_bf16(OP)?.clone(),
+                    tape.value(k).gpu_bf16(OP)?.clone(),
+                    tape.value(v).gpu_bf16(OP)?.clone(),
+                );
+                cuda::attention_fwd_bf16_values(&mut out, &mut lse, &x, s)?;
+                Some(x)
+            }
+            _ => {
+                let (qb, kb, vb) = (
+                    tape.value(q).gpu(OP)?,
+                    tape.value(k).gpu(OP)?,
+                    tape.value(v).gpu(OP)?,
+                );
+                cuda::attention_fwd_cuda_keep(&mut out, &mut lse, qb, kb, vb, s)?
+            }
+        };
         let lse = Tensor::from_gpu(&[s.b, s.h, s.t], lse)?;
         let out = Tensor::from_gpu(&out_shape, out)?;
         return Ok(tape.push_op(
@@ -174,6 +188,49 @@ struct AttentionBackward {
     bf16: Option<cuda_bf16::Bf16Inputs>,
 }
 
+#[cfg(feature = "cuda")]
+impl AttentionBackward {
+    /// The backward of bf16 q, k, v: their gradients are bf16 too. The kernels write f32 (dq is a sum of atomic
+    /// adds), rounded once into the bf16 slots, which the rope backward and the q, k, v projections then read.
+    fn backward_bf16_values(
+        &self,
+        dout: &Tensor,
+        out: &Tensor,
+        d: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        const OP: &str = "attention_bwd";
+        let Some(x) = self.bf16.as_ref() else {
+            return Err(crate::error::Error::Autograd(format!(
+                "{OP}: the forward kept no bf16 inputs"
+            )));
+        };
+        let ctx = dout.gpu(OP)?.ctx().clone();
+        let mut f32s: Vec<Option<crate::gpu::GpuBuf>> = d
+            .iter()
+            .map(|t| t.as_ref().map(|t| ctx.alloc(t.numel())).transpose())
+            .collect::<Result<_>>()?;
+        let [dq, dk, dv] = &mut f32s[..] else {
+            unreachable!("attention has three inputs")
+        };
+        cuda_bf16::bwd(
+            dq.as_mut(),
+            dk.as_mut(),
+            dv.as_mut(),
+            dout.gpu(OP)?,
+            x,
+            out.gpu(OP)?,
+            self.lse.gpu(OP)?,
+            self.shape,
+        )?;
+        for (slot, g) in d.iter_mut().zip(&f32s) {
+            if let (Some(slot), Some(g)) = (slot, g) {
+                crate::ops::linear::cast_bf16_into_cuda(slot.gpu_bf16_mut(OP)?, g)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Backward for AttentionBackward {
     fn name(&self) -> &'static str {
         "attention"
@@ -186,6 +243,10 @@ impl Backward for AttentionBackward {
         d: &mut [Option<Tensor>],
     ) -> Result<()> {
         const OP: &str = "attention_bwd";
+        #[cfg(feature = "cuda")]
+        if x[0].dtype() == crate::tensor::DType::BF16 {
+            return self.backward_bf16_values(dout, out, d);
+        }
         #[cfg(feature = "cuda")]
         if dout.is_cuda() {
             let [dq, dk, dv] = d else {

@@ -12,14 +12,24 @@ pub const CUDA: KernelSource = KernelSource {
 
 /// A bf16 copy of `x` (round to nearest even).
 pub fn cast_bf16_cuda(x: &GpuBuf) -> Result<Bf16Buf> {
-    let ctx = x.ctx().clone();
-    let out = ctx.alloc_bf16(x.len())?;
+    let mut out = x.ctx().alloc_bf16(x.len())?;
+    cast_bf16_into_cuda(&mut out, x)?;
+    Ok(out)
+}
+
+/// out = bf16(x) (round to nearest even) into an existing buffer of as many values.
+pub fn cast_bf16_into_cuda(out: &mut Bf16Buf, x: &GpuBuf) -> Result<()> {
     let n = x.len();
-    ctx.launch_1d(
+    if out.len() != n {
+        return Err(crate::error::Error::shape(
+            "cast_bf16",
+            format!("{n} values into a bf16 buffer of {}", out.len()),
+        ));
+    }
+    x.ctx().launch_1d(
         &CUDA,
         "linear_cast_bf16",
         n.div_ceil(4),
         &[out.arg(), x.arg(), Arg::I64(n as i64)],
-    )?;
-    Ok(out)
+    )
 }

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 #[cfg(feature = "cuda")]
 mod bf16;
 #[cfg(feature = "cuda")]
-pub use bf16::{cast_bf16_cuda, CUDA};
+pub use bf16::{cast_bf16_cuda, cast_bf16_into_cuda, CUDA};
 
 /// Row count R, in features K, out features N: the dims every function below takes.
 #[derive(Clone, Copy, Debug)]
