@@ -4,26 +4,41 @@
 // with sin negated. One thread per (row, head, pair). The bf16 kernels (the bf16 mode's q and k, and their
 // gradients) do the same f32 arithmetic on bf16 values and round each output once, to nearest even.
 
-__device__ __forceinline__ float rope_load(const float* p, i64 i) { return p[i]; }
-__device__ __forceinline__ float rope_load(const unsigned short* p, i64 i) { return __uint_as_float((unsigned)p[i] << 16); }
-__device__ __forceinline__ void rope_store(float* p, i64 i, float v) { p[i] = v; }
-__device__ __forceinline__ void rope_store(unsigned short* p, i64 i, float v) { p[i] = (unsigned short)bf16_bits(v); }
+template <typename I>
+__device__ __forceinline__ float rope_load(const float* p, I i) { return p[i]; }
+template <typename I>
+__device__ __forceinline__ float rope_load(const unsigned short* p, I i) { return __uint_as_float((unsigned)p[i] << 16); }
+template <typename I>
+__device__ __forceinline__ void rope_store(float* p, I i, float v) { p[i] = v; }
+template <typename I>
+__device__ __forceinline__ void rope_store(unsigned short* p, I i, float v) { p[i] = (unsigned short)bf16_bits(v); }
 
-template <typename T>
-__device__ __forceinline__ void rope_rotate(T* y, const T* x, const float* cos_t, const float* sin_t, i64 n_pairs,
-                                            int t, int h, int d, int layout, float sign) {
-    const int half = d / 2;
-    for (i64 k = global_index(); k < n_pairs; k += grid_stride()) {
-        const int i = (int)(k % half);
-        const i64 head = k / half;            // index of (row, head)
-        const int tt = (int)((head / h) % t);  // row = b * T + t
-        const float c = cos_t[(i64)tt * half + i], s = sign * sin_t[(i64)tt * half + i];
-        const i64 base = head * d;
-        const i64 a = base + (layout == 0 ? i : 2 * i), b = base + (layout == 0 ? i + half : 2 * i + 1);
+// I is the index type: 32-bit whenever the pairs fit (64-bit division costs tens of instructions a pair).
+template <typename T, typename I>
+__device__ __forceinline__ void rope_rotate_as(T* y, const T* x, const float* cos_t, const float* sin_t, I n_pairs,
+                                               I t, I h, I d, int layout, float sign) {
+    const I half = d / 2;
+    for (I k = (I)global_index(); k < n_pairs; k += (I)grid_stride()) {
+        const I i = k % half;
+        const I head = k / half;      // index of (row, head)
+        const I tt = (head / h) % t;  // row = b * T + t
+        const float c = cos_t[tt * half + i], s = sign * sin_t[tt * half + i];
+        const I base = head * d;
+        const I a = base + (layout == 0 ? i : 2 * i), b = base + (layout == 0 ? i + half : 2 * i + 1);
         const float xa = rope_load(x, a), xb = rope_load(x, b);
         rope_store(y, a, xa * c - xb * s);
         rope_store(y, b, xa * s + xb * c);
     }
+}
+
+template <typename T>
+__device__ __forceinline__ void rope_rotate(T* y, const T* x, const float* cos_t, const float* sin_t, i64 n_pairs,
+                                            int t, int h, int d, int layout, float sign) {
+    // 2 · n_pairs values must fit too.
+    if (n_pairs < 0x7fffffffLL)
+        rope_rotate_as<T, unsigned>(y, x, cos_t, sin_t, (unsigned)n_pairs, t, h, d, layout, sign);
+    else
+        rope_rotate_as<T, i64>(y, x, cos_t, sin_t, n_pairs, t, h, d, layout, sign);
 }
 
 extern "C" __global__ void rope_fwd_f32(float* out, const float* x, const float* cos_t, const float* sin_t,

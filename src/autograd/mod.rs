@@ -56,6 +56,10 @@ pub struct Tape {
     /// Weights whose fake-quantized bf16 value persists between steps (`defer_fake_quant`).
     #[cfg(feature = "cuda")]
     fake_quant_copies: fake_quant_copies::FakeQuantCopies,
+    /// Device constants of this tape's ops (`device_constant`), kept across `reset`.
+    #[cfg(feature = "cuda")]
+    device_constants:
+        std::collections::HashMap<String, std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Tape {
@@ -217,6 +221,26 @@ impl Tape {
             self.bf16_copies.insert(v.0, b.clone());
         }
         Ok(b)
+    }
+
+    /// A device constant of an op (a table it reads every call), made by `make` the first time `key` is asked
+    /// for and kept as long as the tape, across `reset`. A key must always name the same type of value.
+    #[cfg(feature = "cuda")]
+    pub fn device_constant<T: std::any::Any + Send + Sync>(
+        &mut self,
+        key: &str,
+        make: impl FnOnce() -> Result<std::sync::Arc<T>>,
+    ) -> Result<std::sync::Arc<T>> {
+        if let Some(c) = self.device_constants.get(key) {
+            return c.clone().downcast::<T>().map_err(|_| {
+                Error::Autograd(format!(
+                    "device constant {key:?} was made with another type"
+                ))
+            });
+        }
+        let c = make()?;
+        self.device_constants.insert(key.to_string(), c.clone());
+        Ok(c)
     }
 
     /// Records `b` as the bf16 copy of this step's value `v`, written by the op that produced v in the same pass

@@ -350,7 +350,17 @@ pub fn rope(tape: &mut Tape, x: Var, pos0: usize, base: f32, layout: RopeLayout)
                 format!("x {sx:?}: the kernel needs T, H, D < 2^31"),
             ));
         }
-        let table = table.to_device(&ctx)?;
+        // Uploaded once per tape: an upload at every call would put two host-to-device copies on the compute
+        // stream, between the kernels, at every rope of every step.
+        // (The context's address is part of the key: the table holds the context, so no other takes its place.)
+        let key = format!(
+            "rope {t} {d} {pos0} {:08x} on {:p}",
+            base.to_bits(),
+            Arc::as_ptr(&ctx),
+            t = shape[1],
+            d = shape[3]
+        );
+        let table = tape.device_constant(&key, || table.to_device(&ctx).map(Arc::new))?;
         let n = tape.value(x).numel();
         // A bf16 x (the bf16 mode's q and k) gives a bf16 output, which attention reads as it is.
         let out = match tape.value(x).dtype() {
@@ -398,7 +408,7 @@ pub fn rope(tape: &mut Tape, x: Var, pos0: usize, base: f32, layout: RopeLayout)
 enum SavedTable {
     Host(Arc<RopeTable>),
     #[cfg(feature = "cuda")]
-    Device(RopeTableCuda),
+    Device(Arc<RopeTableCuda>),
 }
 
 struct RopeBackward {
