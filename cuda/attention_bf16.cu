@@ -138,10 +138,19 @@ __device__ __forceinline__ void ab_load_tile(bf16_t* tile, const bf16_t* src, in
     }
 }
 
+// Two adjacent values of O at `at` (an even element index): f32 into out, or, when out_b is given (bf16 q, k, v
+// values), bf16 into out_b instead (rounded to nearest even, one 4-byte store).
+__device__ __forceinline__ void ab_store_o(float* out, bf16_t* out_b, i64 at, float x, float y) {
+    if (out_b)
+        *reinterpret_cast<unsigned*>(out_b + at) = bf16_bits(x) | (bf16_bits(y) << 16);
+    else
+        *reinterpret_cast<float2*>(out + at) = make_float2(x, y);
+}
+
 // Forward, 64 query rows per block (the D 64 kernel). Grid: ceil(T/64) * B * H blocks of 128 threads (4 warps of
 // 16 rows); dynamic shared memory 5 * 64 * (D + 8) bf16 (Q, two K and two V tiles).
 template <int D>
-__device__ void attention_fwd_bf16_rows64(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb,
+__device__ void attention_fwd_bf16_rows64(float* out, bf16_t* out_b, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb,
                                    int t, int h, int g, float scale) {
     constexpr int SD = D + 8, KD = D / 16, ND = D / 8, TILE = 64;  // k-steps and n-tiles over the head dim
     extern __shared__ uint4 ab_smem[];
@@ -258,10 +267,9 @@ __device__ void attention_fwd_bf16_rows64(float* out, float* lse, const bf16_t* 
         const int row = row0 + r * 8;
         if (row >= t) continue;
         const float inv = 1.0f / l[r];
-        float* dst = out + (((i64)b * t + row) * h + head) * D + 2 * ti;
+        const i64 at = (((i64)b * t + row) * h + head) * D + 2 * ti;
 #pragma unroll
-        for (int n = 0; n < ND; n++)
-            *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+        for (int n = 0; n < ND; n++) ab_store_o(out, out_b, at + n * 8, o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
         if (ti == 0) lse[((i64)b * h + head) * t + row] = (m[r] + log2f(l[r])) * AB_LN2;
     }
 }
@@ -270,7 +278,7 @@ __device__ void attention_fwd_bf16_rows64(float* out, float* lse, const bf16_t* 
 // of 128 threads (4 warps of 16·MT query rows); dynamic shared memory (64·MT + 4·64) * (D + 8) bf16 (Q, two K and
 // two V tiles).
 template <int D, int MT>
-__device__ void attention_fwd_bf16(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb,
+__device__ void attention_fwd_bf16(float* out, bf16_t* out_b, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb,
                                    int t, int h, int g, float scale) {
     constexpr int SD = D + 8, KD = D / 16, ND = D / 8, WR = 16 * MT, BM = 4 * WR;
     extern __shared__ uint4 ab_smem[];
@@ -418,22 +426,22 @@ __device__ void attention_fwd_bf16(float* out, float* lse, const bf16_t* q, cons
             const int row = wrow + mt * 16 + r * 8 + gi;
             if (row >= t) continue;
             const float inv = 1.0f / lr;
-            float* dst = out + (((i64)b * t + row) * h + head) * D + 2 * ti;
+            const i64 at = (((i64)b * t + row) * h + head) * D + 2 * ti;
 #pragma unroll
             for (int n = 0; n < ND; n++)
-                *reinterpret_cast<float2*>(dst + n * 8) =
-                    make_float2(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
+                ab_store_o(out, out_b, at + n * 8, o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
             if (ti == 0) lse[((i64)b * h + head) * t + row] = (m[2 * mt + r] * c + log2f(lr)) * AB_LN2;
         }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_fwd_bf16_d64(float* out, float* lse, const bf16_t* q,
-                                                                         const bf16_t* k, const bf16_t* v, int nb,
-                                                                         int t, int h, int g, float scale) {
-    attention_fwd_bf16_rows64<64>(out, lse, q, k, v, nb, t, h, g, scale);
+// out (f32) or out_b (bf16): the launcher passes one of them, the other null.
+extern "C" __global__ void __launch_bounds__(128)
+    attention_fwd_bf16_d64(float* out, bf16_t* out_b, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                           int nb, int t, int h, int g, float scale) {
+    attention_fwd_bf16_rows64<64>(out, out_b, lse, q, k, v, nb, t, h, g, scale);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_fwd_bf16_d128(float* out, float* lse, const bf16_t* q,
-                                                                          const bf16_t* k, const bf16_t* v, int nb,
-                                                                          int t, int h, int g, float scale) {
-    attention_fwd_bf16<128, 2>(out, lse, q, k, v, nb, t, h, g, scale);
+extern "C" __global__ void __launch_bounds__(128)
+    attention_fwd_bf16_d128(float* out, bf16_t* out_b, float* lse, const bf16_t* q, const bf16_t* k,
+                            const bf16_t* v, int nb, int t, int h, int g, float scale) {
+    attention_fwd_bf16<128, 2>(out, out_b, lse, q, k, v, nb, t, h, g, scale);
 }

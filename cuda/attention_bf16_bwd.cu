@@ -26,6 +26,26 @@ extern "C" __global__ void attention_prep_bwd_bf16(float* delta, unsigned* dout_
     }
 }
 
+// delta [B, H, T] = rowsum(dout ∘ out) when dout and out are bf16 already (bf16 q, k, v values: the output is bf16
+// and so is its gradient), in the layout of attention_prep_bwd_bf16.
+extern "C" __global__ void attention_delta_bf16(float* delta, const unsigned* dout_b, const unsigned* out_b, i64 rows,
+                                                int t, int h, int d) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = grid_stride() / 32;
+    for (i64 row = global_index() / 32; row < rows; row += warps) {
+        float acc = 0.0f;
+        for (int c = 2 * lane; c < d; c += 64) {
+            const i64 at = (row * d + c) / 2;
+            const unsigned x = dout_b[at], o = out_b[at];
+            acc = fmaf(__uint_as_float(x << 16), __uint_as_float(o << 16), acc);
+            acc = fmaf(__uint_as_float(x & 0xffff0000u), __uint_as_float(o & 0xffff0000u), acc);
+        }
+        acc = warp_sum(acc);
+        const i64 head = row % h, bt = row / h, tt = bt % t, b = bt / t;
+        if (lane == 0) delta[(b * h + head) * t + tt] = acc;
+    }
+}
+
 // Starts copying the lse and delta of queries q0 .. q0 + 63 of head `head` into rows_s[0..64) and [64..128)
 // (0 past T); the first 128 threads take one float each.
 __device__ __forceinline__ void ab_stage_rows(float* rows_s, const float* lse, const float* delta, int b, int q0,

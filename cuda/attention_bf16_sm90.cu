@@ -81,7 +81,7 @@ __device__ __forceinline__ void ab_load_tile_sw(unsigned char* tile, const bf16_
 // Forward on wgmma, D 128. Grid: ceil(T / 128) * B * H blocks of 256 threads (2 warpgroups of 64 query rows);
 // dynamic shared memory 1024 + (128 + 4·64) · 256 bytes (Q, two stages of K and V, swizzled; 1 KiB for the
 // alignment). At most 128 registers, so that two blocks share an SM.
-__device__ void attention_fwd_wg(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb,
+__device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb,
                                  int t, int h, int g, float scale) {
     constexpr int D = 128, BN = AB_KEYS, BM = 128, ND = D / 8, NS = BN / 8, TILE_KV = BN * D * 2;
     extern __shared__ uint4 ab_smem[];
@@ -195,10 +195,10 @@ __device__ void attention_fwd_wg(float* out, float* lse, const bf16_t* q, const 
         const int row = row0 + r * 8;
         if (row >= t) continue;
         const float inv = 1.0f / l[r];
-        float* dst = out + (((i64)b * t + row) * h + head) * D + 2 * ti;
+        const i64 at = (((i64)b * t + row) * h + head) * D + 2 * ti;
 #pragma unroll
         for (int n = 0; n < ND; n++)
-            *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+            ab_store_o(out, out_b, at + n * 8, o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
         if (ti == 0) lse[((i64)b * h + head) * t + row] = (m[r] * c + log2f(l[r])) * AB_LN2;
     }
 }
@@ -353,9 +353,9 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, const bf16_t* 
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_bf16_d128_sm90(
-    float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb, int t, int h, int g,
-    float scale) {
-    attention_fwd_wg(out, lse, q, k, v, nb, t, h, g, scale);
+    float* out, bf16_t* out_b, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v, int nb, int t, int h,
+    int g, float scale) {
+    attention_fwd_wg(out, out_b, lse, q, k, v, nb, t, h, g, scale);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_bf16_d128_sm90(
     float* dq, float* dk, float* dv, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,

@@ -426,11 +426,13 @@ fn attention_timing() {
 }
 
 /// In the bf16 mode q, k and v may be bf16 values (the block's rope outputs and v projection): the attention reads
-/// them as they are and gives bf16 gradients. Against f32 inputs holding the same bf16 values in the same mode:
-/// the same out bit for bit (the same kernels on the same bf16 operands), and each gradient the f32 one rounded
-/// to bf16 (within one bf16 ulp: dq's atomic adds may land in another order).
+/// them as they are and writes a bf16 output, and the gradients come back bf16. Against f32 inputs holding the same
+/// bf16 values in the same mode, both followed by the o projection (`fake_quant_linear`, which reads a bf16 x as
+/// it is): the output is the f32 one rounded to bf16 (the same kernels on the same operands, one more rounding),
+/// so the projection's output is bit for bit the same; the gradients differ by the roundings of dO and O to bf16
+/// (delta = rowsum(dO∘O) from the bf16 O), a few bf16 ulps.
 #[test]
-fn bf16_values_give_the_f32_inputs_results_rounded() {
+fn bf16_values_track_the_f32_inputs() {
     let Some(_) = device("attention bf16 values") else {
         return;
     };
@@ -439,24 +441,29 @@ fn bf16_values_give_the_f32_inputs_results_rounded() {
     ctx.set_matmul_bf16(true);
     let mut r = Report::new("attention bf16 values");
     let mut rng = Rng::new(113);
+    let cfg = eqat::quant::fake_quant::QuantConfig::new(4, 32).unwrap();
     for s in [shape(2, 45, 6, 2, 64), shape(1, 130, 4, 4, 128)] {
         let tensors: Vec<Tensor> = [s.h, s.g, s.g]
             .iter()
             .map(|&heads| {
                 let t = Tensor::randn(&[s.b, s.t, heads, s.d], 1.0, &mut rng);
-                Tensor::from_vec(
-                    t.shape(),
-                    round_bf16(&t.to_f32_vec())
-                        .iter()
-                        .map(|&x| x as f32)
-                        .collect(),
-                )
-                .unwrap()
+                let v = round_bf16(&t.to_f32_vec())
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect();
+                Tensor::from_vec(t.shape(), v).unwrap()
             })
             .collect();
-        let target = Tensor::randn(&[s.b, s.t, s.h, s.d], 1.0, &mut rng);
+        let c = s.h * s.d;
+        let w = Tensor::randn(&[c, c], 0.05, &mut rng);
+        let (ws, wz) = eqat::quant::fake_quant::init_minmax(&w, cfg).unwrap();
+        let target = Tensor::randn(&[s.b, s.t, c], 1.0, &mut rng);
         let run = |bf16_values: bool| -> Vec<Vec<f32>> {
             let mut tape = Tape::new();
+            let p: Vec<_> = [&w, &ws, &wz]
+                .iter()
+                .map(|t| tape.param(t.to_device(&ctx).unwrap()).unwrap())
+                .collect();
             let vars: Vec<_> = tensors
                 .iter()
                 .map(|t| {
@@ -473,10 +480,17 @@ fn bf16_values_give_the_f32_inputs_results_rounded() {
                 })
                 .collect();
             let out = att::attention(&mut tape, vars[0], vars[1], vars[2]).unwrap();
+            let a = eqat::ops::reshape::reshape(&mut tape, out, &[s.b, s.t, c]).unwrap();
+            let y = eqat::quant::fake_quant::fake_quant_linear(&mut tape, a, p[0], p[1], p[2], cfg)
+                .unwrap();
             let t = tape.input(target.to_device(&ctx).unwrap());
-            let loss = eqat::ops::mse::mse(&mut tape, out, t).unwrap();
+            let loss = eqat::ops::mse::mse(&mut tape, y, t).unwrap();
             tape.backward(loss).unwrap();
-            let mut got = vec![tape.value(out).to_f32_vec()];
+            assert_eq!(
+                tape.value(out).dtype() == eqat::tensor::DType::BF16,
+                bf16_values
+            );
+            let mut got = vec![tape.value(out).to_f32_vec(), tape.value(y).to_f32_vec()];
             for &v in &vars {
                 let g = tape.grad(v).unwrap();
                 assert_grad_dtype(g, bf16_values);
@@ -486,14 +500,24 @@ fn bf16_values_give_the_f32_inputs_results_rounded() {
         };
         let (f, b) = (run(false), run(true));
         let name = format!("{s:?}");
-        r.expect(&format!("{name}: out bit for bit"), f[0] == b[0]);
+        let rounded: Vec<f32> = round_bf16(&f[0]).iter().map(|&x| x as f32).collect();
+        r.expect(
+            &format!("{name}: out = bf16(f32 out) bit for bit"),
+            rounded == b[0],
+        );
+        r.expect(
+            &format!("{name}: the projection's output bit for bit"),
+            f[1] == b[1],
+        );
         for (i, what) in ["dq", "dk", "dv"].iter().enumerate() {
-            let ok = f[i + 1].iter().zip(&b[i + 1]).all(|(&x, &y)| {
-                (half::bf16::from_f32(x).to_f32() - y).abs() <= x.abs() * 2f32.powi(-7) + 1e-30
-            });
+            let want = to_f64(&f[i + 2]);
+            let rel = rms_diff(&to_f64(&b[i + 2]), &want) / rms(&want);
+            say(&format!(
+                "  {name} {what}: rms relative difference {rel:.2e}"
+            ));
             r.expect(
-                &format!("{name}: {what} = bf16(f32 input's {what}) within one ulp"),
-                ok,
+                &format!("{name}: {what} rms relative difference {rel:.2e} < 1e-2"),
+                rel < 1e-2,
             );
         }
     }

@@ -88,7 +88,7 @@ pub(super) fn attention_fwd_cuda_keep(
     check_cuda(s)?;
     if runs_bf16(out.ctx(), s) {
         let x = Bf16Inputs::cast(q, k, v)?;
-        cuda_bf16::fwd(out, lse, &x, s)?;
+        cuda_bf16::fwd(cuda_bf16::OutBuf::F32(out), lse, &x, s)?;
         return Ok(Some(x));
     }
     let dm = dmax(s);
@@ -123,16 +123,16 @@ pub(super) fn attention_fwd_cuda_keep(
     Ok(None)
 }
 
-/// The forward on bf16 q, k and v (the bf16 mode's values, shared): out [B, T, H, D] and lse [B, H, T] in f32.
-/// Needs the tensor-core kernels (the bf16 mode, D 64 or 128).
+/// The forward on bf16 q, k and v (the bf16 mode's values, shared): out [B, T, H, D] in bf16 and lse [B, H, T]
+/// in f32. Needs the tensor-core kernels (the bf16 mode, D 64 or 128).
 pub(super) fn attention_fwd_bf16_values(
-    out: &mut GpuBuf,
+    out: &mut crate::gpu::Bf16Buf,
     lse: &mut GpuBuf,
     x: &Bf16Inputs,
     s: AttentionShape,
 ) -> Result<()> {
     check_cuda(s)?;
-    if !runs_bf16(out.ctx(), s) {
+    if !runs_bf16(lse.ctx(), s) {
         return Err(Error::invalid(
             "attention",
             format!(
@@ -140,7 +140,7 @@ pub(super) fn attention_fwd_bf16_values(
             ),
         ));
     }
-    cuda_bf16::fwd(out, lse, x, s)
+    cuda_bf16::fwd(cuda_bf16::OutBuf::Bf16(out), lse, x, s)
 }
 
 /// Backward: dq [B, T, H, D], dk and dv [B, T, G, D] (each written when present) from dout, the inputs, the
@@ -187,7 +187,8 @@ pub(super) fn attention_bwd_cuda_with(
                 &cast
             }
         };
-        return cuda_bf16::bwd(dq, dk, dv, dout, x, out, lse, s);
+        let dout_out = cuda_bf16::DoutOut::F32 { dout, out };
+        return cuda_bf16::bwd([dq, dk, dv], dout_out, x, lse, s);
     }
     let rows = s.b * s.t * s.h;
     let delta = ctx.alloc(rows)?;

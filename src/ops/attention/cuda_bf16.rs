@@ -129,23 +129,31 @@ fn dims(s: AttentionShape) -> [Arg; 5] {
     ]
 }
 
-/// Forward: out [B, T, H, D] and lse [B, H, T], as `attention_fwd_cuda` (shapes checked by the caller).
-pub(super) fn fwd(
-    out: &mut GpuBuf,
-    lse: &mut GpuBuf,
-    x: &Bf16Inputs,
-    s: AttentionShape,
-) -> Result<()> {
-    let (kernel, rows, threads, smem) = fwd_kernel(out.ctx(), s);
+/// Where the forward writes O: f32 (the f32 tensors' path) or bf16 (bf16 q, k, v values, whose output and its
+/// gradient are bf16 too).
+pub(super) enum OutBuf<'a> {
+    F32(&'a mut GpuBuf),
+    Bf16(&'a mut Bf16Buf),
+}
+
+/// Forward: out [B, T, H, D] (f32, or bf16 for bf16 q, k, v values) and lse [B, H, T], as `attention_fwd_cuda`
+/// (shapes checked by the caller).
+pub(super) fn fwd(out: OutBuf, lse: &mut GpuBuf, x: &Bf16Inputs, s: AttentionShape) -> Result<()> {
+    let (kernel, rows, threads, smem) = fwd_kernel(lse.ctx(), s);
     let [b, t, h, g, scale] = dims(s);
-    out.ctx().launch(
+    let (out, out_b) = match out {
+        OutBuf::F32(o) => (o.arg(), Arg::NULL),
+        OutBuf::Bf16(o) => (Arg::NULL, o.arg()),
+    };
+    lse.ctx().launch(
         &CUDA,
         kernel,
         ((s.t.div_ceil(rows) * s.b * s.h) as u32, 1, 1),
         (threads, 1, 1),
         smem as u32,
         &[
-            out.arg(),
+            out,
+            out_b,
             lse.arg(),
             x.q.arg(),
             x.k.arg(),
@@ -159,37 +167,47 @@ pub(super) fn fwd(
     )
 }
 
+/// dO and the forward's output O, both f32 or both bf16 (`OutBuf`).
+pub(super) enum DoutOut<'a> {
+    F32 { dout: &'a GpuBuf, out: &'a GpuBuf },
+    Bf16 { dout: &'a Bf16Buf, out: &'a Bf16Buf },
+}
+
 /// Backward: dq [B, T, H, D] (zeroed here, then accumulated), dk and dv [B, T, G, D] (written), each when present,
-/// as `attention_bwd_cuda`.
-#[allow(clippy::too_many_arguments)]
+/// as `attention_bwd_cuda`. An f32 dO is rounded to bf16 by the prep kernel, which also computes delta; a bf16 dO
+/// is read as it is.
 pub(super) fn bwd(
-    dq: Option<&mut GpuBuf>,
-    dk: Option<&mut GpuBuf>,
-    dv: Option<&mut GpuBuf>,
-    dout: &GpuBuf,
+    [dq, dk, dv]: [Option<&mut GpuBuf>; 3],
+    dout_out: DoutOut,
     x: &Bf16Inputs,
-    out: &GpuBuf,
     lse: &GpuBuf,
     s: AttentionShape,
 ) -> Result<()> {
-    let ctx = dout.ctx().clone();
+    let ctx = lse.ctx().clone();
     let rows = s.b * s.t * s.h;
-    let (doutb, delta) = (ctx.alloc_bf16(dout.len())?, ctx.alloc(rows)?);
-    ctx.launch_1d(
-        &CUDA,
-        "attention_prep_bwd_bf16",
-        rows * 32,
-        &[
-            delta.arg(),
-            doutb.arg(),
-            dout.arg(),
-            out.arg(),
-            Arg::I64(rows as i64),
-            Arg::I32(s.t as i32),
-            Arg::I32(s.h as i32),
-            Arg::I32(s.d as i32),
-        ],
-    )?;
+    let delta = ctx.alloc(rows)?;
+    let dims_args = [
+        Arg::I64(rows as i64),
+        Arg::I32(s.t as i32),
+        Arg::I32(s.h as i32),
+        Arg::I32(s.d as i32),
+    ];
+    let cast;
+    let doutb = match dout_out {
+        DoutOut::F32 { dout, out } => {
+            cast = ctx.alloc_bf16(dout.len())?;
+            let args = [delta.arg(), cast.arg(), dout.arg(), out.arg()];
+            let args: Vec<Arg> = args.into_iter().chain(dims_args).collect();
+            ctx.launch_1d(&CUDA, "attention_prep_bwd_bf16", rows * 32, &args)?;
+            &cast
+        }
+        DoutOut::Bf16 { dout, out } => {
+            let args = [delta.arg(), dout.arg(), out.arg()];
+            let args: Vec<Arg> = args.into_iter().chain(dims_args).collect();
+            ctx.launch_1d(&CUDA, "attention_delta_bf16", rows * 32, &args)?;
+            dout
+        }
+    };
     let mut dq = dq;
     if let Some(dq) = dq.as_deref_mut() {
         dq.zero()?; // the key blocks add into it

@@ -115,32 +115,32 @@ pub fn attention(tape: &mut Tape, q: Var, k: Var, v: Var) -> Result<Var> {
         crate::gpu::device_of("attention", &[tape.value(q), tape.value(k), tape.value(v)])?
     {
         const OP: &str = "attention";
-        let (mut out, mut lse) = (
-            ctx.alloc(s.b * s.t * s.h * s.d)?,
-            ctx.alloc(s.b * s.h * s.t)?,
-        );
-        let bf16 = match tape.value(q).dtype() {
-            // bf16 q, k, v (the bf16 mode's rope outputs and v projection): read as they are.
+        let mut lse = ctx.alloc(s.b * s.h * s.t)?;
+        let (out, bf16) = match tape.value(q).dtype() {
+            // bf16 q, k, v (the bf16 mode's rope outputs and v projection): read as they are, and the output is
+            // bf16 too (the o projection's operand; its gradient comes back in bf16).
             crate::tensor::DType::BF16 => {
                 let x = cuda_bf16::Bf16Inputs::shared(
                     tape.value(q).gpu_bf16(OP)?.clone(),
                     tape.value(k).gpu_bf16(OP)?.clone(),
                     tape.value(v).gpu_bf16(OP)?.clone(),
                 );
+                let mut out = ctx.alloc_bf16(s.b * s.t * s.h * s.d)?;
                 cuda::attention_fwd_bf16_values(&mut out, &mut lse, &x, s)?;
-                Some(x)
+                (Tensor::from_gpu_bf16(&out_shape, out)?, Some(x))
             }
             _ => {
+                let mut out = ctx.alloc(s.b * s.t * s.h * s.d)?;
                 let (qb, kb, vb) = (
                     tape.value(q).gpu(OP)?,
                     tape.value(k).gpu(OP)?,
                     tape.value(v).gpu(OP)?,
                 );
-                cuda::attention_fwd_cuda_keep(&mut out, &mut lse, qb, kb, vb, s)?
+                let kept = cuda::attention_fwd_cuda_keep(&mut out, &mut lse, qb, kb, vb, s)?;
+                (Tensor::from_gpu(&out_shape, out)?, kept)
             }
         };
         let lse = Tensor::from_gpu(&[s.b, s.h, s.t], lse)?;
-        let out = Tensor::from_gpu(&out_shape, out)?;
         return Ok(tape.push_op(
             out,
             &[q, k, v],
@@ -204,7 +204,7 @@ impl AttentionBackward {
                 "{OP}: the forward kept no bf16 inputs"
             )));
         };
-        let ctx = dout.gpu(OP)?.ctx().clone();
+        let ctx = self.lse.gpu(OP)?.ctx().clone();
         let mut f32s: Vec<Option<crate::gpu::GpuBuf>> = d
             .iter()
             .map(|t| t.as_ref().map(|t| ctx.alloc(t.numel())).transpose())
@@ -212,16 +212,12 @@ impl AttentionBackward {
         let [dq, dk, dv] = &mut f32s[..] else {
             unreachable!("attention has three inputs")
         };
-        cuda_bf16::bwd(
-            dq.as_mut(),
-            dk.as_mut(),
-            dv.as_mut(),
-            dout.gpu(OP)?,
-            x,
-            out.gpu(OP)?,
-            self.lse.gpu(OP)?,
-            self.shape,
-        )?;
+        let dout_out = cuda_bf16::DoutOut::Bf16 {
+            dout: dout.gpu_bf16(OP)?,
+            out: out.gpu_bf16(OP)?,
+        };
+        let grads = [dq.as_mut(), dk.as_mut(), dv.as_mut()];
+        cuda_bf16::bwd(grads, dout_out, x, self.lse.gpu(OP)?, self.shape)?;
         for (slot, g) in d.iter_mut().zip(&f32s) {
             if let (Some(slot), Some(g)) = (slot, g) {
                 crate::ops::linear::cast_bf16_into_cuda(slot.gpu_bf16_mut(OP)?, g)?;
