@@ -10,8 +10,8 @@ use eqat::gpu::GpuContext;
 use eqat::model::llama::BlockWeights;
 use eqat::ops::linear::cast_bf16_cuda;
 use eqat::quant::fake_quant::{
-    fake_quant_bwd_bf16_cuda, fake_quant_bwd_cpu, fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda,
-    fake_quant_fwd_cpu, init_minmax, QuantConfig,
+    fake_quant_bwd_cpu, fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, fake_quant_fwd_cpu,
+    init_minmax, QuantConfig,
 };
 use eqat::testing::to_f64;
 use eqat::train::adamw::{adamw_fake_quant_cuda, adamw_update_cpu, adamw_update_cuda, AdamWCoefs};
@@ -136,7 +136,7 @@ fn unfused_gpu(ctx: &std::sync::Arc<GpuContext>, p: &Problem, r: &mut Report) ->
     );
     let dwq = up(ctx, &p.dwq);
     let dwq_b = cast_bf16_cuda(&dwq).unwrap();
-    fake_quant_bwd_bf16_cuda(
+    fake_quant_bwd_cuda(
         Some(&mut dw),
         Some(&mut ds),
         Some(&mut dz),

@@ -43,31 +43,41 @@ pub fn group_threads(n_groups: usize, g: usize) -> usize {
     }
 }
 
-/// dw, ds, dz as `fake_quant_bwd_cpu` (each written when given), in cuda/fake_quant.cu's group layout.
-#[allow(clippy::too_many_arguments)]
-pub fn fake_quant_bwd_cuda(
-    dw: Option<&mut GpuBuf>,
-    ds: Option<&mut GpuBuf>,
-    dz: Option<&mut GpuBuf>,
-    dout: &GpuBuf,
-    w: &GpuBuf,
-    scales: &GpuBuf,
-    zeros: &GpuBuf,
-    g: usize,
-    qmax: f32,
-) -> Result<()> {
-    let grads = [grad_arg(&dw), grad_arg(&ds), grad_arg(&dz)];
-    let dout = ("fake_quant_bwd_f32", dout.arg(), dout.len());
-    launch_fake_quant_bwd(grads, dout, w, scales, zeros, g, qmax)
+/// The dout a backward reads: f32, or bf16 (the bf16 mode's dŵ GEMM output, widened exactly in the kernel).
+pub trait FakeQuantDout {
+    /// The backward kernel for this dout type.
+    const KERNEL: &'static str;
+    fn arg(&self) -> Arg;
+    fn len(&self) -> usize;
 }
 
-/// [`fake_quant_bwd_cuda`] from a bf16 dout (the bf16 mode's dŵ GEMM output), widened exactly in the kernel.
+impl FakeQuantDout for GpuBuf {
+    const KERNEL: &'static str = "fake_quant_bwd_f32";
+    fn arg(&self) -> Arg {
+        GpuBuf::arg(self)
+    }
+    fn len(&self) -> usize {
+        GpuBuf::len(self)
+    }
+}
+
+impl FakeQuantDout for Bf16Buf {
+    const KERNEL: &'static str = "fake_quant_bwd_bf16";
+    fn arg(&self) -> Arg {
+        Bf16Buf::arg(self)
+    }
+    fn len(&self) -> usize {
+        Bf16Buf::len(self)
+    }
+}
+
+/// dw, ds, dz as `fake_quant_bwd_cpu` (each written when given), in cuda/fake_quant.cu's group layout.
 #[allow(clippy::too_many_arguments)]
-pub fn fake_quant_bwd_bf16_cuda(
+pub fn fake_quant_bwd_cuda<D: FakeQuantDout>(
     dw: Option<&mut GpuBuf>,
     ds: Option<&mut GpuBuf>,
     dz: Option<&mut GpuBuf>,
-    dout: &Bf16Buf,
+    dout: &D,
     w: &GpuBuf,
     scales: &GpuBuf,
     zeros: &GpuBuf,
@@ -75,7 +85,7 @@ pub fn fake_quant_bwd_bf16_cuda(
     qmax: f32,
 ) -> Result<()> {
     let grads = [grad_arg(&dw), grad_arg(&ds), grad_arg(&dz)];
-    let dout = ("fake_quant_bwd_bf16", dout.arg(), dout.len());
+    let dout = (D::KERNEL, dout.arg(), dout.len());
     launch_fake_quant_bwd(grads, dout, w, scales, zeros, g, qmax)
 }
 

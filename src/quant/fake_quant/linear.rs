@@ -81,7 +81,7 @@ fn fake_quant_linear_to(
 
 #[cfg(feature = "cuda")]
 mod bf16 {
-    use super::super::{fake_quant_bwd_bf16_cuda, fake_quant_fwd_bf16_cuda, QuantConfig};
+    use super::super::{fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, QuantConfig};
     use crate::autograd::{Backward, DeferredGrad, Tape, Var};
     use crate::error::{Error, Result};
     use crate::gpu::Bf16Buf;
@@ -291,7 +291,7 @@ mod bf16 {
             let [dw, ds, dz] = rest else {
                 return Err(Error::Autograd(format!("{op}: expected 4 inputs")));
             };
-            fake_quant_bwd_bf16_cuda(
+            fake_quant_bwd_cuda(
                 slot(dw)?,
                 slot(ds)?,
                 slot(dz)?,

@@ -42,8 +42,8 @@ pub use linear::{fake_quant_linear, fake_quant_linear_bf16_out};
 
 #[cfg(feature = "cuda")]
 pub use cuda::{
-    fake_quant_bwd_bf16_cuda, fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, fake_quant_fwd_cuda,
-    group_threads, init_minmax_cuda, CUDA,
+    fake_quant_bwd_cuda, fake_quant_fwd_bf16_cuda, fake_quant_fwd_cuda, group_threads,
+    init_minmax_cuda, FakeQuantDout, CUDA,
 };
 
 /// Bounds of the scale clamp (official `CLIPMIN` and its 1e4 ceiling), applied in the forward and at init.
