@@ -48,7 +48,8 @@ pub trait FakeQuantDout {
     /// The backward kernel for this dout type.
     const KERNEL: &'static str;
     fn arg(&self) -> Arg;
-    fn len(&self) -> usize;
+    /// How many values it holds.
+    fn values(&self) -> usize;
 }
 
 impl FakeQuantDout for GpuBuf {
@@ -56,8 +57,8 @@ impl FakeQuantDout for GpuBuf {
     fn arg(&self) -> Arg {
         GpuBuf::arg(self)
     }
-    fn len(&self) -> usize {
-        GpuBuf::len(self)
+    fn values(&self) -> usize {
+        self.len()
     }
 }
 
@@ -66,8 +67,8 @@ impl FakeQuantDout for Bf16Buf {
     fn arg(&self) -> Arg {
         Bf16Buf::arg(self)
     }
-    fn len(&self) -> usize {
-        Bf16Buf::len(self)
+    fn values(&self) -> usize {
+        self.len()
     }
 }
 
@@ -85,7 +86,7 @@ pub fn fake_quant_bwd_cuda<D: FakeQuantDout>(
     qmax: f32,
 ) -> Result<()> {
     let grads = [grad_arg(&dw), grad_arg(&ds), grad_arg(&dz)];
-    let dout = (D::KERNEL, dout.arg(), dout.len());
+    let dout = (D::KERNEL, dout.arg(), dout.values());
     launch_fake_quant_bwd(grads, dout, w, scales, zeros, g, qmax)
 }
 
