@@ -469,7 +469,7 @@ fn real_quant_linear_matches_ref() {
             Some(&mut dx),
             Some(&mut ds),
             &db,
-            &xb,
+            (&xb, None),
             &qlin,
             &sb,
             rows,
@@ -489,8 +489,16 @@ fn real_quant_linear_matches_ref() {
         r.check(&format!("dx {name}"), &down(&dx), &wdx);
         r.check(&format!("dscales {name}"), &down(&ds), &wds);
         let mut ds_only = ctx.alloc(n * k / g).unwrap();
-        rq_cuda::real_quant_linear_bwd_cuda(None, Some(&mut ds_only), &db, &xb, &qlin, &sb, rows)
-            .unwrap();
+        rq_cuda::real_quant_linear_bwd_cuda(
+            None,
+            Some(&mut ds_only),
+            &db,
+            (&xb, None),
+            &qlin,
+            &sb,
+            rows,
+        )
+        .unwrap();
         r.expect(
             &format!("dscales alone {name}"),
             down(&ds_only) == down(&ds),
@@ -561,9 +569,37 @@ fn real_quant_bf16_dequant_equals_the_cast() {
         ctx.gemm_bf16(false, false, rows, k, n, 1.0, &dc, &wc, 0.0, &mut want_dx)
             .unwrap();
         let mut dx = ctx.alloc(rows * k).unwrap();
-        rq_cuda::real_quant_linear_bwd_cuda(Some(&mut dx), None, &db, &xb, &qlin, &sb, rows)
-            .unwrap();
+        rq_cuda::real_quant_linear_bwd_cuda(
+            Some(&mut dx),
+            None,
+            &db,
+            (&xb, None),
+            &qlin,
+            &sb,
+            rows,
+        )
+        .unwrap();
         r.expect(&format!("dx {name}"), down(&dx) == down(&want_dx));
+        // dscales from the caller's bf16 copy of x (the tape's) equal those from x cast here.
+        let (mut ds_cast, mut ds_copy) =
+            (ctx.alloc(n * k / g).unwrap(), ctx.alloc(n * k / g).unwrap());
+        rq_cuda::real_quant_linear_bwd_cuda(
+            None,
+            Some(&mut ds_cast),
+            &db,
+            (&xb, None),
+            &qlin,
+            &sb,
+            rows,
+        )
+        .unwrap();
+        let xc = (&xb, Some(&xc));
+        rq_cuda::real_quant_linear_bwd_cuda(None, Some(&mut ds_copy), &db, xc, &qlin, &sb, rows)
+            .unwrap();
+        r.expect(
+            &format!("dscales from a given bf16 x {name}"),
+            down(&ds_cast) == down(&ds_copy),
+        );
     }
     r.finish();
 }

@@ -260,24 +260,39 @@ pub fn real_quant_linear_fwd_cuda(
 ) -> Result<()> {
     let (k, n) = (qlin.in_features(), qlin.out_features());
     let ctx = x.ctx().clone();
-    let packed = qlin.device_packed(&ctx)?;
     if ctx.matmul_bf16() {
-        let mut wb = ctx.alloc_bf16(n * k)?;
-        real_quant_dequant_bf16_cuda(&mut wb, qlin, &packed, scales)?;
-        let xb = cast_bf16_cuda(x)?;
-        return ctx.gemm_bf16(false, true, rows, n, k, 1.0, &xb, &wb, 0.0, out);
+        return real_quant_linear_fwd_bf16_cuda(out, &cast_bf16_cuda(x)?, qlin, scales, rows);
     }
+    let packed = qlin.device_packed(&ctx)?;
     let mut w = ctx.alloc(n * k)?;
     real_quant_dequant_cuda(&mut w, qlin, &packed, scales)?;
     ctx.sgemm(false, true, rows, n, k, 1.0, x, &w, 0.0, out)
 }
 
-/// Gradients of [`real_quant_linear_fwd_cuda`]; each `Some` buffer is overwritten.
+/// [`real_quant_linear_fwd_cuda`] in the bf16 mode from x's bf16 copy `xb` (the tape's, shared by the linears
+/// that read the same x): Ŵ dequantized straight to bf16, one bf16 GEMM with f32 accumulation.
+pub fn real_quant_linear_fwd_bf16_cuda(
+    out: &mut GpuBuf,
+    xb: &Bf16Buf,
+    qlin: &QuantizedLinear,
+    scales: &GpuBuf,
+    rows: usize,
+) -> Result<()> {
+    let (k, n) = (qlin.in_features(), qlin.out_features());
+    let ctx = out.ctx().clone();
+    let packed = qlin.device_packed(&ctx)?;
+    let mut wb = ctx.alloc_bf16(n * k)?;
+    real_quant_dequant_bf16_cuda(&mut wb, qlin, &packed, scales)?;
+    ctx.gemm_bf16(false, true, rows, n, k, 1.0, xb, &wb, 0.0, out)
+}
+
+/// Gradients of [`real_quant_linear_fwd_cuda`]; each `Some` buffer is overwritten. In the bf16 mode `xb`, when
+/// given, is x's bf16 copy (the forward's), so x is not cast again.
 pub fn real_quant_linear_bwd_cuda(
     dx: Option<&mut GpuBuf>,
     dscales: Option<&mut GpuBuf>,
     dout: &GpuBuf,
-    x: &GpuBuf,
+    (x, xb): (&GpuBuf, Option<&Bf16Buf>),
     qlin: &QuantizedLinear,
     scales: &GpuBuf,
     rows: usize,
@@ -307,8 +322,15 @@ pub fn real_quant_linear_bwd_cuda(
         let mut dw = ctx.alloc(n * k)?;
         match &doutb {
             Some(doutb) => {
-                let xb = cast_bf16_cuda(x)?;
-                ctx.gemm_bf16(true, false, n, k, rows, 1.0, doutb, &xb, 0.0, &mut dw)?;
+                let cast;
+                let xb = match xb {
+                    Some(xb) => xb,
+                    None => {
+                        cast = cast_bf16_cuda(x)?;
+                        &cast
+                    }
+                };
+                ctx.gemm_bf16(true, false, n, k, rows, 1.0, doutb, xb, 0.0, &mut dw)?;
             }
             None => ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, &mut dw)?,
         }

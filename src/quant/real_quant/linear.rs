@@ -187,27 +187,41 @@ pub fn real_quant_linear(
     let rows = sx[..sx.len() - 1].iter().product();
     let mut so = sx;
     *so.last_mut().expect("x has a last dim") = n;
+    #[cfg(feature = "cuda")]
+    if let Some(ctx) =
+        crate::gpu::device_of("real_quant_linear", &[tape.value(x), tape.value(scales)])?
+    {
+        let mut out = ctx.alloc(rows * n)?;
+        let op = "real_quant_linear";
+        // In the bf16 mode x's bf16 copy is the tape's (made once for the linears reading the same x, or written
+        // by the op that made x) and is kept for the backward's dscales product.
+        let x_b = match ctx.matmul_bf16() {
+            true => {
+                let xb = tape.bf16_copy(x)?;
+                let scales = tape.value(scales).gpu(op)?;
+                super::cuda::real_quant_linear_fwd_bf16_cuda(&mut out, &xb, qlin, scales, rows)?;
+                Some(xb)
+            }
+            false => {
+                let (vx, vs) = (tape.value(x).gpu(op)?, tape.value(scales).gpu(op)?);
+                super::cuda::real_quant_linear_fwd_cuda(&mut out, vx, qlin, vs, rows)?;
+                None
+            }
+        };
+        let backward = RealQuantLinearBackward {
+            qlin: qlin.clone(),
+            rows,
+            x_b: x_b.filter(|_| tape.needs_grad(&[x, scales])),
+        };
+        let out = Tensor::from_gpu(&so, out)?;
+        return Ok(tape.push_op(out, &[x, scales], Box::new(backward)));
+    }
     let backward = RealQuantLinearBackward {
         qlin: qlin.clone(),
         rows,
+        #[cfg(feature = "cuda")]
+        x_b: None,
     };
-    #[cfg(feature = "cuda")]
-    {
-        let (vx, vs) = (tape.value(x), tape.value(scales));
-        if let Some(ctx) = crate::gpu::device_of("real_quant_linear", &[vx, vs])? {
-            let mut out = ctx.alloc(rows * n)?;
-            let op = "real_quant_linear";
-            super::cuda::real_quant_linear_fwd_cuda(
-                &mut out,
-                vx.gpu(op)?,
-                qlin,
-                vs.gpu(op)?,
-                rows,
-            )?;
-            let out = Tensor::from_gpu(&so, out)?;
-            return Ok(tape.push_op(out, &[x, scales], Box::new(backward)));
-        }
-    }
     let mut out = tape.alloc(&so);
     real_quant_linear_fwd_cpu(
         out.f32s_mut("real_quant_linear")?,
@@ -223,6 +237,9 @@ struct RealQuantLinearBackward {
     /// Shares the packed layer (Arc); its own scales are unused (the tape passes the scales Var's value).
     qlin: QuantizedLinear,
     rows: usize,
+    /// x's bf16 copy from the forward (GPU bf16 mode).
+    #[cfg(feature = "cuda")]
+    x_b: Option<std::sync::Arc<crate::gpu::Bf16Buf>>,
 }
 
 impl Backward for RealQuantLinearBackward {
@@ -249,7 +266,7 @@ impl Backward for RealQuantLinearBackward {
                 dx.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
                 ds.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
                 dout.gpu(op)?,
-                inputs[0].gpu(op)?,
+                (inputs[0].gpu(op)?, self.x_b.as_deref()),
                 &self.qlin,
                 inputs[1].gpu(op)?,
                 self.rows,
