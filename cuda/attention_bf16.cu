@@ -138,8 +138,8 @@ __device__ __forceinline__ void ab_load_tile(bf16_t* tile, const bf16_t* src, in
     }
 }
 
-// Two adjacent values of O at `at` (an even element index): f32 into out, or, when out_b is given (bf16 q, k, v
-// values), bf16 into out_b instead (rounded to nearest even, one 4-byte store).
+// Two adjacent values of an output (O, dK, dV) at `at` (an even element index): f32 into out, or, when out_b is
+// given (bf16 q, k, v values), bf16 into out_b instead (rounded to nearest even, one 4-byte store).
 __device__ __forceinline__ void ab_store_o(float* out, bf16_t* out_b, i64 at, float x, float y) {
     if (out_b)
         *reinterpret_cast<unsigned*>(out_b + at) = bf16_bits(x) | (bf16_bits(y) << 16);

@@ -59,9 +59,10 @@ __device__ __forceinline__ void ab_stage_rows(float* rows_s, const float* lse, c
 
 // Backward. Grid: ceil(T / (16·W)) * B * G blocks of 32·W threads (W warps of 16 keys); dynamic shared memory
 // (16·W + 4·64) * (D + 8) + 16·W * 72 bf16 (K, V, two Q and two dO tiles, dSᵀ) and 256 floats (two lse and delta
-// stages). dq must be zeroed (or null); dk, dv [B, T, G, D] are written (each may be null).
+// stages). dq must be zeroed (or null); dk, dv [B, T, G, D] are written (each may be null), in f32, or in bf16 into
+// dk_b, dv_b when those are given instead (bf16 k, v values).
 template <int D, int W>
-__device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, const bf16_t* dout, const bf16_t* q,
+__device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, bf16_t* dk_b, bf16_t* dv_b, const bf16_t* dout, const bf16_t* q,
                                    const bf16_t* k, const bf16_t* v, const float* lse, const float* delta, int nb,
                                    int t, int h, int g, float scale) {
     constexpr int SD = D + 8, SQ = AB_QUERIES + 8, KD = D / 16, ND = D / 8, BK = 16 * W, THREADS = 32 * W;
@@ -223,17 +224,18 @@ __device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, const bf16_t
         const i64 at = (((i64)b * t + key) * g + kvh) * D + 2 * ti;
 #pragma unroll
         for (int n = 0; n < ND; n++) {
-            if (dk) *reinterpret_cast<float2*>(dk + at + n * 8) = make_float2(dka[n][2 * r] * scale, dka[n][2 * r + 1] * scale);
-            if (dv) *reinterpret_cast<float2*>(dv + at + n * 8) = make_float2(dva[n][2 * r], dva[n][2 * r + 1]);
+            if (dk || dk_b) ab_store_o(dk, dk_b, at + n * 8, dka[n][2 * r] * scale, dka[n][2 * r + 1] * scale);
+            if (dv || dv_b) ab_store_o(dv, dv_b, at + n * 8, dva[n][2 * r], dva[n][2 * r + 1]);
         }
     }
 }
 
 #define AB_BWD(D, W)                                                                                                \
     extern "C" __global__ void __launch_bounds__(32 * W) attention_bwd_bf16_d##D##_w##W(                           \
-        float* dq, float* dk, float* dv, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,    \
+        float* dq, float* dk, float* dv, bf16_t* dk_b, bf16_t* dv_b, const bf16_t* dout, const bf16_t* q,         \
+        const bf16_t* k, const bf16_t* v,                                                                          \
         const float* lse, const float* delta, int nb, int t, int h, int g, float scale) {                          \
-        attention_bwd_bf16<D, W>(dq, dk, dv, dout, q, k, v, lse, delta, nb, t, h, g, scale);                       \
+        attention_bwd_bf16<D, W>(dq, dk, dv, dk_b, dv_b, dout, q, k, v, lse, delta, nb, t, h, g, scale);                       \
     }
 AB_BWD(64, 4)
 AB_BWD(64, 8)

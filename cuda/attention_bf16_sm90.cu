@@ -206,8 +206,9 @@ __device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf
 
 // Backward on wgmma, D 128. Grid: ceil(T / 128) * B * G blocks of 256 threads (2 warpgroups of 64 keys); dynamic
 // shared memory 1024 + 2·128·256 + 4·64·256 + 128·128 bytes (K, V, two stages of Q and dO, dSᵀ) and 256 floats
-// (two stages of lse and delta). dq must be zeroed (or null); dk, dv [B, T, G, D] are written (each may be null).
-__device__ void attention_bwd_wg(float* dq, float* dk, float* dv, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
+// (two stages of lse and delta). dq must be zeroed (or null); dk, dv [B, T, G, D] are written (each may be null), in
+// f32, or in bf16 into dk_b, dv_b when those are given instead.
+__device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, bf16_t* dv_b, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
                                  const bf16_t* v, const float* lse, const float* delta, int nb, int t, int h, int g,
                                  float scale) {
     constexpr int D = 128, BK = 128, BQ = AB_QUERIES, ND = D / 8, TILE_K = BK * D * 2, TILE_Q = BQ * D * 2;
@@ -346,8 +347,9 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, const bf16_t* 
         const i64 at = (((i64)b * t + key) * g + kvh) * D + 2 * ti;
 #pragma unroll
         for (int n = 0; n < ND; n++) {
-            if (dk) *reinterpret_cast<float2*>(dk + at + n * 8) = make_float2(dka[4 * n + 2 * r] * scale, dka[4 * n + 2 * r + 1] * scale);
-            if (dv) *reinterpret_cast<float2*>(dv + at + n * 8) = make_float2(dva[4 * n + 2 * r], dva[4 * n + 2 * r + 1]);
+            if (dk || dk_b)
+                ab_store_o(dk, dk_b, at + n * 8, dka[4 * n + 2 * r] * scale, dka[4 * n + 2 * r + 1] * scale);
+            if (dv || dv_b) ab_store_o(dv, dv_b, at + n * 8, dva[4 * n + 2 * r], dva[4 * n + 2 * r + 1]);
         }
     }
 }
@@ -358,9 +360,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_bf16_d128_sm9
     attention_fwd_wg(out, out_b, lse, q, k, v, nb, t, h, g, scale);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_bf16_d128_sm90(
-    float* dq, float* dk, float* dv, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,
-    const float* lse, const float* delta, int nb, int t, int h, int g, float scale) {
-    attention_bwd_wg(dq, dk, dv, dout, q, k, v, lse, delta, nb, t, h, g, scale);
+    float* dq, float* dk, float* dv, bf16_t* dk_b, bf16_t* dv_b, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
+    const bf16_t* v, const float* lse, const float* delta, int nb, int t, int h, int g, float scale) {
+    attention_bwd_wg(dq, dk, dv, dk_b, dv_b, dout, q, k, v, lse, delta, nb, t, h, g, scale);
 }
 
 

@@ -188,7 +188,11 @@ pub(super) fn attention_bwd_cuda_with(
             }
         };
         let dout_out = cuda_bf16::DoutOut::F32 { dout, out };
-        return cuda_bf16::bwd([dq, dk, dv], dout_out, x, lse, s);
+        let grads = [
+            dk.map(cuda_bf16::GradBuf::F32),
+            dv.map(cuda_bf16::GradBuf::F32),
+        ];
+        return cuda_bf16::bwd(dq, grads, dout_out, x, lse, s);
     }
     let rows = s.b * s.t * s.h;
     let delta = ctx.alloc(rows)?;

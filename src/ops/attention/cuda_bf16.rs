@@ -173,11 +173,29 @@ pub(super) enum DoutOut<'a> {
     Bf16 { dout: &'a Bf16Buf, out: &'a Bf16Buf },
 }
 
+/// Where the backward writes dK or dV: f32, or bf16 (the gradients of bf16 k, v values).
+pub(super) enum GradBuf<'a> {
+    F32(&'a mut GpuBuf),
+    Bf16(&'a mut Bf16Buf),
+}
+
+impl GradBuf<'_> {
+    /// The kernel's (f32, bf16) pointer pair: one of them null.
+    fn args(g: &Option<GradBuf>) -> [Arg; 2] {
+        match g {
+            Some(GradBuf::F32(b)) => [b.arg(), Arg::NULL],
+            Some(GradBuf::Bf16(b)) => [Arg::NULL, b.arg()],
+            None => [Arg::NULL, Arg::NULL],
+        }
+    }
+}
+
 /// Backward: dq [B, T, H, D] (zeroed here, then accumulated), dk and dv [B, T, G, D] (written), each when present,
 /// as `attention_bwd_cuda`. An f32 dO is rounded to bf16 by the prep kernel, which also computes delta; a bf16 dO
 /// is read as it is.
 pub(super) fn bwd(
-    [dq, dk, dv]: [Option<&mut GpuBuf>; 3],
+    dq: Option<&mut GpuBuf>,
+    [dk, dv]: [Option<GradBuf>; 2],
     dout_out: DoutOut,
     x: &Bf16Inputs,
     lse: &GpuBuf,
@@ -213,8 +231,8 @@ pub(super) fn bwd(
         dq.zero()?; // the key blocks add into it
     }
     let (kernel, keys, threads, smem) = bwd_kernel(&ctx, s);
-    let opt = |x: &Option<&mut GpuBuf>| x.as_ref().map_or(Arg::NULL, |b| b.arg());
     let [b, t, h, g, scale] = dims(s);
+    let ([dk, dk_b], [dv, dv_b]) = (GradBuf::args(&dk), GradBuf::args(&dv));
     ctx.launch(
         &CUDA,
         kernel,
@@ -222,9 +240,11 @@ pub(super) fn bwd(
         (threads, 1, 1),
         smem as u32,
         &[
-            opt(&dq),
-            opt(&dk),
-            opt(&dv),
+            dq.as_ref().map_or(Arg::NULL, |b| b.arg()),
+            dk,
+            dv,
+            dk_b,
+            dv_b,
             doutb.arg(),
             x.q.arg(),
             x.k.arg(),

@@ -188,10 +188,22 @@ struct AttentionBackward {
     bf16: Option<cuda_bf16::Bf16Inputs>,
 }
 
+/// The bf16 gradient slot of a bf16 value, for the kernels to write.
+#[cfg(feature = "cuda")]
+fn bf16_grad(t: &mut Option<Tensor>) -> Result<Option<cuda_bf16::GradBuf<'_>>> {
+    t.as_mut()
+        .map(|t| {
+            t.gpu_bf16_mut("attention_bwd")
+                .map(cuda_bf16::GradBuf::Bf16)
+        })
+        .transpose()
+}
+
 #[cfg(feature = "cuda")]
 impl AttentionBackward {
-    /// The backward of bf16 q, k, v: their gradients are bf16 too. The kernels write f32 (dq is a sum of atomic
-    /// adds), rounded once into the bf16 slots, which the rope backward and the q, k, v projections then read.
+    /// The backward of bf16 q, k, v: their gradients are bf16 too. dk and dv are written bf16 by the kernels; dq,
+    /// a sum of atomic adds, goes through an f32 buffer rounded once into its bf16 slot. The rope backward and the
+    /// q, k, v projections then read them as they are.
     fn backward_bf16_values(
         &self,
         dout: &Tensor,
@@ -204,24 +216,26 @@ impl AttentionBackward {
                 "{OP}: the forward kept no bf16 inputs"
             )));
         };
-        let ctx = self.lse.gpu(OP)?.ctx().clone();
-        let mut f32s: Vec<Option<crate::gpu::GpuBuf>> = d
-            .iter()
-            .map(|t| t.as_ref().map(|t| ctx.alloc(t.numel())).transpose())
-            .collect::<Result<_>>()?;
-        let [dq, dk, dv] = &mut f32s[..] else {
+        let [dq, dk, dv] = d else {
             unreachable!("attention has three inputs")
         };
+        let ctx = self.lse.gpu(OP)?.ctx().clone();
+        let mut dq32 = dq.as_ref().map(|t| ctx.alloc(t.numel())).transpose()?;
         let dout_out = cuda_bf16::DoutOut::Bf16 {
             dout: dout.gpu_bf16(OP)?,
             out: out.gpu_bf16(OP)?,
         };
-        let grads = [dq.as_mut(), dk.as_mut(), dv.as_mut()];
-        cuda_bf16::bwd(grads, dout_out, x, self.lse.gpu(OP)?, self.shape)?;
-        for (slot, g) in d.iter_mut().zip(&f32s) {
-            if let (Some(slot), Some(g)) = (slot, g) {
-                crate::ops::linear::cast_bf16_into_cuda(slot.gpu_bf16_mut(OP)?, g)?;
-            }
+        let grads = [bf16_grad(dk)?, bf16_grad(dv)?];
+        cuda_bf16::bwd(
+            dq32.as_mut(),
+            grads,
+            dout_out,
+            x,
+            self.lse.gpu(OP)?,
+            self.shape,
+        )?;
+        if let (Some(slot), Some(g)) = (dq, &dq32) {
+            crate::ops::linear::cast_bf16_into_cuda(slot.gpu_bf16_mut(OP)?, g)?;
         }
         Ok(())
     }
