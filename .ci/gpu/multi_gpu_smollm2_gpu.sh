@@ -29,16 +29,11 @@ for g in 0 0,1; do
 done
 # MREM against sequential at 2 epochs, w3g64 then w4g64.
 R="--model /tmp/smol.gguf --calib data/c4-train.00000-of-01024.first1000.jsonl --train-size 128 --val-size 8 --seqlen 1024 --epochs 2 --eval-data data/wiki.test.raw --eval-windows 8 --device cuda --dtype bf16"
-for p in off "modules --gpus 0,1"; do
-  tag=w3e2_$(echo $p | cut -c1-3)
-  timeout 150 ./engine train $R --wbits 3 --group-size 64 --phase block-ap --parallel $p --out /tmp/$tag > $OUT/$tag.log 2>&1; echo "$tag rc $?"
-  grep -E "perplexity  FP|wall time" $OUT/$tag.log | tail -2
-done
-
-R="--model /tmp/smol.gguf --calib data/c4-train.00000-of-01024.first1000.jsonl --train-size 128 --val-size 8 --seqlen 1024 --epochs 2 --eval-data data/wiki.test.raw --eval-windows 8 --device cuda --dtype bf16"
-for p in off "modules --gpus 0,1"; do
-  tag=w4e2_$(echo $p | cut -c1-3)
-  timeout 150 ./engine train $R --wbits 4 --group-size 64 --phase block-ap --parallel $p --out /tmp/$tag > $OUT/$tag.log 2>&1; echo "$tag rc $?"
-  grep -E "perplexity  FP|wall time" $OUT/$tag.log | tail -2
+for w in 3 4; do
+  for p in off "modules --gpus 0,1"; do
+    tag=w${w}e2_$(echo $p | cut -c1-3)
+    timeout 150 ./engine train $R --wbits $w --group-size 64 --phase block-ap --parallel $p --out /tmp/$tag > $OUT/$tag.log 2>&1; echo "$tag rc $?"
+    grep -E "perplexity  FP|wall time" $OUT/$tag.log | tail -2
+  done
 done
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader

@@ -49,6 +49,18 @@ pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// An error naming `op` unless `len` values fill `shape`.
+#[cfg(feature = "cuda")]
+fn check_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
+    match len == numel(shape) {
+        true => Ok(()),
+        false => Err(Error::shape(
+            op,
+            format!("shape {shape:?} needs {} values, got {len}", numel(shape)),
+        )),
+    }
+}
+
 impl Tensor {
     pub fn zeros(shape: &[usize]) -> Tensor {
         Tensor {
@@ -239,16 +251,7 @@ impl Tensor {
     /// Wraps a device buffer; errors when its length is not the product of `shape`.
     #[cfg(feature = "cuda")]
     pub fn from_gpu(shape: &[usize], buf: crate::gpu::GpuBuf) -> Result<Tensor> {
-        if buf.len() != numel(shape) {
-            return Err(Error::shape(
-                "Tensor::from_gpu",
-                format!(
-                    "shape {shape:?} needs {} values, got {}",
-                    numel(shape),
-                    buf.len()
-                ),
-            ));
-        }
+        check_len("Tensor::from_gpu", shape, buf.len())?;
         Ok(Tensor {
             shape: shape.to_vec(),
             storage: Storage::Cuda(buf),
@@ -258,16 +261,7 @@ impl Tensor {
     /// Wraps a bf16 device buffer; errors when its length is not the product of `shape`.
     #[cfg(feature = "cuda")]
     pub fn from_gpu_bf16(shape: &[usize], buf: crate::gpu::Bf16Buf) -> Result<Tensor> {
-        if buf.len() != numel(shape) {
-            return Err(Error::shape(
-                "Tensor::from_gpu_bf16",
-                format!(
-                    "shape {shape:?} needs {} values, got {}",
-                    numel(shape),
-                    buf.len()
-                ),
-            ));
-        }
+        check_len("Tensor::from_gpu_bf16", shape, buf.len())?;
         Ok(Tensor {
             shape: shape.to_vec(),
             storage: Storage::CudaBf16(std::sync::Arc::new(buf)),

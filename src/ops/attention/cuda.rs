@@ -189,8 +189,8 @@ pub(super) fn attention_bwd_cuda_with(
         };
         let dout_out = cuda_bf16::DoutOut::F32 { dout, out };
         let grads = [
-            dk.map(cuda_bf16::GradBuf::F32),
-            dv.map(cuda_bf16::GradBuf::F32),
+            dk.map(cuda_bf16::OutBuf::F32),
+            dv.map(cuda_bf16::OutBuf::F32),
         ];
         return cuda_bf16::bwd(dq, grads, dout_out, x, lse, s);
     }

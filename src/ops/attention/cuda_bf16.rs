@@ -129,11 +129,22 @@ fn dims(s: AttentionShape) -> [Arg; 5] {
     ]
 }
 
-/// Where the forward writes O: f32 (the f32 tensors' path) or bf16 (bf16 q, k, v values, whose output and its
-/// gradient are bf16 too).
+/// Where a kernel writes an output (O in the forward, dK or dV in the backward): f32 (the f32 tensors' path) or
+/// bf16 (bf16 q, k, v values, whose output and gradients are bf16 too).
 pub(super) enum OutBuf<'a> {
     F32(&'a mut GpuBuf),
     Bf16(&'a mut Bf16Buf),
+}
+
+impl OutBuf<'_> {
+    /// The kernel's (f32, bf16) pointer pair: one of them null (both for an output not wanted).
+    fn args(o: Option<&OutBuf>) -> [Arg; 2] {
+        match o {
+            Some(OutBuf::F32(b)) => [b.arg(), Arg::NULL],
+            Some(OutBuf::Bf16(b)) => [Arg::NULL, b.arg()],
+            None => [Arg::NULL, Arg::NULL],
+        }
+    }
 }
 
 /// Forward: out [B, T, H, D] (f32, or bf16 for bf16 q, k, v values) and lse [B, H, T], as `attention_fwd_cuda`
@@ -141,10 +152,7 @@ pub(super) enum OutBuf<'a> {
 pub(super) fn fwd(out: OutBuf, lse: &mut GpuBuf, x: &Bf16Inputs, s: AttentionShape) -> Result<()> {
     let (kernel, rows, threads, smem) = fwd_kernel(lse.ctx(), s);
     let [b, t, h, g, scale] = dims(s);
-    let (out, out_b) = match out {
-        OutBuf::F32(o) => (o.arg(), Arg::NULL),
-        OutBuf::Bf16(o) => (Arg::NULL, o.arg()),
-    };
+    let [out, out_b] = OutBuf::args(Some(&out));
     lse.ctx().launch(
         &CUDA,
         kernel,
@@ -173,29 +181,12 @@ pub(super) enum DoutOut<'a> {
     Bf16 { dout: &'a Bf16Buf, out: &'a Bf16Buf },
 }
 
-/// Where the backward writes dK or dV: f32, or bf16 (the gradients of bf16 k, v values).
-pub(super) enum GradBuf<'a> {
-    F32(&'a mut GpuBuf),
-    Bf16(&'a mut Bf16Buf),
-}
-
-impl GradBuf<'_> {
-    /// The kernel's (f32, bf16) pointer pair: one of them null.
-    fn args(g: &Option<GradBuf>) -> [Arg; 2] {
-        match g {
-            Some(GradBuf::F32(b)) => [b.arg(), Arg::NULL],
-            Some(GradBuf::Bf16(b)) => [Arg::NULL, b.arg()],
-            None => [Arg::NULL, Arg::NULL],
-        }
-    }
-}
-
 /// Backward: dq [B, T, H, D] (zeroed here, then accumulated), dk and dv [B, T, G, D] (written), each when present,
 /// as `attention_bwd_cuda`. An f32 dO is rounded to bf16 by the prep kernel, which also computes delta; a bf16 dO
 /// is read as it is.
 pub(super) fn bwd(
     dq: Option<&mut GpuBuf>,
-    [dk, dv]: [Option<GradBuf>; 2],
+    [dk, dv]: [Option<OutBuf>; 2],
     dout_out: DoutOut,
     x: &Bf16Inputs,
     lse: &GpuBuf,
@@ -232,7 +223,7 @@ pub(super) fn bwd(
     }
     let (kernel, keys, threads, smem) = bwd_kernel(&ctx, s);
     let [b, t, h, g, scale] = dims(s);
-    let ([dk, dk_b], [dv, dv_b]) = (GradBuf::args(&dk), GradBuf::args(&dv));
+    let ([dk, dk_b], [dv, dv_b]) = (OutBuf::args(dk.as_ref()), OutBuf::args(dv.as_ref()));
     ctx.launch(
         &CUDA,
         kernel,

@@ -190,12 +190,9 @@ struct AttentionBackward {
 
 /// The bf16 gradient slot of a bf16 value, for the kernels to write.
 #[cfg(feature = "cuda")]
-fn bf16_grad(t: &mut Option<Tensor>) -> Result<Option<cuda_bf16::GradBuf<'_>>> {
+fn bf16_grad(t: &mut Option<Tensor>) -> Result<Option<cuda_bf16::OutBuf<'_>>> {
     t.as_mut()
-        .map(|t| {
-            t.gpu_bf16_mut("attention_bwd")
-                .map(cuda_bf16::GradBuf::Bf16)
-        })
+        .map(|t| t.gpu_bf16_mut("attention_bwd").map(cuda_bf16::OutBuf::Bf16))
         .transpose()
 }
 

@@ -187,6 +187,12 @@ pub fn real_quant_linear(
     let rows = sx[..sx.len() - 1].iter().product();
     let mut so = sx;
     *so.last_mut().expect("x has a last dim") = n;
+    let backward = RealQuantLinearBackward {
+        qlin: qlin.clone(),
+        rows,
+        #[cfg(feature = "cuda")]
+        x_b: None,
+    };
     #[cfg(feature = "cuda")]
     if let Some(ctx) =
         crate::gpu::device_of("real_quant_linear", &[tape.value(x), tape.value(scales)])?
@@ -209,19 +215,12 @@ pub fn real_quant_linear(
             }
         };
         let backward = RealQuantLinearBackward {
-            qlin: qlin.clone(),
-            rows,
             x_b: x_b.filter(|_| tape.needs_grad(&[x, scales])),
+            ..backward
         };
         let out = Tensor::from_gpu(&so, out)?;
         return Ok(tape.push_op(out, &[x, scales], Box::new(backward)));
     }
-    let backward = RealQuantLinearBackward {
-        qlin: qlin.clone(),
-        rows,
-        #[cfg(feature = "cuda")]
-        x_b: None,
-    };
     let mut out = tape.alloc(&so);
     real_quant_linear_fwd_cpu(
         out.f32s_mut("real_quant_linear")?,

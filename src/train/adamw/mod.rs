@@ -359,22 +359,23 @@ impl AdamW {
                 .iter()
                 .map(|(.., g)| g.gpu("AdamW"))
                 .collect::<Result<_>>()?;
-            let dwqs: Vec<&crate::gpu::Bf16Buf> = fused_grads.iter().flatten().collect();
-            let bad = nonfinite_cuda(&grads, &dwqs)?;
+            // (weight var, dŵ) of the fused weights that have one this step.
+            let dwqs: Vec<(Var, &crate::gpu::Bf16Buf)> = self
+                .fused
+                .iter()
+                .zip(&fused_grads)
+                .filter_map(|(f, g)| Some((f.vars()[0], g.as_ref()?)))
+                .collect();
+            let dwq_bufs: Vec<&crate::gpu::Bf16Buf> = dwqs.iter().map(|&(_, g)| g).collect();
+            let bad = nonfinite_cuda(&grads, &dwq_bufs)?;
             if let Some(i) = bad.iter().position(|&b| b) {
                 let what = match on_device.get(i) {
                     Some((gi, pi, var, shape, _)) => {
                         format!("AdamW gradient of group {gi} entry {pi} (var {var}, {shape:?})")
                     }
                     None => {
-                        let w = self
-                            .fused
-                            .iter()
-                            .zip(&fused_grads)
-                            .filter(|(_, g)| g.is_some());
-                        let f = w.map(|(f, _)| f).nth(i - on_device.len());
-                        let var = f.map(|f| f.vars()[0].index());
-                        format!("AdamW gradient dŵ of the fused weight (var {var:?})")
+                        let var = dwqs[i - on_device.len()].0.index();
+                        format!("AdamW gradient dŵ of the fused weight (var {var})")
                     }
                 };
                 return Err(Error::NonFinite { what });
