@@ -257,3 +257,108 @@ fn assert_grad_dtype(g: &Tensor, bf16: bool) {
     };
     assert_eq!(g.dtype(), want, "gradient dtype");
 }
+
+/// The folded attention norm (ops::rmsnorm::fold): q, k, v fake-quantized bf16 linears reading
+/// h = rmsnorm(x)·γ of an x without a gradient get dŵ and dγ from G = dYᵀ·x̂ instead of from dh = dY·Ŵ. Against the
+/// same graph with the plain norm in the bf16 mode and in the f32 mode (the reference): the folded gradients are
+/// as close to the f32 ones as the plain bf16 ones are (the algebra is exact, only roundings move), and within
+/// bf16 roundings of the plain bf16 ones. The fold refuses an x that needs a gradient, and `linear` refuses a
+/// folded input.
+#[test]
+fn folded_attention_norm_matches_the_plain_norm() {
+    let Some(_) = device("folded norm") else {
+        return;
+    };
+    let ctx = GpuContext::new(0).unwrap();
+    ctx.set_poison(true);
+    let mut r = Report::new("folded norm");
+    let mut rng = Rng::new(417);
+    let (b, t, c, eps) = (2, 37, 128, 1e-5);
+    let cfg = QuantConfig::new(2, 32).unwrap();
+    let x = Tensor::randn(&[b, t, c], 1.0, &mut rng);
+    let gamma =
+        Tensor::from_vec(&[c], (0..c).map(|_| 0.5 + rng.uniform() as f32).collect()).unwrap();
+    let ws: Vec<Tensor> = [128, 64, 64]
+        .iter()
+        .map(|&n| Tensor::randn(&[n, c], 0.1, &mut rng))
+        .collect();
+    let targets: Vec<Tensor> = ws
+        .iter()
+        .map(|w| Tensor::randn(&[b, t, w.shape()[0]], 0.5, &mut rng))
+        .collect();
+    // (bf16 mode, folded) -> [dγ, then dw, ds, dz of q, k, v]
+    let mut run = |bf16: bool, folded: bool| -> Vec<Vec<f32>> {
+        ctx.set_matmul_bf16(bf16);
+        let mut tape = Tape::new();
+        let g = tape.param(gamma.to_device(&ctx).unwrap()).unwrap();
+        let mut params = Vec::new();
+        for w in &ws {
+            let (s, z) = init_minmax(w, cfg).unwrap();
+            let p: Vec<_> = [w, &s, &z]
+                .iter()
+                .map(|t| tape.param(t.to_device(&ctx).unwrap()).unwrap())
+                .collect();
+            params.push(p);
+        }
+        let xv = tape.input(x.to_device(&ctx).unwrap());
+        let h = match folded {
+            true => eqat::ops::rmsnorm::rmsnorm_folded(&mut tape, xv, g, eps).unwrap(),
+            false => eqat::ops::rmsnorm::rmsnorm(&mut tape, xv, g, eps).unwrap(),
+        };
+        let mut loss = None;
+        for (p, target) in params.iter().zip(&targets) {
+            let y = fake_quant_linear(&mut tape, h, p[0], p[1], p[2], cfg).unwrap();
+            let tv = tape.input(target.to_device(&ctx).unwrap());
+            let l = eqat::ops::mse::mse(&mut tape, y, tv).unwrap();
+            loss = Some(match loss {
+                None => l,
+                Some(sum) => eqat::ops::add::add(&mut tape, sum, l).unwrap(),
+            });
+        }
+        if folded {
+            let e = eqat::ops::linear::linear(&mut tape, h, params[0][0], None);
+            r.expect("linear refuses a folded input", e.is_err());
+        }
+        tape.backward(loss.unwrap()).unwrap();
+        let mut got = vec![tape.grad(g).unwrap().to_f32_vec()];
+        for p in &params {
+            got.extend(p.iter().map(|&v| tape.grad(v).unwrap().to_f32_vec()));
+        }
+        got
+    };
+    let reference = run(false, false);
+    let plain = run(true, false);
+    let folded = run(true, true);
+    let rel = |a: &[f32], want: &[f32]| {
+        let d: Vec<f64> = a.iter().zip(want).map(|(&a, &b)| (a - b) as f64).collect();
+        rms(&d) / rms(&to_f64(want)).max(f64::MIN_POSITIVE)
+    };
+    let names = [
+        "dγ", "dw q", "ds q", "dz q", "dw k", "ds k", "dz k", "dw v", "ds v", "dz v",
+    ];
+    for (i, what) in names.iter().enumerate() {
+        let (f, p) = (
+            rel(&folded[i], &reference[i]),
+            rel(&plain[i], &reference[i]),
+        );
+        let fp = rel(&folded[i], &plain[i]);
+        say(&format!(
+            "  folded norm {what}: vs f32 {f:.2e} (plain bf16 {p:.2e}), vs plain bf16 {fp:.2e}"
+        ));
+        // A dγ or dŵ that misses γ, or a wrong column, is off by O(1).
+        r.expect(
+            &format!("folded norm {what}: vs f32 {f:.2e} <= 2 x plain {p:.2e} + 2e-3, vs plain {fp:.2e} < 1e-2"),
+            f <= 2.0 * p + 2e-3 && fp < 1e-2,
+        );
+    }
+    r.expect("dγ is not zero", rms(&to_f64(&folded[0])) > 0.0);
+    ctx.set_matmul_bf16(true);
+    let mut tape = Tape::new();
+    let g = tape.param(gamma.to_device(&ctx).unwrap()).unwrap();
+    let xv = tape.leaf(x.to_device(&ctx).unwrap(), true);
+    r.expect(
+        "the fold refuses an x that needs a gradient",
+        eqat::ops::rmsnorm::rmsnorm_folded(&mut tape, xv, g, eps).is_err(),
+    );
+    r.finish();
+}

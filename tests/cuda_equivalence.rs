@@ -94,8 +94,20 @@ fn rmsnorm_matches_ref() {
     let Some(ctx) = device("rmsnorm") else { return };
     let mut r = Report::new("rmsnorm fwd/bwd");
     let mut rng = Rng::new(103);
-    // 100 and 67 rows end in partial 32-row backward blocks; C 1/7/13/33 are below a warp.
-    for (rows, c) in [(1, 1), (3, 7), (5, 13), (100, 33), (4, 576), (67, 4096)] {
+    // 67 rows end in a partial 4-row backward block; C 1/7/13/33 are below a warp; 8192 fills the 8-value-per-
+    // thread kernel's 1024 threads, 12288 and 16384 take the wide kernel (32 per thread).
+    let shapes = [
+        (1, 1),
+        (3, 7),
+        (5, 13),
+        (100, 33),
+        (4, 576),
+        (67, 4096),
+        (9, 8192),
+        (6, 12288),
+        (3, 16384),
+    ];
+    for (rows, c) in shapes {
         let mut x = rng.normal_vec(rows * c, 1.0);
         for row in x.chunks_mut(c) {
             let s = 0.1 + 3.0 * rng.uniform() as f32;
@@ -141,6 +153,12 @@ fn rmsnorm_matches_ref() {
             down(&dw_only) == down(&dw),
         );
     }
+    let (c, wide) = (16385, ctx.alloc(16385).unwrap());
+    let (mut out, mut rstd) = (ctx.alloc(c).unwrap(), ctx.alloc(1).unwrap());
+    r.expect(
+        "rows over 16384 values are refused",
+        rmsnorm::rmsnorm_fwd_cuda(&mut out, &mut rstd, &wide, &wide, 1e-5).is_err(),
+    );
     r.finish();
 }
 

@@ -25,5 +25,11 @@ for (i, k), m in per.items():
 tot = sum(t.values())
 print(f"second step: {tot/1e6:.3f} ms of kernels in {sum(c.values())} launches")
 for k, v in t.most_common(40): print(f"{100*v/tot:5.1f}% {v/1e6:8.3f} ms {c[k]:4d}x {b[k]/1e9:7.3f} GB {b[k]/v:6.0f} GB/s  {k}")
+if __import__("os").environ.get("SEQ") == "1":
+    print("the step's launches in order:")
+    for (i, k), m in per.items():
+        if start <= i < end:
+            v = m.get("gpu__time_duration.sum", 0); gb = (m.get("dram__bytes_read.sum", 0) + m.get("dram__bytes_write.sum", 0)) / 1e9
+            print(f"  {v/1e3:9.1f} us {gb:7.3f} GB  {k.split('(')[0][:70]}")
 PY
 done

@@ -53,6 +53,9 @@ pub struct Tape {
     /// bf16 copies of this step's device values (`bf16_copy`), by entry index; dropped on `reset`.
     #[cfg(feature = "cuda")]
     bf16_copies: std::collections::HashMap<usize, std::sync::Arc<crate::gpu::Bf16Buf>>,
+    /// Folded norms' outputs (`ops::rmsnorm::rmsnorm_folded`), by entry index; dropped on `reset`.
+    #[cfg(feature = "cuda")]
+    norm_folds: std::collections::HashMap<usize, crate::ops::rmsnorm::NormFold>,
     /// Weights whose fake-quantized bf16 value persists between steps (`defer_fake_quant`).
     #[cfg(feature = "cuda")]
     fake_quant_copies: fake_quant_copies::FakeQuantCopies,
@@ -164,6 +167,7 @@ impl Tape {
         #[cfg(feature = "cuda")]
         {
             self.bf16_copies.remove(&v.0);
+            self.norm_folds.remove(&v.0);
             self.fake_quant_copies.invalidate(v.0);
         }
         &mut self.values[v.0]
@@ -252,10 +256,25 @@ impl Tape {
         }
     }
 
+    /// Records that value `v` is a folded norm's output (`ops::rmsnorm::rmsnorm_folded`).
+    #[cfg(feature = "cuda")]
+    pub fn set_norm_fold(&mut self, v: Var, fold: crate::ops::rmsnorm::NormFold) {
+        self.norm_folds.insert(v.0, fold);
+    }
+
+    /// The fold of value `v` when a folded norm made it: its readers owe γ its gradient.
+    #[cfg(feature = "cuda")]
+    pub fn norm_fold(&self, v: Var) -> Option<crate::ops::rmsnorm::NormFold> {
+        self.norm_folds.get(&v.0).cloned()
+    }
+
     /// Drops this step's entries (keeping parameters and their gradients) and recycles their buffers.
     pub fn reset(&mut self) {
         #[cfg(feature = "cuda")]
-        self.bf16_copies.clear();
+        {
+            self.bf16_copies.clear();
+            self.norm_folds.clear();
+        }
         let n = self.n_params;
         for t in self.values.drain(n..) {
             if let Some(buf) = t.into_f32_vec() {

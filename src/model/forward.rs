@@ -215,7 +215,7 @@ pub(crate) fn run_block(
         let y = block_forward_with(
             tape,
             cfg,
-            vars.attn_norm,
+            (vars.attn_norm, false),
             vars.ffn_norm,
             xv,
             &mut |tape, i, input| linear(tape, input, vars.linears[i].weight, bias[i]),

@@ -184,10 +184,25 @@ pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Va
     let qkv_bf16 = crate::ops::attention::has_bf16_kernels(cfg.head_dim);
     #[cfg(not(feature = "cuda"))]
     let qkv_bf16 = false;
+    // q, k and v all fake-quantized bf16 linears on a block input that needs no gradient (Block-AP): the
+    // attention norm folds into them (ops::rmsnorm::fold) and dx of q, k, v is never computed.
+    #[cfg(feature = "cuda")]
+    let bf16_mode = tape
+        .value(x)
+        .gpu("block_forward")
+        .is_ok_and(|b| b.ctx().matmul_bf16());
+    #[cfg(not(feature = "cuda"))]
+    let bf16_mode = false;
+    let fold_attn_norm = qkv_bf16
+        && bf16_mode
+        && vars.quant.is_some()
+        && vars.linears[..3].iter().all(|l| l.quant.is_some())
+        && !tape.needs_grad(&[x])
+        && tape.needs_grad(&[vars.attn_norm]);
     block_forward_with(
         tape,
         cfg,
-        vars.attn_norm,
+        (vars.attn_norm, fold_attn_norm),
         vars.ffn_norm,
         x,
         &mut |tape, i, input| {
@@ -208,7 +223,7 @@ pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Va
 pub fn block_forward_with(
     tape: &mut Tape,
     cfg: &LlamaConfig,
-    attn_norm: Var,
+    (attn_norm, fold_attn_norm): (Var, bool),
     ffn_norm: Var,
     x: Var,
     apply_linear: &mut dyn FnMut(&mut Tape, usize, Var) -> Result<Var>,
@@ -223,7 +238,16 @@ pub fn block_forward_with(
     let (b, t) = (shape[0], shape[1]);
     let (h, g, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
 
-    let hn = rmsnorm::rmsnorm(tape, x, attn_norm, cfg.rms_eps)?;
+    #[cfg(feature = "cuda")]
+    let hn = match fold_attn_norm {
+        true => rmsnorm::rmsnorm_folded(tape, x, attn_norm, cfg.rms_eps)?,
+        false => rmsnorm::rmsnorm(tape, x, attn_norm, cfg.rms_eps)?,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let hn = {
+        let _ = fold_attn_norm;
+        rmsnorm::rmsnorm(tape, x, attn_norm, cfg.rms_eps)?
+    };
     let q = apply_linear(tape, 0, hn)?;
     let k = apply_linear(tape, 1, hn)?;
     let v = apply_linear(tape, 2, hn)?;

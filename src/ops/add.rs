@@ -198,6 +198,8 @@ mod tests {
             (vec![3, 5], vec![3, 5]),
             (vec![2, 3, 17], vec![17]),
             (vec![4, 9], vec![9]),
+            // Two scalars (summed losses).
+            (vec![], vec![]),
         ] {
             let a = rng.normal_vec(sa.iter().product(), 1.0);
             let b = rng.normal_vec(sb.iter().product(), 1.0);
@@ -253,5 +255,8 @@ mod tests {
             err.contains("add") && err.contains("[2, 3]") && err.contains("[2]"),
             "{err}"
         );
+        // A scalar is not a suffix of a tensor's shape.
+        let s = tape.input(Tensor::zeros(&[]));
+        assert!(add(&mut tape, a, s).is_err());
     }
 }

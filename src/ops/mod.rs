@@ -26,9 +26,9 @@ pub mod transpose;
 
 use crate::error::{Error, Result};
 
-/// Checks that `b` broadcasts against `a`: equal, or a suffix of `a`'s shape.
+/// Checks that `b` broadcasts against `a`: equal (two scalars too), or a non-empty suffix of `a`'s shape.
 pub fn check_suffix(op: &'static str, a: &[usize], b: &[usize]) -> Result<()> {
-    if b.len() <= a.len() && a[a.len() - b.len()..] == *b && !b.is_empty() {
+    if a == b || (b.len() <= a.len() && a[a.len() - b.len()..] == *b && !b.is_empty()) {
         Ok(())
     } else {
         Err(Error::shape(

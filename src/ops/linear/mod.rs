@@ -180,6 +180,14 @@ pub fn linear_bwd_cuda(
 }
 
 pub fn linear(tape: &mut Tape, x: Var, w: Var, bias: Option<Var>) -> Result<Var> {
+    #[cfg(feature = "cuda")]
+    if tape.norm_fold(x).is_some() {
+        return Err(Error::invalid(
+            "linear",
+            "x is a folded norm's output (ops::rmsnorm::fold), whose γ gets its gradient only through \
+             fake-quantized bf16 linears",
+        ));
+    }
     let sx = tape.value(x).shape().to_vec();
     let sw = tape.value(w).shape().to_vec();
     let sb = bias.map(|b| tape.value(b).shape().to_vec());

@@ -17,11 +17,31 @@ use wide::f32x8;
 /// Rows per backward task: each task returns one partial dw of C values, summed afterwards in order.
 const BWD_ROWS: usize = 32;
 
-/// Rows per block of `rmsnorm_bwd_f32`: few, so that a [4096, C] gradient runs as 1024 blocks of 256 threads
-/// (8 per SM) rather than 128 (one per SM, latency-bound: 0.38 ms at C = 4096 with 32 rows); the partial dw
-/// rows this leaves (R/4 × C) are still a small read for `add_bwd_f32`.
+/// Rows per block of `rmsnorm_bwd_f32`: few, so that a [4096, C] gradient runs as 1024 blocks (several per SM)
+/// rather than 128 (one per SM, latency-bound: 0.38 ms at C = 4096 with 32 rows); the partial dw rows this
+/// leaves (R/4 × C) are still a small read for `add_bwd_f32`.
 #[cfg(feature = "cuda")]
 const BWD_ROWS_CUDA: usize = 4;
+
+/// The CUDA kernel for rows of c values (`kernel` or its twin `wide`, cuda/rmsnorm.cu) and its threads per block:
+/// each thread holds at most 8 values of a row (32 in the wide kernel), threads a multiple of 32, at least 128;
+/// rows of more than 16384 values are refused.
+#[cfg(feature = "cuda")]
+fn kernel_for(
+    op: &'static str,
+    [kernel, wide]: [&'static str; 2],
+    c: usize,
+) -> Result<(&'static str, u32)> {
+    let threads = |per: usize| c.div_ceil(per).next_multiple_of(32).max(128) as u32;
+    match c {
+        0..=8192 => Ok((kernel, threads(8))),
+        8193..=16384 => Ok((wide, threads(32))),
+        _ => Err(Error::shape(
+            op,
+            format!("rows of {c} values: the GPU kernels take at most 16384"),
+        )),
+    }
+}
 
 pub fn rmsnorm_fwd_ref(out: &mut [f64], rstd: &mut [f64], x: &[f64], w: &[f64], eps: f64) {
     let c = w.len();
@@ -164,30 +184,63 @@ pub fn rmsnorm_fwd_cuda(
     w: &GpuBuf,
     eps: f32,
 ) -> Result<()> {
-    rmsnorm_fwd_cuda_into(out, None, rstd, x, w, eps)
+    let outs = FwdOutputs {
+        out: Some(out),
+        rstd: Some(rstd),
+        ..FwdOutputs::default()
+    };
+    rmsnorm_fwd_cuda_into(outs, x, w, eps)
 }
 
-/// `rmsnorm_fwd_cuda`, also writing bf16(out) into `out_b` when given (the bf16 mode's GEMM operand).
+/// What `rmsnorm_fwd_f32` writes; each may be left out. `out_b` is bf16(y), the bf16 mode's GEMM operand;
+/// `xhat_b` is bf16(x·rstd), the folded norm's (fold.rs).
 #[cfg(feature = "cuda")]
-fn rmsnorm_fwd_cuda_into(
-    out: &mut GpuBuf,
-    out_b: Option<&mut Bf16Buf>,
-    rstd: &mut GpuBuf,
-    x: &GpuBuf,
-    w: &GpuBuf,
-    eps: f32,
-) -> Result<()> {
+#[derive(Default)]
+struct FwdOutputs<'a> {
+    out: Option<&'a mut GpuBuf>,
+    out_b: Option<&'a mut Bf16Buf>,
+    xhat_b: Option<&'a mut Bf16Buf>,
+    rstd: Option<&'a mut GpuBuf>,
+}
+
+#[cfg(feature = "cuda")]
+fn rmsnorm_fwd_cuda_into(o: FwdOutputs, x: &GpuBuf, w: &GpuBuf, eps: f32) -> Result<()> {
     let c = w.len();
-    out.ctx().launch(
+    let rows = x.len() / c;
+    let lens = [
+        o.out.as_ref().map(|b| b.len()),
+        o.out_b.as_ref().map(|b| b.len()),
+        o.xhat_b.as_ref().map(|b| b.len()),
+    ];
+    if x.len() != rows * c
+        || lens.iter().flatten().any(|&l| l != x.len())
+        || o.rstd.as_ref().is_some_and(|r| r.len() != rows)
+    {
+        return Err(Error::shape(
+            "rmsnorm_fwd_cuda",
+            format!(
+                "x of {} values in rows of {c}: outputs {lens:?}, rstd {:?}",
+                x.len(),
+                o.rstd.as_ref().map(|r| r.len())
+            ),
+        ));
+    }
+    let (kernel, threads) = kernel_for(
+        "rmsnorm_fwd_cuda",
+        ["rmsnorm_fwd_f32", "rmsnorm_fwd_f32_wide"],
+        c,
+    )?;
+    x.ctx().launch(
         &CUDA,
-        "rmsnorm_fwd_f32",
-        (rstd.len() as u32, 1, 1),
-        (crate::gpu::BLOCK, 1, 1),
+        kernel,
+        (rows as u32, 1, 1),
+        (threads, 1, 1),
         0,
         &[
-            out.arg(),
-            out_b.map_or(Arg::NULL, |b| b.arg()),
-            rstd.arg(),
+            opt_arg(&o.out),
+            o.out_b.map_or(Arg::NULL, |b| b.arg()),
+            o.xhat_b.map_or(Arg::NULL, |b| b.arg()),
+            opt_arg(&o.rstd),
             x.arg(),
             w.arg(),
             Arg::I32(c as i32),
@@ -228,11 +281,16 @@ fn rmsnorm_bwd_cuda_into(
         true => Some(ctx.alloc(blocks * c)?),
         false => None,
     };
+    let (kernel, threads) = kernel_for(
+        "rmsnorm_bwd_cuda",
+        ["rmsnorm_bwd_f32", "rmsnorm_bwd_f32_wide"],
+        c,
+    )?;
     ctx.launch(
         &CUDA,
-        "rmsnorm_bwd_f32",
+        kernel,
         (blocks as u32, 1, 1),
-        (crate::gpu::BLOCK, 1, 1),
+        (threads, 1, 1),
         0,
         &[
             opt_arg(&dx),
@@ -253,14 +311,12 @@ fn rmsnorm_bwd_cuda_into(
     }
 }
 
-pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
-    let (sx, sw) = (
-        tape.value(x).shape().to_vec(),
-        tape.value(w).shape().to_vec(),
-    );
+/// Checks rmsnorm's operands for `op`; returns x's shape.
+fn check_operands(tape: &Tape, op: &'static str, x: Var, w: Var, eps: f32) -> Result<Vec<usize>> {
+    let (sx, sw) = (tape.value(x).shape(), tape.value(w).shape());
     if sx.is_empty() || sw.len() != 1 || sw[0] != sx[sx.len() - 1] || sw[0] == 0 {
         return Err(Error::shape(
-            "rmsnorm",
+            op,
             format!(
                 "x {sx:?} and weight {sw:?}: weight must be [C] with C the last dim of x, C > 0"
             ),
@@ -268,23 +324,33 @@ pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
     }
     if !(eps >= 0.0 && eps.is_finite()) {
         return Err(Error::invalid(
-            "rmsnorm",
+            op,
             format!("eps must be finite and >= 0, got {eps}"),
         ));
     }
-    let rows = tape.value(x).numel() / sw[0];
+    Ok(sx.to_vec())
+}
+
+pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
+    let sx = check_operands(tape, "rmsnorm", x, w, eps)?;
+    let numel = tape.value(x).numel();
+    let rows = numel / sx[sx.len() - 1];
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of("rmsnorm", &[tape.value(x), tape.value(w)])? {
-        let (mut out, mut rstd) = (ctx.alloc(rows * sw[0])?, ctx.alloc(rows)?);
+        let (mut out, mut rstd) = (ctx.alloc(numel)?, ctx.alloc(rows)?);
         // In the bf16 mode the output is a GEMM operand next: write its bf16 copy in the same pass.
         let mut out_b = ctx
             .matmul_bf16()
-            .then(|| ctx.alloc_bf16(rows * sw[0]))
+            .then(|| ctx.alloc_bf16(numel))
             .transpose()?;
+        let outs = FwdOutputs {
+            out: Some(&mut out),
+            out_b: out_b.as_mut(),
+            xhat_b: None,
+            rstd: Some(&mut rstd),
+        };
         rmsnorm_fwd_cuda_into(
-            &mut out,
-            out_b.as_mut(),
-            &mut rstd,
+            outs,
             tape.value(x).gpu("rmsnorm")?,
             tape.value(w).gpu("rmsnorm")?,
             eps,
@@ -380,6 +446,11 @@ impl Backward for RmsnormBackward {
         Ok(())
     }
 }
+
+#[cfg(feature = "cuda")]
+mod fold;
+#[cfg(feature = "cuda")]
+pub use fold::{norm_fold_bwd_cuda, rmsnorm_folded, NormFold};
 
 #[cfg(test)]
 mod tests;

@@ -86,6 +86,7 @@ mod bf16 {
     use crate::error::{Error, Result};
     use crate::gpu::Bf16Buf;
     use crate::ops::linear::cast_bf16_cuda;
+    use crate::ops::rmsnorm::norm_fold_bwd_cuda;
     use crate::tensor::Tensor;
     use std::sync::Arc;
 
@@ -158,6 +159,17 @@ mod bf16 {
             }
         };
         let xb = tape.bf16_copy(x)?;
+        // A folded norm's output (ops::rmsnorm::fold): the dŵ GEMM reads x̂_b and γ is a fifth input.
+        let fold = tape.norm_fold(x);
+        if fold
+            .as_ref()
+            .is_some_and(|f| tape.value(f.gamma).numel() != k)
+        {
+            return Err(Error::shape(
+                OP,
+                format!("the folded norm's γ is not [{k}]"),
+            ));
+        }
         let mut so = sx;
         *so.last_mut().expect("x has a last dim") = n;
         let out = match out_bf16 {
@@ -172,9 +184,10 @@ mod bf16 {
                 Tensor::from_gpu(&so, out)?
             }
         };
-        let inputs = [x, w, scales, zeros];
+        let mut inputs = vec![x, w, scales, zeros];
+        inputs.extend(fold.as_ref().map(|f| f.gamma));
         let saved = match tape.needs_grad(&inputs) {
-            true => Some((wq, xb)),
+            true => Some((wq, fold.as_ref().map_or(xb, |f| f.xhat.clone()))),
             false => None,
         };
         Ok(tape.push_op(
@@ -188,6 +201,7 @@ mod bf16 {
                 qmax: cfg.qmax(),
                 deferred: tape.fake_quant_grad_slot(w),
                 x_bf16,
+                folded: fold.is_some(),
                 saved,
             }),
         ))
@@ -203,6 +217,9 @@ mod bf16 {
         deferred: Option<DeferredGrad>,
         /// x is a bf16 value (the MLP's SwiGLU output): its gradient is bf16, written by the GEMM.
         x_bf16: bool,
+        /// x is a folded norm's output: the fifth input is γ, x_b below is x̂_b, and the dŵ GEMM's G becomes
+        /// dŵ and γ's gradient in `norm_fold_bwd_cuda`.
+        folded: bool,
         /// (ŵ_b, x_b); None when nothing needed a gradient at the forward. x_b is the tape's shared copy.
         saved: Option<(Arc<Bf16Buf>, Arc<Bf16Buf>)>,
     }
@@ -226,7 +243,7 @@ mod bf16 {
             dout: &Tensor,
             d: &mut [Option<Tensor>],
         ) -> Result<()> {
-            self.backward_into(inputs, output, dout, d, &[false; 4])
+            self.backward_into(inputs, output, dout, d, &[false; 5])
         }
         fn backward_into(
             &self,
@@ -249,6 +266,7 @@ mod bf16 {
                 _ => Arc::new(cast_bf16_cuda(dout.gpu(op)?)?),
             };
             let ctx = dy.ctx().clone();
+            let (d, dgamma) = d.split_at_mut(4);
             let (dx, rest) = d.split_at_mut(1);
             match dx[0].as_mut() {
                 Some(dx) if self.x_bf16 => ctx.gemm_bf16_to_bf16(
@@ -279,11 +297,18 @@ mod bf16 {
                 }
                 None => {}
             }
-            if self.deferred.is_none() && rest.iter().all(Option::is_none) {
+            if self.deferred.is_none() && rest.iter().chain(dgamma.iter()).all(Option::is_none) {
                 return Ok(());
             }
             let mut dwq = ctx.alloc_bf16(n * k)?;
             ctx.gemm_bf16_to_bf16(true, false, n, k, rows, 1.0, &dy, xb, &mut dwq)?;
+            if self.folded {
+                let dgamma = match dgamma.first_mut() {
+                    Some(Some(t)) => Some(t.gpu_mut(op)?),
+                    _ => None,
+                };
+                norm_fold_bwd_cuda(&mut dwq, wq, inputs[4].gpu(op)?, dgamma)?;
+            }
             if let Some(slot) = &self.deferred {
                 rest.iter_mut().for_each(|d| *d = None);
                 return slot.put(dwq);

@@ -79,7 +79,7 @@ fn block(tape: &mut Tape, m: &QuantizedModel, v: &ModelVars, i: usize, x: Var) -
     block_forward_with(
         tape,
         &m.cfg,
-        attn_norm,
+        (attn_norm, false),
         ffn_norm,
         x,
         &mut |tape, j, input| real_quant_linear(tape, input, &linears[j], scales[j]),
