@@ -362,3 +362,63 @@ fn folded_attention_norm_matches_the_plain_norm() {
     );
     r.finish();
 }
+
+/// The residual add of a bf16 projection output (o, down in the bf16 mode): f32 + bf16 → f32, the same bits as
+/// the f32 add of the widened bf16 values; the f32 input's gradient is dout itself and the bf16 one's is dout
+/// rounded to bf16 (the tape's pass-through), against the all-f32 graph.
+#[test]
+fn mixed_residual_add_widens_and_rounds_the_gradient() {
+    let Some(_) = device("mixed add") else { return };
+    let ctx = GpuContext::new(0).unwrap();
+    ctx.set_poison(true);
+    ctx.set_matmul_bf16(true);
+    let mut r = Report::new("mixed add");
+    let mut rng = Rng::new(521);
+    let shape = [3, 5, 40];
+    let a = Tensor::randn(&shape, 1.0, &mut rng);
+    let b = Tensor::from_vec(&shape, round_bf16(&rng.normal_vec(600, 1.0))).unwrap();
+    let t = Tensor::randn(&shape, 1.0, &mut rng);
+    let run = |b_bf16: bool| -> Vec<Tensor> {
+        let mut tape = Tape::new();
+        let av = tape.leaf(a.to_device(&ctx).unwrap(), true);
+        let bd = b.to_device(&ctx).unwrap();
+        let bd = match b_bf16 {
+            true => Tensor::from_gpu_bf16(&shape, cast_bf16_cuda(bd.gpu("t").unwrap()).unwrap())
+                .unwrap(),
+            false => bd,
+        };
+        let bv = tape.leaf(bd, true);
+        let y = eqat::ops::add::add(&mut tape, av, bv).unwrap();
+        let tv = tape.input(t.to_device(&ctx).unwrap());
+        let loss = eqat::ops::mse::mse(&mut tape, y, tv).unwrap();
+        tape.backward(loss).unwrap();
+        [y, av, bv]
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| match i {
+                0 => tape.value(v).clone(),
+                _ => tape.grad(v).unwrap().clone(),
+            })
+            .collect()
+    };
+    let (mixed, f32s) = (run(true), run(false));
+    r.expect(
+        "y bit for bit",
+        mixed[0].to_f32_vec() == f32s[0].to_f32_vec(),
+    );
+    r.expect("da = dout", mixed[1].to_f32_vec() == f32s[1].to_f32_vec());
+    r.expect(
+        "db is bf16(dout)",
+        mixed[2].dtype() == DType::BF16
+            && mixed[2].to_f32_vec() == round_bf16(&f32s[2].to_f32_vec()),
+    );
+    let mut tape = Tape::new();
+    let av = tape.input(a.to_device(&ctx).unwrap());
+    let row = cast_bf16_cuda(&up(&ctx, &round_bf16(&rng.normal_vec(40, 1.0)))).unwrap();
+    let bv = tape.input(Tensor::from_gpu_bf16(&[40], row).unwrap());
+    r.expect(
+        "a broadcast bf16 operand is refused",
+        eqat::ops::add::add(&mut tape, av, bv).is_err(),
+    );
+    r.finish();
+}
