@@ -1,16 +1,9 @@
-// add: out = a + b with b broadcast over a's leading rows (b has nb values; a has n, a multiple of nb); or a bf16
-// b of a's shape (add_fwd_f32_bf16).
+// add: out = a + b with b broadcast over a's leading rows (b has nb values; a has n, a multiple of nb).
 // Backward: da = dout (a device copy), db[j] = sum over rows of dout[r, j] (add_bwd_f32, which every op that
 // reduces a broadcast or per-block partial gradient reuses). add_assign_f32 is the tape's `+=` of gradients.
 
 extern "C" __global__ void add_fwd_f32(float* out, const float* a, const float* b, i64 n, i64 nb) {
     for (i64 i = global_index(); i < n; i += grid_stride()) out[i] = a[i] + b[i % nb];
-}
-
-// out = a + b for an f32 a and a bf16 b of the same shape (the bf16 mode's residual add of a projection's bf16
-// output, as torch.autocast adds it): exact in f32, the same bits as add_fwd_f32 on b widened to f32.
-extern "C" __global__ void add_fwd_f32_bf16(float* out, const float* a, const unsigned short* b, i64 n) {
-    for (i64 i = global_index(); i < n; i += grid_stride()) out[i] = a[i] + __uint_as_float((unsigned int)b[i] << 16);
 }
 
 // Column sums of dout [rows, nb] into db [nb]. Block (32, 8): 32 adjacent columns (coalesced reads), 8 row

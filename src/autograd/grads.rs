@@ -29,9 +29,9 @@ pub(super) fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Re
     Tensor::from_vec(t.shape(), pool.take_zeroed(t.numel()))
 }
 
-/// dout of a `passes_dout_through` node to each input in `needy` (an input may repeat), reshaped to the input's
-/// shape: added into a slot that holds a gradient, moved into the last empty one, copied into the others. A bf16
-/// input of an f32 dout (the mixed residual add) gets a bf16 copy, before the f32 ones take theirs.
+/// dout of a `passes_dout_through` node to each input in `needy` (in order; an input may repeat), reshaped to
+/// the input's shape: added into a slot that holds a gradient, moved into the last empty one, copied into the
+/// others.
 pub(super) fn pass_through(
     grads: &mut [Option<Tensor>],
     values: &[Tensor],
@@ -39,23 +39,6 @@ pub(super) fn pass_through(
     dout: Tensor,
     pool: &mut BufferPool,
 ) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    let needy = &{
-        let bf16 = |v: &Var| {
-            values[v.0].dtype() == crate::tensor::DType::BF16
-                && dout.dtype() == crate::tensor::DType::F32
-        };
-        for v in needy.iter().filter(|v| bf16(v)) {
-            let d = crate::ops::linear::cast_bf16_cuda(dout.gpu("backward")?)?;
-            let d = Tensor::from_gpu_bf16(values[v.0].shape(), d)?;
-            accumulate(&mut grads[v.0], d, pool)?;
-        }
-        needy
-            .iter()
-            .copied()
-            .filter(|v| !bf16(v))
-            .collect::<Vec<Var>>()
-    };
     for (j, v) in needy.iter().enumerate() {
         let shape = values[v.0].shape();
         if values[v.0].numel() != dout.numel() {

@@ -179,8 +179,7 @@ impl BlockVars {
 /// The block on x [B, T, C] -> [B, T, C]. Positions start at 0 for every sequence.
 pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Var) -> Result<Var> {
     // In the GPU's bf16 mode these outputs are bf16, as torch.autocast keeps them: q, k, v (which only rope and
-    // the tensor-core attention read, where it has kernels for the head dim), gate, up (only SwiGLU reads them)
-    // and o, down (the residual adds widen them to f32 and hand them bf16 gradients).
+    // the tensor-core attention read, where it has kernels for the head dim) and gate, up (only SwiGLU reads them).
     #[cfg(feature = "cuda")]
     let qkv_bf16 = crate::ops::attention::has_bf16_kernels(cfg.head_dim);
     #[cfg(not(feature = "cuda"))]
@@ -209,7 +208,7 @@ pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Va
         &mut |tape, i, input| {
             let l = vars.linears[i];
             match (l.quant, vars.quant) {
-                (Some((s, z)), Some(cfg)) if i >= 3 || qkv_bf16 => {
+                (Some((s, z)), Some(cfg)) if matches!(i, 4 | 5) || (qkv_bf16 && i < 3) => {
                     fake_quant_linear_bf16_out(tape, input, l.weight, s, z, cfg)
                 }
                 (Some((s, z)), Some(cfg)) => fake_quant_linear(tape, input, l.weight, s, z, cfg),

@@ -68,28 +68,6 @@ pub fn add_fwd_cuda(out: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf) -> Result<()> {
     )
 }
 
-/// out = a + b with b a bf16 value of a's shape (widened exactly, so the sum is rounded once, in f32).
-#[cfg(feature = "cuda")]
-pub fn add_fwd_bf16_cuda(out: &mut GpuBuf, a: &GpuBuf, b: &crate::gpu::Bf16Buf) -> Result<()> {
-    let n = out.len();
-    if a.len() != n || b.len() != n {
-        return Err(Error::shape(
-            "add_fwd_bf16_cuda",
-            format!(
-                "out {n}, a {}, b {} values: all must be equal",
-                a.len(),
-                b.len()
-            ),
-        ));
-    }
-    out.ctx().launch_1d(
-        &CUDA,
-        "add_fwd_f32_bf16",
-        n,
-        &[out.arg(), a.arg(), b.arg(), Arg::I64(n as i64)],
-    )
-}
-
 /// db[j] = sum over rows of dout[r, j], rows = dout.len() / db.len(): the column sums every broadcast gradient
 /// and every per-block partial (rmsnorm's dw, linear's db) reduces with.
 #[cfg(feature = "cuda")]
@@ -145,32 +123,11 @@ pub fn add(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of("add", &[tape.value(a), tape.value(b)])? {
         let mut out = ctx.alloc(numel(&sa))?;
-        let bf16 = |v: Var| tape.value(v).dtype() == crate::tensor::DType::BF16;
-        // An f32 and a bf16 value of one shape (a residual add of a bf16 projection output) add into f32; the
-        // tape passes the bf16 one a bf16 copy of dout (autograd/grads.rs).
-        match (bf16(a), bf16(b)) {
-            (false, false) => add_fwd_cuda(
-                &mut out,
-                tape.value(a).gpu("add")?,
-                tape.value(b).gpu("add")?,
-            )?,
-            (false, true) | (true, false) if same_shape => {
-                let (f, h) = if bf16(b) { (a, b) } else { (b, a) };
-                add_fwd_bf16_cuda(
-                    &mut out,
-                    tape.value(f).gpu("add")?,
-                    tape.value(h).gpu_bf16("add")?,
-                )?
-            }
-            _ => {
-                return Err(Error::invalid(
-                    "add",
-                    format!(
-                        "bf16 operands {sa:?} + {sb:?}: only an f32 and a bf16 value of the same shape add"
-                    ),
-                ))
-            }
-        }
+        add_fwd_cuda(
+            &mut out,
+            tape.value(a).gpu("add")?,
+            tape.value(b).gpu("add")?,
+        )?;
         let out = Tensor::from_gpu(&sa, out)?;
         return Ok(tape.push_op(out, &[a, b], Box::new(AddBackward { same_shape })));
     }
