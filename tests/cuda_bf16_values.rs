@@ -362,3 +362,51 @@ fn folded_attention_norm_matches_the_plain_norm() {
     );
     r.finish();
 }
+
+/// A residual add (a pass-through node) hands a bf16-mode fake-quantized linear's output, read only by the add,
+/// bf16(dout) itself instead of an f32 copy for the linear to cast: the same bits as when an op in between
+/// (scale by 1) gives the linear an f32 dout, in every gradient.
+#[test]
+fn residual_add_hands_a_linear_its_bf16_gradient() {
+    let Some(_) = device("bf16 pass-through") else {
+        return;
+    };
+    let ctx = GpuContext::new(0).unwrap();
+    ctx.set_poison(true);
+    ctx.set_matmul_bf16(true);
+    let mut r = Report::new("bf16 pass-through");
+    let mut rng = Rng::new(613);
+    let cfg = QuantConfig::new(2, 32).unwrap();
+    let (rows, k, n) = (45, 64, 96);
+    let x = Tensor::randn(&[rows, k], 1.0, &mut rng);
+    let a = Tensor::randn(&[rows, n], 1.0, &mut rng);
+    let t = Tensor::randn(&[rows, n], 1.0, &mut rng);
+    let w = Tensor::randn(&[n, k], 0.2, &mut rng);
+    let (s, z) = init_minmax(&w, cfg).unwrap();
+    let run = |between: bool| -> Vec<Vec<f32>> {
+        let mut tape = Tape::new();
+        let p: Vec<_> = [&w, &s, &z]
+            .iter()
+            .map(|t| tape.param(t.to_device(&ctx).unwrap()).unwrap())
+            .collect();
+        let xv = tape.leaf(x.to_device(&ctx).unwrap(), true);
+        let av = tape.leaf(a.to_device(&ctx).unwrap(), true);
+        let mut y = fake_quant_linear(&mut tape, xv, p[0], p[1], p[2], cfg).unwrap();
+        if between {
+            y = eqat::ops::scale::scale(&mut tape, y, 1.0).unwrap();
+        }
+        let sum = eqat::ops::add::add(&mut tape, av, y).unwrap();
+        let tv = tape.input(t.to_device(&ctx).unwrap());
+        let loss = eqat::ops::mse::mse(&mut tape, sum, tv).unwrap();
+        tape.backward(loss).unwrap();
+        [xv, av, p[0], p[1], p[2]]
+            .iter()
+            .map(|&v| tape.grad(v).unwrap().to_f32_vec())
+            .collect()
+    };
+    let (direct, between) = (run(false), run(true));
+    for (i, what) in ["dx", "da", "dw", "ds", "dz"].iter().enumerate() {
+        r.expect(&format!("{what} bit for bit"), direct[i] == between[i]);
+    }
+    r.finish();
+}

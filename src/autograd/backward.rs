@@ -49,4 +49,11 @@ pub trait Backward: Send + Sync {
     fn passes_dout_through(&self) -> bool {
         false
     }
+
+    /// True when `backward` reads an f32 device `dout` only through its bf16 copy (the bf16 mode's GEMMs) and
+    /// takes a bf16 `dout` as it is: a pass-through node may then hand this op's output the bf16 copy instead of
+    /// an f32 one (the residual add: a cast instead of a copy and a cast).
+    fn reads_dout_as_bf16(&self) -> bool {
+        false
+    }
 }

@@ -31,14 +31,38 @@ pub(super) fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Re
 
 /// dout of a `passes_dout_through` node to each input in `needy` (in order; an input may repeat), reshaped to
 /// the input's shape: added into a slot that holds a gradient, moved into the last empty one, copied into the
-/// others.
+/// others. The inputs in `bf16` (empty slots of inputs read once, `Tape::takes_bf16_dout`) get bf16(dout)
+/// instead, before the others take theirs, so the f32 dout is moved rather than copied when one other is left.
 pub(super) fn pass_through(
     grads: &mut [Option<Tensor>],
     values: &[Tensor],
-    needy: &[Var],
+    (needy, bf16): (&[Var], &[Var]),
     dout: Tensor,
     pool: &mut BufferPool,
 ) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    for v in bf16 {
+        if grads[v.0].is_some() {
+            return Err(Error::Autograd(format!(
+                "entry {} takes a bf16 gradient but holds one already",
+                v.0
+            )));
+        }
+        let d = crate::ops::linear::cast_bf16_cuda(dout.gpu("backward")?)?;
+        grads[v.0] = Some(Tensor::from_gpu_bf16(values[v.0].shape(), d)?);
+    }
+    let rest: Vec<Var>;
+    let needy = match bf16.is_empty() {
+        true => needy,
+        false => {
+            rest = needy
+                .iter()
+                .copied()
+                .filter(|v| !bf16.contains(v))
+                .collect();
+            &rest
+        }
+    };
     for (j, v) in needy.iter().enumerate() {
         let shape = values[v.0].shape();
         if values[v.0].numel() != dout.numel() {

@@ -395,7 +395,21 @@ impl Tape {
                     .copied()
                     .filter(|v| self.requires_grad[v.0])
                     .collect();
-                pass_through(&mut self.grads, &self.values, &needy, dout, &mut self.pool)?;
+                #[cfg(feature = "cuda")]
+                let bf16: Vec<Var> = needy
+                    .iter()
+                    .copied()
+                    .filter(|&v| self.takes_bf16_dout(v, i))
+                    .collect();
+                #[cfg(not(feature = "cuda"))]
+                let bf16 = Vec::new();
+                pass_through(
+                    &mut self.grads,
+                    &self.values,
+                    (&needy, &bf16),
+                    dout,
+                    &mut self.pool,
+                )?;
                 continue;
             }
             let inputs: Vec<&Tensor> = node.inputs.iter().map(|v| &self.values[v.0]).collect();
@@ -447,6 +461,24 @@ impl Tape {
             }
         }
         Ok(())
+    }
+
+    /// Whether entry `v`, read by the pass-through node `reader`, may take a bf16 copy of an f32 gradient: its
+    /// producer reads its dout only as bf16 (`Backward::reads_dout_as_bf16`) and `reader` is its only reader, so
+    /// no second gradient (which a bf16 one could not be added to) will come.
+    #[cfg(feature = "cuda")]
+    fn takes_bf16_dout(&self, v: Var, reader: usize) -> bool {
+        let producer_wants = self.nodes[v.0]
+            .as_ref()
+            .is_some_and(|n| n.backward.reads_dout_as_bf16());
+        let reads = |n: &Option<Node>| {
+            n.as_ref()
+                .map_or(0, |n| n.inputs.iter().filter(|u| **u == v).count())
+        };
+        producer_wants
+            && self.values[v.0].dtype() == crate::tensor::DType::F32
+            && self.nodes[v.0 + 1..].iter().map(reads).sum::<usize>() == 1
+            && reads(&self.nodes[reader]) == 1
     }
 
     /// Bytes held by the pool for reuse (tests check that steady-state steps stop growing it).

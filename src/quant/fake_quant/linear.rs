@@ -236,6 +236,10 @@ mod bf16 {
         fn accumulates(&self, i: usize) -> bool {
             i == 0 && !self.x_bf16
         }
+        /// Every GEMM of this backward reads dy_b, the cast of an f32 dout.
+        fn reads_dout_as_bf16(&self) -> bool {
+            true
+        }
         fn backward(
             &self,
             inputs: &[&Tensor],
