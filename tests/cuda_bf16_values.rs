@@ -31,6 +31,24 @@ fn round_bf16(v: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// Each weight with its min-max scales and zeros as device parameters [w, s, z] on `tape`.
+fn quant_params(
+    tape: &mut Tape,
+    ctx: &std::sync::Arc<GpuContext>,
+    ws: &[Tensor],
+    cfg: QuantConfig,
+) -> Vec<Vec<eqat::autograd::Var>> {
+    ws.iter()
+        .map(|w| {
+            let (s, z) = init_minmax(w, cfg).unwrap();
+            [w, &s, &z]
+                .iter()
+                .map(|t| tape.param(t.to_device(ctx).unwrap()).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
 /// The bf16 mode's MLP keeps gate, up, the SwiGLU output and their gradients in bf16 (torch.autocast's
 /// activations). The bf16 SwiGLU kernels against the f64 formulas on the same bf16 inputs: one rounding of each
 /// output (2^-8 relative) beyond f32 arithmetic. Then the MLP on the tape (gate and up from
@@ -88,15 +106,7 @@ fn bf16_mlp_matches_f64_and_the_f32_activation_mlp() {
     let mut runs = Vec::new();
     for bf16_acts in [false, true] {
         let mut tape = Tape::new();
-        let mut params = Vec::new();
-        for w in &ws {
-            let (s, z) = init_minmax(w, cfg).unwrap();
-            let p: Vec<_> = [w, &s, &z]
-                .iter()
-                .map(|t| tape.param(t.to_device(&ctx).unwrap()).unwrap())
-                .collect();
-            params.push(p);
-        }
+        let params = quant_params(&mut tape, &ctx, &ws, cfg);
         let xv = tape.leaf(x.to_device(&ctx).unwrap(), true);
         let lin = match bf16_acts {
             true => fake_quant_linear_bf16_out,
@@ -291,15 +301,7 @@ fn folded_attention_norm_matches_the_plain_norm() {
         ctx.set_matmul_bf16(bf16);
         let mut tape = Tape::new();
         let g = tape.param(gamma.to_device(&ctx).unwrap()).unwrap();
-        let mut params = Vec::new();
-        for w in &ws {
-            let (s, z) = init_minmax(w, cfg).unwrap();
-            let p: Vec<_> = [w, &s, &z]
-                .iter()
-                .map(|t| tape.param(t.to_device(&ctx).unwrap()).unwrap())
-                .collect();
-            params.push(p);
-        }
+        let params = quant_params(&mut tape, &ctx, &ws, cfg);
         let xv = tape.input(x.to_device(&ctx).unwrap());
         let h = match folded {
             true => eqat::ops::rmsnorm::rmsnorm_folded(&mut tape, xv, g, eps).unwrap(),
@@ -382,13 +384,9 @@ fn residual_add_hands_a_linear_its_bf16_gradient() {
     let a = Tensor::randn(&[rows, n], 1.0, &mut rng);
     let t = Tensor::randn(&[rows, n], 1.0, &mut rng);
     let w = Tensor::randn(&[n, k], 0.2, &mut rng);
-    let (s, z) = init_minmax(&w, cfg).unwrap();
     let run = |between: bool| -> Vec<Vec<f32>> {
         let mut tape = Tape::new();
-        let p: Vec<_> = [&w, &s, &z]
-            .iter()
-            .map(|t| tape.param(t.to_device(&ctx).unwrap()).unwrap())
-            .collect();
+        let p = quant_params(&mut tape, &ctx, std::slice::from_ref(&w), cfg).remove(0);
         let xv = tape.leaf(x.to_device(&ctx).unwrap(), true);
         let av = tape.leaf(a.to_device(&ctx).unwrap(), true);
         let mut y = fake_quant_linear(&mut tape, xv, p[0], p[1], p[2], cfg).unwrap();
