@@ -3,12 +3,17 @@
 // Backward: g = 2 * dout / n (dout read on the device, no host round trip); dpred = (p - t) * g,
 // dtarget = (p - t) * -g (either may be null), in the CPU path's operation order.
 
-extern "C" __global__ void mse_fwd_f32(double* partial, const float* pred, const float* target, i64 n) {
+// dpred_root, when not null, gets mse_bwd_f32's dpred for dout = 1 (the same bits): the gradient of a loss that
+// backward starts from, written while pred and target are read anyway.
+extern "C" __global__ void mse_fwd_f32(double* partial, float* dpred_root, const float* pred, const float* target,
+                                       i64 n) {
     __shared__ double scratch[32];
+    const float g = (float)(2.0 * 1.0 / (double)n);
     double acc = 0.0;
     for (i64 i = global_index(); i < n; i += grid_stride()) {
         const float d = pred[i] - target[i];
         acc += (double)d * (double)d;
+        if (dpred_root) dpred_root[i] = d * g;
     }
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;

@@ -271,6 +271,41 @@ fn mse_matches_ref() {
             &format!("dpred == cpu n={n}"),
             down(&dp) == cp && down(&dt) == ct,
         );
+        // mse_loss: the forward's early gradient (dout = 1) equals mse's backward bit for bit, as the loss
+        // backward starts from and, through a sum of two, as a part of one.
+        let grads = |as_loss: bool, twice: bool| {
+            let mut tape = eqat::autograd::Tape::new();
+            let pv = tape.leaf(
+                Tensor::from_vec(&[n], p.clone())
+                    .unwrap()
+                    .to_device(&ctx)
+                    .unwrap(),
+                true,
+            );
+            let tv = tape.input(
+                Tensor::from_vec(&[n], t.clone())
+                    .unwrap()
+                    .to_device(&ctx)
+                    .unwrap(),
+            );
+            let f = if as_loss { mse::mse_loss } else { mse::mse };
+            let mut l = f(&mut tape, pv, tv).unwrap();
+            if twice {
+                let l2 = f(&mut tape, pv, tv).unwrap();
+                l = add::add(&mut tape, l, l2).unwrap();
+            }
+            tape.backward(l).unwrap();
+            (
+                tape.value(l).to_f32_vec(),
+                tape.grad(pv).unwrap().to_f32_vec(),
+            )
+        };
+        for twice in [false, true] {
+            r.expect(
+                &format!("mse_loss == mse, loss and dpred, n={n} twice {twice}"),
+                grads(true, twice) == grads(false, twice),
+            );
+        }
     }
     r.finish();
 }

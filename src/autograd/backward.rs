@@ -50,6 +50,13 @@ pub trait Backward: Send + Sync {
         false
     }
 
+    /// For the node `backward` starts from (dout = 1): fills `dinputs` (the slots `backward` would get) with
+    /// gradients the forward already computed and returns true, or returns false to run `backward` as usual.
+    fn root_grads(&self, dinputs: &mut [Option<Tensor>]) -> Result<bool> {
+        let _ = dinputs;
+        Ok(false)
+    }
+
     /// True when `backward` reads an f32 device `dout` only through its bf16 copy (the bf16 mode's GEMMs) and
     /// takes a bf16 `dout` as it is: a pass-through node may then hand this op's output the bf16 copy instead of
     /// an f32 one (the residual add: a cast instead of a copy and a cast).

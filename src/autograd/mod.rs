@@ -435,8 +435,13 @@ impl Tape {
                     false => None,
                 });
             }
-            node.backward
-                .backward_into(&inputs, &self.values[i], &dout, &mut dinputs, &acc)?;
+            // The loss's node gets dout = 1: its forward may have computed its gradients already.
+            let early =
+                i == loss.0 && !acc.contains(&true) && node.backward.root_grads(&mut dinputs)?;
+            if !early {
+                node.backward
+                    .backward_into(&inputs, &self.values[i], &dout, &mut dinputs, &acc)?;
+            }
             let name = node.backward.name();
             let input_vars = node.inputs.clone();
             for ((v, d), added) in input_vars.iter().zip(dinputs).zip(acc) {

@@ -129,6 +129,17 @@ const CUDA_PARTIALS: usize = 1024;
 /// loss[0] = mean((pred - target)²), summed in f64 in a fixed order (deterministic). `pred` must not be empty.
 #[cfg(feature = "cuda")]
 pub fn mse_fwd_cuda(loss: &mut GpuBuf, pred: &GpuBuf, target: &GpuBuf) -> Result<()> {
+    mse_fwd_cuda_into(loss, None, pred, target)
+}
+
+/// `mse_fwd_cuda`, also writing `mse_bwd_cuda`'s dpred for dout = 1 into `dpred_root` when given.
+#[cfg(feature = "cuda")]
+fn mse_fwd_cuda_into(
+    loss: &mut GpuBuf,
+    dpred_root: Option<&mut GpuBuf>,
+    pred: &GpuBuf,
+    target: &GpuBuf,
+) -> Result<()> {
     let n = pred.len();
     let ctx = pred.ctx().clone();
     let blocks = n.div_ceil(crate::gpu::BLOCK as usize).min(CUDA_PARTIALS);
@@ -142,7 +153,13 @@ pub fn mse_fwd_cuda(loss: &mut GpuBuf, pred: &GpuBuf, target: &GpuBuf) -> Result
         (blocks as u32, 1, 1),
         block,
         0,
-        &[partial.arg(), pred.arg(), target.arg(), n64],
+        &[
+            partial.arg(),
+            opt_arg(&dpred_root),
+            pred.arg(),
+            target.arg(),
+            n64,
+        ],
     )?;
     ctx.launch(
         &CUDA,
@@ -180,6 +197,18 @@ pub fn mse_bwd_cuda(
 }
 
 pub fn mse(tape: &mut Tape, pred: Var, target: Var) -> Result<Var> {
+    mse_with(tape, pred, target, false)
+}
+
+/// `mse` as the loss `backward` starts from: on the GPU, when only `pred` needs a gradient, the forward also
+/// writes that gradient (dout = 1), and the backward hands it over (`Backward::root_grads`) instead of reading
+/// pred and target again. Used as anything but the loss, the value is the same and the gradient is computed as
+/// `mse`'s, the early one unused.
+pub fn mse_loss(tape: &mut Tape, pred: Var, target: Var) -> Result<Var> {
+    mse_with(tape, pred, target, true)
+}
+
+fn mse_with(tape: &mut Tape, pred: Var, target: Var, as_loss: bool) -> Result<Var> {
     let (sp, st) = (tape.value(pred).shape(), tape.value(target).shape());
     check_same("mse", sp, st)?;
     if sp.iter().product::<usize>() == 0 {
@@ -191,27 +220,54 @@ pub fn mse(tape: &mut Tape, pred: Var, target: Var) -> Result<Var> {
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of("mse", &[tape.value(pred), tape.value(target)])? {
         let mut loss = ctx.alloc(1)?;
-        mse_fwd_cuda(
+        let early = as_loss && tape.needs_grad(&[pred]) && !tape.needs_grad(&[target]);
+        let mut dpred = early
+            .then(|| ctx.alloc(tape.value(pred).numel()))
+            .transpose()?;
+        mse_fwd_cuda_into(
             &mut loss,
+            dpred.as_mut(),
             tape.value(pred).gpu("mse")?,
             tape.value(target).gpu("mse")?,
         )?;
         let loss = Tensor::from_gpu(&[], loss)?;
-        return Ok(tape.push_op(loss, &[pred, target], Box::new(MseBackward)));
+        let root = dpred
+            .map(|d| Tensor::from_gpu(tape.value(pred).shape(), d))
+            .transpose()?;
+        let backward = MseBackward {
+            root: std::sync::Mutex::new(root),
+        };
+        return Ok(tape.push_op(loss, &[pred, target], Box::new(backward)));
     }
+    // (The host path has no early gradient: its backward is cheap next to the block's.)
+    let _ = as_loss;
     let loss = mse_fwd_cpu(
         tape.value(pred).f32s("mse")?,
         tape.value(target).f32s("mse")?,
     );
     let out = tape.alloc_scalar(loss as f32);
-    Ok(tape.push_op(out, &[pred, target], Box::new(MseBackward)))
+    let backward = MseBackward {
+        root: std::sync::Mutex::new(None),
+    };
+    Ok(tape.push_op(out, &[pred, target], Box::new(backward)))
 }
 
-struct MseBackward;
+struct MseBackward {
+    /// dpred for dout = 1, written by `mse_loss`'s forward; taken by `root_grads`.
+    root: std::sync::Mutex<Option<Tensor>>,
+}
 
 impl Backward for MseBackward {
     fn name(&self) -> &'static str {
         "mse"
+    }
+    fn root_grads(&self, d: &mut [Option<Tensor>]) -> Result<bool> {
+        let mut root = self.root.lock().unwrap_or_else(|e| e.into_inner());
+        if d[1].is_some() || root.is_none() {
+            return Ok(false);
+        }
+        d[0] = root.take();
+        Ok(true)
     }
     /// Every kernel and GEMM of this backward writes each element of the gradients it is given.
     fn overwrites_dinputs(&self) -> bool {

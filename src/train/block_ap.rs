@@ -18,7 +18,7 @@
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::model::llama::{block_forward, BlockVars, BlockWeights, LlamaConfig};
-use crate::ops::mse::mse;
+use crate::ops::mse::{mse, mse_loss};
 use crate::quant::fake_quant::QuantConfig;
 #[cfg(feature = "cuda")]
 use crate::tensor::Storage;
@@ -391,7 +391,7 @@ fn forward_backward(
     let y = tape.input(ys);
     let out = block_forward(tape, cfg, vars, x)?;
     on_output(tape.value(out))?;
-    let loss = mse(tape, out, y)?;
+    let loss = mse_loss(tape, out, y)?;
     tape.clear_grads();
     tape.backward(loss)?;
     Ok(loss)
