@@ -365,9 +365,9 @@ fn folded_attention_norm_matches_the_plain_norm() {
     r.finish();
 }
 
-/// A residual add (a pass-through node) hands a bf16-mode fake-quantized linear's output, read only by the add,
-/// bf16(dout) itself instead of an f32 copy for the linear to cast: the same bits as when an op in between
-/// (scale by 1) gives the linear an f32 dout, in every gradient.
+/// A residual add (a pass-through node) hands a bf16-mode linear's output (Block-AP's fake-quantized one, E2E-QP's
+/// real-quantized one), read only by the add, bf16(dout) itself instead of an f32 copy for the linear to cast: the
+/// same bits as when an op in between (scale by 1) gives the linear an f32 dout, in every gradient.
 #[test]
 fn residual_add_hands_a_linear_its_bf16_gradient() {
     let Some(_) = device("bf16 pass-through") else {
@@ -384,12 +384,30 @@ fn residual_add_hands_a_linear_its_bf16_gradient() {
     let a = Tensor::randn(&[rows, n], 1.0, &mut rng);
     let t = Tensor::randn(&[rows, n], 1.0, &mut rng);
     let w = Tensor::randn(&[n, k], 0.2, &mut rng);
-    let run = |between: bool| -> Vec<Vec<f32>> {
+    let (s, _) = init_minmax(&w, cfg).unwrap();
+    let ints: Vec<u32> = (0..n * k).map(|_| rng.below(4) as u32).collect();
+    let zints: Vec<u32> = (0..n * k / 32).map(|_| rng.below(4) as u32).collect();
+    let qlin =
+        eqat::quant::real_quant::QuantizedLinear::from_ints(2, 32, k, n, &ints, &zints, s.clone())
+            .unwrap();
+    // (real-quantized, an op between) -> the gradients of x, a and the linear's parameters.
+    let run = |real: bool, between: bool| -> Vec<Vec<f32>> {
         let mut tape = Tape::new();
         let p = quant_params(&mut tape, &ctx, std::slice::from_ref(&w), cfg).remove(0);
+        let qs = tape.param(s.to_device(&ctx).unwrap()).unwrap();
         let xv = tape.leaf(x.to_device(&ctx).unwrap(), true);
         let av = tape.leaf(a.to_device(&ctx).unwrap(), true);
-        let mut y = fake_quant_linear(&mut tape, xv, p[0], p[1], p[2], cfg).unwrap();
+        let (mut y, params) = match real {
+            true => {
+                let y =
+                    eqat::quant::real_quant::linear::real_quant_linear(&mut tape, xv, &qlin, qs);
+                (y.unwrap(), vec![qs])
+            }
+            false => (
+                fake_quant_linear(&mut tape, xv, p[0], p[1], p[2], cfg).unwrap(),
+                p.clone(),
+            ),
+        };
         if between {
             y = eqat::ops::scale::scale(&mut tape, y, 1.0).unwrap();
         }
@@ -397,14 +415,21 @@ fn residual_add_hands_a_linear_its_bf16_gradient() {
         let tv = tape.input(t.to_device(&ctx).unwrap());
         let loss = eqat::ops::mse::mse(&mut tape, sum, tv).unwrap();
         tape.backward(loss).unwrap();
-        [xv, av, p[0], p[1], p[2]]
+        [xv, av]
             .iter()
+            .chain(&params)
             .map(|&v| tape.grad(v).unwrap().to_f32_vec())
             .collect()
     };
-    let (direct, between) = (run(false), run(true));
-    for (i, what) in ["dx", "da", "dw", "ds", "dz"].iter().enumerate() {
-        r.expect(&format!("{what} bit for bit"), direct[i] == between[i]);
+    for real in [false, true] {
+        let (direct, between) = (run(real, false), run(real, true));
+        let names = ["dx", "da", "dw or dscales", "ds", "dz"];
+        for (i, what) in names.iter().enumerate().take(direct.len()) {
+            r.expect(
+                &format!("real-quant {real}: {what} bit for bit"),
+                direct[i] == between[i],
+            );
+        }
     }
     r.finish();
 }

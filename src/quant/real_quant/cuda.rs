@@ -286,8 +286,8 @@ pub fn real_quant_linear_fwd_bf16_cuda(
     ctx.gemm_bf16(false, true, rows, n, k, 1.0, xb, &wb, 0.0, out)
 }
 
-/// Gradients of [`real_quant_linear_fwd_cuda`]; each `Some` buffer is overwritten. In the bf16 mode `xb`, when
-/// given, is x's bf16 copy (the forward's), so x is not cast again.
+/// Gradients of [`real_quant_linear_fwd_cuda`]; each `Some` buffer is overwritten. In the bf16 mode dout is cast
+/// and the products run as [`real_quant_linear_bwd_bf16_cuda`]'s.
 pub fn real_quant_linear_bwd_cuda(
     dx: Option<&mut GpuBuf>,
     dscales: Option<&mut GpuBuf>,
@@ -297,43 +297,56 @@ pub fn real_quant_linear_bwd_cuda(
     scales: &GpuBuf,
     rows: usize,
 ) -> Result<()> {
-    let (k, n) = (qlin.in_features(), qlin.out_features());
     let ctx = dout.ctx().clone();
+    if ctx.matmul_bf16() {
+        let doutb = cast_bf16_cuda(dout)?;
+        return real_quant_linear_bwd_bf16_cuda(dx, dscales, &doutb, (x, xb), qlin, scales, rows);
+    }
+    let (k, n) = (qlin.in_features(), qlin.out_features());
     let packed = qlin.device_packed(&ctx)?;
-    let doutb = match ctx.matmul_bf16() {
-        true => Some(cast_bf16_cuda(dout)?),
-        false => None,
-    };
     if let Some(dx) = dx {
-        match &doutb {
-            Some(doutb) => {
-                let mut wb = ctx.alloc_bf16(n * k)?;
-                real_quant_dequant_bf16_cuda(&mut wb, qlin, &packed, scales)?;
-                ctx.gemm_bf16(false, false, rows, k, n, 1.0, doutb, &wb, 0.0, dx)?;
-            }
-            None => {
-                let mut w = ctx.alloc(n * k)?;
-                real_quant_dequant_cuda(&mut w, qlin, &packed, scales)?;
-                ctx.sgemm(false, false, rows, k, n, 1.0, dout, &w, 0.0, dx)?;
-            }
-        }
+        let mut w = ctx.alloc(n * k)?;
+        real_quant_dequant_cuda(&mut w, qlin, &packed, scales)?;
+        ctx.sgemm(false, false, rows, k, n, 1.0, dout, &w, 0.0, dx)?;
     }
     if let Some(ds) = dscales {
         let mut dw = ctx.alloc(n * k)?;
-        match &doutb {
-            Some(doutb) => {
-                let cast;
-                let xb = match xb {
-                    Some(xb) => xb,
-                    None => {
-                        cast = cast_bf16_cuda(x)?;
-                        &cast
-                    }
-                };
-                ctx.gemm_bf16(true, false, n, k, rows, 1.0, doutb, xb, 0.0, &mut dw)?;
+        ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, &mut dw)?;
+        real_quant_dscales_cuda(ds, &dw, qlin, &packed)?;
+    }
+    Ok(())
+}
+
+/// The bf16 mode's gradients from dout's bf16 copy `doutb`: bf16 GEMMs with f32 accumulation; `xb`, when given,
+/// is x's bf16 copy (the forward's), so x is not cast again.
+pub fn real_quant_linear_bwd_bf16_cuda(
+    dx: Option<&mut GpuBuf>,
+    dscales: Option<&mut GpuBuf>,
+    doutb: &Bf16Buf,
+    (x, xb): (&GpuBuf, Option<&Bf16Buf>),
+    qlin: &QuantizedLinear,
+    scales: &GpuBuf,
+    rows: usize,
+) -> Result<()> {
+    let (k, n) = (qlin.in_features(), qlin.out_features());
+    let ctx = doutb.ctx().clone();
+    let packed = qlin.device_packed(&ctx)?;
+    if let Some(dx) = dx {
+        let mut wb = ctx.alloc_bf16(n * k)?;
+        real_quant_dequant_bf16_cuda(&mut wb, qlin, &packed, scales)?;
+        ctx.gemm_bf16(false, false, rows, k, n, 1.0, doutb, &wb, 0.0, dx)?;
+    }
+    if let Some(ds) = dscales {
+        let mut dw = ctx.alloc(n * k)?;
+        let cast;
+        let xb = match xb {
+            Some(xb) => xb,
+            None => {
+                cast = cast_bf16_cuda(x)?;
+                &cast
             }
-            None => ctx.sgemm(true, false, n, k, rows, 1.0, dout, x, 0.0, &mut dw)?,
-        }
+        };
+        ctx.gemm_bf16(true, false, n, k, rows, 1.0, doutb, xb, 0.0, &mut dw)?;
         real_quant_dscales_cuda(ds, &dw, qlin, &packed)?;
     }
     Ok(())

@@ -245,6 +245,11 @@ impl Backward for RealQuantLinearBackward {
     fn name(&self) -> &'static str {
         "real_quant_linear"
     }
+    /// In the bf16 mode (x's bf16 copy kept) both products read dout's bf16 copy only.
+    #[cfg(feature = "cuda")]
+    fn reads_dout_as_bf16(&self) -> bool {
+        self.x_b.is_some()
+    }
     fn backward(
         &self,
         inputs: &[&Tensor],
@@ -259,6 +264,18 @@ impl Backward for RealQuantLinearBackward {
                 d.len()
             )));
         };
+        #[cfg(feature = "cuda")]
+        if let crate::tensor::Storage::CudaBf16(doutb) = dout.storage() {
+            return super::cuda::real_quant_linear_bwd_bf16_cuda(
+                dx.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                ds.as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+                doutb,
+                (inputs[0].gpu(op)?, self.x_b.as_deref()),
+                &self.qlin,
+                inputs[1].gpu(op)?,
+                self.rows,
+            );
+        }
         #[cfg(feature = "cuda")]
         if dout.is_cuda() {
             return super::cuda::real_quant_linear_bwd_cuda(
