@@ -51,13 +51,16 @@ impl LlamaConfig {
     /// Checks the head arithmetic the ops rely on.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid("LlamaConfig", msg));
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return bad(format!(
                 "n_heads {} must be a positive multiple of n_kv_heads {}",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be positive and even (rope rotates pairs)",
                 self.head_dim

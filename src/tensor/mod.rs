@@ -366,7 +366,7 @@ impl Tensor {
     /// Size of the last dimension and the number of rows before it (1 for a scalar).
     pub fn rows_cols(&self) -> (usize, usize) {
         let c = self.shape.last().copied().unwrap_or(1);
-        (if c == 0 { 0 } else { self.numel() / c }, c)
+        (self.numel().checked_div(c).unwrap_or(0), c)
     }
 }
 

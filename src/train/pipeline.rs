@@ -7,6 +7,7 @@
 //!   2. train block i on (Quant stream -> Fp stream)   — `train_block`
 //!   3. Quant stream <- frozen quantized block i (Quant stream)
 //!   4. hand the frozen block to the sink (the checkpoint writer), which makes it durable
+//!
 //! Resuming at block k replays steps 1 and 3 for blocks < k from the sink's saved blocks, which reproduces the
 //! streams exactly (same ops, same order), so a resumed run ends byte-identical to an uninterrupted one.
 use crate::autograd::Tape;

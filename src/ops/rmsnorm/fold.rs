@@ -85,7 +85,7 @@ pub fn norm_fold_bwd_cuda(
     let k = gamma.len();
     let n = g.len() / k.max(1);
     if k == 0
-        || k % 2 != 0
+        || !k.is_multiple_of(2)
         || g.len() != n * k
         || wq.len() != g.len()
         || dgamma.as_ref().is_some_and(|d| d.len() != k)

@@ -193,7 +193,7 @@ pub fn fake_quant_fwd_bf16_cuda(
     qmax: f32,
 ) -> Result<()> {
     let n = w.len();
-    if n % 4 != 0 || out.len() != n {
+    if !n.is_multiple_of(4) || out.len() != n {
         return Err(Error::shape(
             "fake_quant_fwd_bf16",
             format!(

@@ -228,7 +228,7 @@ pub fn real_quant_dscales_cuda(
     check_len("dscales", dscales.len(), n_groups)?;
     check_u32_index(n, k)?;
     // Teams of 8 lanes per group where whole 8-value chunks line up (cuda/real_quant.cu), else a warp per group.
-    let (kernel, threads) = match qlin.group_size() % 8 == 0 && k % 8 == 0 {
+    let (kernel, threads) = match qlin.group_size().is_multiple_of(8) && k % 8 == 0 {
         true => ("real_quant_dscales_f32_teams", n_groups.div_ceil(4) * 32),
         false => ("real_quant_dscales_f32", n_groups * 32),
     };
