@@ -11,9 +11,11 @@
 
 // One block per row. out (f32) and rstd may be null; out_b, when not null, gets bf16(out): the operand of the next
 // bf16 GEMM; xhat_b, when not null, gets bf16(x * rstd) (the folded norm's weight-gradient operand, see below).
+// With res (the residual add fused in front, both or neither of res and x_sum): the norm is of x + res, which goes
+// to x_sum, the same f32 sums as add_fwd_f32.
 template <int PER>
 __device__ void rmsnorm_fwd(float* out, unsigned short* out_b, unsigned short* xhat_b, float* rstd, const float* x,
-                            const float* w, int c, float eps) {
+                            const float* res, float* x_sum, const float* w, int c, float eps) {
     __shared__ float scratch[32];
     const i64 row = blockIdx.x;
     const float* xr = x + row * c;
@@ -23,6 +25,10 @@ __device__ void rmsnorm_fwd(float* out, unsigned short* out_b, unsigned short* x
     for (int j = 0; j < PER; j++) {
         const int i = threadIdx.x + j * blockDim.x;
         v[j] = i < c ? xr[i] : 0.0f;
+        if (res && i < c) {
+            v[j] = v[j] + res[row * c + i];
+            x_sum[row * c + i] = v[j];
+        }
         ss += v[j] * v[j];
     }
     ss = block_sum(ss, scratch);
@@ -93,17 +99,17 @@ __device__ void rmsnorm_bwd(float* dx, float* dw_partial, const float* dout, con
     }
 }
 
-#define RMSNORM_FWD_ARGS                                                                                         \
-    float *out, unsigned short *out_b, unsigned short *xhat_b, float *rstd, const float *x, const float *w, int c, \
-        float eps
+#define RMSNORM_FWD_ARGS                                                                                   \
+    float *out, unsigned short *out_b, unsigned short *xhat_b, float *rstd, const float *x, const float *res, \
+        float *x_sum, const float *w, int c, float eps
 #define RMSNORM_BWD_ARGS                                                                                       \
     float *dx, float *dw_partial, const float *dout, const float *x, const float *w, const float *rstd, i64 rows, \
         int c, int rows_per_block, int accumulate_dx
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_fwd_f32(RMSNORM_FWD_ARGS) {
-    rmsnorm_fwd<8>(out, out_b, xhat_b, rstd, x, w, c, eps);
+    rmsnorm_fwd<8>(out, out_b, xhat_b, rstd, x, res, x_sum, w, c, eps);
 }
 extern "C" __global__ void __launch_bounds__(512) rmsnorm_fwd_f32_wide(RMSNORM_FWD_ARGS) {
-    rmsnorm_fwd<32>(out, out_b, xhat_b, rstd, x, w, c, eps);
+    rmsnorm_fwd<32>(out, out_b, xhat_b, rstd, x, res, x_sum, w, c, eps);
 }
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_bwd_f32(RMSNORM_BWD_ARGS) {
     rmsnorm_bwd<8>(dx, dw_partial, dout, x, w, rstd, rows, c, rows_per_block, accumulate_dx);

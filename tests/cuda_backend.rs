@@ -435,3 +435,75 @@ fn gpu_tape_tracks_cpu_tape_over_training_steps() {
     r.expect("params untouched", host(&gpu, pg[6], false) == before);
     r.finish();
 }
+
+/// `add_rmsnorm` (the residual add fused into the norm's pass) against `add` then `rmsnorm`: the sum, the norm, its
+/// bf16 copy's product and every gradient bit for bit, in the f32 and the bf16 mode, on rows of the 8-value and the
+/// wide kernels.
+#[test]
+fn add_rmsnorm_equals_add_then_rmsnorm() {
+    let Some(_) = device("add_rmsnorm") else {
+        return;
+    };
+    let ctx = GpuContext::new(0).unwrap();
+    ctx.set_poison(true);
+    let mut r = Report::new("add_rmsnorm");
+    let mut rng = Rng::new(733);
+    for (rows, c) in [(37, 64), (5, 576), (3, 12288)] {
+        let x = Tensor::randn(&[rows, c], 1.0, &mut rng);
+        let o = Tensor::randn(&[rows, c], 0.5, &mut rng);
+        let w = Tensor::randn(&[c], 1.0, &mut rng);
+        let (t1, t2) = (
+            Tensor::randn(&[rows, c], 1.0, &mut rng),
+            Tensor::randn(&[rows, c], 1.0, &mut rng),
+        );
+        for bf16 in [false, true] {
+            ctx.set_matmul_bf16(bf16);
+            let run = |fused: bool| -> Vec<Vec<f32>> {
+                let mut tape = Tape::new();
+                let wv = tape.param(w.to_device(&ctx).unwrap()).unwrap();
+                let xv = tape.leaf(x.to_device(&ctx).unwrap(), true);
+                let ov = tape.leaf(o.to_device(&ctx).unwrap(), true);
+                let (sum, h) = match fused {
+                    true => eqat::ops::rmsnorm::add_rmsnorm(&mut tape, xv, ov, wv, 1e-5).unwrap(),
+                    false => {
+                        let s = add(&mut tape, xv, ov).unwrap();
+                        (s, rmsnorm(&mut tape, s, wv, 1e-5).unwrap())
+                    }
+                };
+                let hb = tape.bf16_copy(h).map(|b| b.to_f32_vec().unwrap());
+                let (tv1, tv2) = (
+                    tape.input(t1.to_device(&ctx).unwrap()),
+                    tape.input(t2.to_device(&ctx).unwrap()),
+                );
+                let (l1, l2) = (
+                    mse(&mut tape, h, tv1).unwrap(),
+                    mse(&mut tape, sum, tv2).unwrap(),
+                );
+                let l = add(&mut tape, l1, l2).unwrap();
+                tape.backward(l).unwrap();
+                let mut got = vec![
+                    tape.value(sum).to_f32_vec(),
+                    tape.value(h).to_f32_vec(),
+                    hb.unwrap(),
+                ];
+                got.extend(
+                    [xv, ov, wv]
+                        .iter()
+                        .map(|&v| tape.grad(v).unwrap().to_f32_vec()),
+                );
+                got
+            };
+            let (fused, plain) = (run(true), run(false));
+            for (i, what) in ["x + res", "norm", "norm's bf16 copy", "dx", "dres", "dw"]
+                .iter()
+                .enumerate()
+            {
+                r.expect(
+                    &format!("[{rows}, {c}] bf16 {bf16}: {what} bit for bit"),
+                    fused[i] == plain[i],
+                );
+            }
+        }
+    }
+    r.finish();
+}

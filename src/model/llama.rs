@@ -262,9 +262,7 @@ pub fn block_forward_with(
     let a = attention::attention(tape, q, k, v)?;
     let a = reshape::reshape(tape, a, &[b, t, h * d])?;
     let o = apply_linear(tape, 3, a)?;
-    let x1 = add::add(tape, x, o)?;
-
-    let hn2 = rmsnorm::rmsnorm(tape, x1, ffn_norm, cfg.rms_eps)?;
+    let (x1, hn2) = rmsnorm::add_rmsnorm(tape, x, o, ffn_norm, cfg.rms_eps)?;
     let gate = apply_linear(tape, 4, hn2)?;
     let up = apply_linear(tape, 5, hn2)?;
     let s = swiglu::swiglu(tape, gate, up)?;

@@ -140,6 +140,13 @@ pub fn add(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
     Ok(tape.push_op(out, &[a, b], Box::new(AddBackward { same_shape })))
 }
 
+/// Records `value` = a + b for same-shaped a and b, computed by a fused kernel (`ops::rmsnorm::add_rmsnorm`), with
+/// `add`'s backward.
+#[cfg(feature = "cuda")]
+pub(crate) fn push_same_shape_add(tape: &mut Tape, a: Var, b: Var, value: Tensor) -> Var {
+    tape.push_op(value, &[a, b], Box::new(AddBackward { same_shape: true }))
+}
+
 /// `same_shape`: b is not broadcast, so both gradients are dout itself (the residual stream's add), which the
 /// tape passes on without a copy.
 struct AddBackward {

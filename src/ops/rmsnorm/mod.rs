@@ -201,6 +201,8 @@ struct FwdOutputs<'a> {
     out_b: Option<&'a mut Bf16Buf>,
     xhat_b: Option<&'a mut Bf16Buf>,
     rstd: Option<&'a mut GpuBuf>,
+    /// (res, x + res): the residual add fused in front of the norm, which normalizes x + res.
+    residual: Option<(&'a GpuBuf, &'a mut GpuBuf)>,
 }
 
 #[cfg(feature = "cuda")]
@@ -212,14 +214,16 @@ fn rmsnorm_fwd_cuda_into(o: FwdOutputs, x: &GpuBuf, w: &GpuBuf, eps: f32) -> Res
         o.out_b.as_ref().map(|b| b.len()),
         o.xhat_b.as_ref().map(|b| b.len()),
     ];
+    let res_lens = o.residual.as_ref().map(|(r, s)| (r.len(), s.len()));
     if x.len() != rows * c
         || lens.iter().flatten().any(|&l| l != x.len())
         || o.rstd.as_ref().is_some_and(|r| r.len() != rows)
+        || res_lens.is_some_and(|(r, s)| r != x.len() || s != x.len())
     {
         return Err(Error::shape(
             "rmsnorm_fwd_cuda",
             format!(
-                "x of {} values in rows of {c}: outputs {lens:?}, rstd {:?}",
+                "x of {} values in rows of {c}: outputs {lens:?}, rstd {:?}, residual and sum {res_lens:?}",
                 x.len(),
                 o.rstd.as_ref().map(|r| r.len())
             ),
@@ -242,6 +246,8 @@ fn rmsnorm_fwd_cuda_into(o: FwdOutputs, x: &GpuBuf, w: &GpuBuf, eps: f32) -> Res
             o.xhat_b.map_or(Arg::NULL, |b| b.arg()),
             opt_arg(&o.rstd),
             x.arg(),
+            o.residual.as_ref().map_or(Arg::NULL, |(r, _)| r.arg()),
+            o.residual.as_ref().map_or(Arg::NULL, |(_, s)| s.arg()),
             w.arg(),
             Arg::I32(c as i32),
             Arg::F32(eps),
@@ -337,31 +343,7 @@ pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
     let rows = numel / sx[sx.len() - 1];
     #[cfg(feature = "cuda")]
     if let Some(ctx) = crate::gpu::device_of("rmsnorm", &[tape.value(x), tape.value(w)])? {
-        let (mut out, mut rstd) = (ctx.alloc(numel)?, ctx.alloc(rows)?);
-        // In the bf16 mode the output is a GEMM operand next: write its bf16 copy in the same pass.
-        let mut out_b = ctx
-            .matmul_bf16()
-            .then(|| ctx.alloc_bf16(numel))
-            .transpose()?;
-        let outs = FwdOutputs {
-            out: Some(&mut out),
-            out_b: out_b.as_mut(),
-            xhat_b: None,
-            rstd: Some(&mut rstd),
-        };
-        rmsnorm_fwd_cuda_into(
-            outs,
-            tape.value(x).gpu("rmsnorm")?,
-            tape.value(w).gpu("rmsnorm")?,
-            eps,
-        )?;
-        let rstd = Tensor::from_gpu(&[rows], rstd)?;
-        let out = Tensor::from_gpu(&sx, out)?;
-        let y = tape.push_op(out, &[x, w], Box::new(RmsnormBackward { rstd }));
-        if let Some(b) = out_b {
-            tape.set_bf16_copy(y, b);
-        }
-        return Ok(y);
+        return rmsnorm_cuda(tape, &ctx, (x, None), w, eps).map(|(_, y)| y);
     }
     let mut out = tape.alloc(&sx);
     let mut rstd = vec![0.0; rows];
@@ -374,6 +356,77 @@ pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
     );
     let rstd = Tensor::from_vec(&[rows], rstd)?;
     Ok(tape.push_op(out, &[x, w], Box::new(RmsnormBackward { rstd })))
+}
+
+/// (x + res, rmsnorm(x + res)·w): the residual stream's add and the norm after it, as `add` then `rmsnorm` (the same
+/// values and gradients), in one pass over the rows on the GPU (x + res is not read back).
+pub fn add_rmsnorm(tape: &mut Tape, x: Var, res: Var, w: Var, eps: f32) -> Result<(Var, Var)> {
+    #[cfg(feature = "cuda")]
+    {
+        let (vx, vr, vw) = (tape.value(x), tape.value(res), tape.value(w));
+        let f32s = [vx, vr]
+            .iter()
+            .all(|t| t.dtype() == crate::tensor::DType::F32);
+        if f32s && vx.shape() == vr.shape() {
+            if let Some(ctx) = crate::gpu::device_of("add_rmsnorm", &[vx, vr, vw])? {
+                check_operands(tape, "add_rmsnorm", x, w, eps)?;
+                return rmsnorm_cuda(tape, &ctx, (x, Some(res)), w, eps);
+            }
+        }
+    }
+    let sum = crate::ops::add::add(tape, x, res)?;
+    Ok((sum, rmsnorm(tape, sum, w, eps)?))
+}
+
+/// The GPU forward of `rmsnorm` on x, or with `res` of `add_rmsnorm` on x + res; returns (the sum's entry, or x;
+/// the norm's). In the bf16 mode the output is a GEMM operand next: its bf16 copy is written in the same pass.
+#[cfg(feature = "cuda")]
+fn rmsnorm_cuda(
+    tape: &mut Tape,
+    ctx: &std::sync::Arc<crate::gpu::GpuContext>,
+    (x, res): (Var, Option<Var>),
+    w: Var,
+    eps: f32,
+) -> Result<(Var, Var)> {
+    let shape = tape.value(x).shape().to_vec();
+    let numel = tape.value(x).numel();
+    let rows = numel / shape[shape.len() - 1];
+    let (mut out, mut rstd) = (ctx.alloc(numel)?, ctx.alloc(rows)?);
+    let mut out_b = ctx
+        .matmul_bf16()
+        .then(|| ctx.alloc_bf16(numel))
+        .transpose()?;
+    let mut sum = res.map(|_| ctx.alloc(numel)).transpose()?;
+    let residual = match (res, sum.as_mut()) {
+        (Some(r), Some(s)) => Some((tape.value(r).gpu("add_rmsnorm")?, s)),
+        _ => None,
+    };
+    let outs = FwdOutputs {
+        out: Some(&mut out),
+        out_b: out_b.as_mut(),
+        xhat_b: None,
+        rstd: Some(&mut rstd),
+        residual,
+    };
+    rmsnorm_fwd_cuda_into(
+        outs,
+        tape.value(x).gpu("rmsnorm")?,
+        tape.value(w).gpu("rmsnorm")?,
+        eps,
+    )?;
+    let normed = match (res, sum) {
+        (Some(r), Some(s)) => {
+            crate::ops::add::push_same_shape_add(tape, x, r, Tensor::from_gpu(&shape, s)?)
+        }
+        _ => x,
+    };
+    let rstd = Tensor::from_gpu(&[rows], rstd)?;
+    let out = Tensor::from_gpu(&shape, out)?;
+    let y = tape.push_op(out, &[normed, w], Box::new(RmsnormBackward { rstd }));
+    if let Some(b) = out_b {
+        tape.set_bf16_copy(y, b);
+    }
+    Ok((normed, y))
 }
 
 struct RmsnormBackward {
