@@ -187,8 +187,9 @@ pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Va
     let qkv_bf16 = crate::ops::attention::has_bf16_kernels(cfg.head_dim);
     #[cfg(not(feature = "cuda"))]
     let qkv_bf16 = false;
-    // q, k and v all fake-quantized bf16 linears on a block input that needs no gradient (Block-AP): the
-    // attention norm folds into them (ops::rmsnorm::fold) and dx of q, k, v is never computed.
+    // q, k and v all fake-quantized linears in the bf16 mode (bf16 or f32 outputs: fake_quant_linear's bf16 path
+    // either way) on a block input that needs no gradient (Block-AP): the attention norm folds into them
+    // (ops::rmsnorm::fold) and dx of q, k, v is never computed.
     #[cfg(feature = "cuda")]
     let bf16_mode = tape
         .value(x)
@@ -196,8 +197,7 @@ pub fn block_forward(tape: &mut Tape, cfg: &LlamaConfig, vars: &BlockVars, x: Va
         .is_ok_and(|b| b.ctx().matmul_bf16());
     #[cfg(not(feature = "cuda"))]
     let bf16_mode = false;
-    let fold_attn_norm = qkv_bf16
-        && bf16_mode
+    let fold_attn_norm = bf16_mode
         && vars.quant.is_some()
         && vars.linears[..3].iter().all(|l| l.quant.is_some())
         && !tape.needs_grad(&[x])
