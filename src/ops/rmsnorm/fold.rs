@@ -12,7 +12,8 @@
 //! (`Tape::norm_fold`); fake_quant_linear's bf16 path finds them, takes γ as a fifth input and finishes the
 //! backward with `norm_fold_bwd_cuda`. Any other reader of h would leave γ's gradient short, so `linear` refuses
 //! a folded input and `block_forward` folds only when q, k and v are all fake-quantized bf16 linears.
-use super::{check_operands, rmsnorm_fwd_cuda_into, FwdOutputs, CUDA};
+use super::check_operands;
+use super::cuda::{rmsnorm_fwd_cuda_into, FwdOutputs, CUDA};
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::gpu::{opt_arg, Arg, Bf16Buf, GpuBuf};
