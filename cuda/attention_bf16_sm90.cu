@@ -231,8 +231,11 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
     const float c = scale * AB_LOG2E;
     const int qb0 = k0 / BQ;                // the first query block at or after a key of the block
     const int iters = (nqb - qb0) * group;  // (query block, query head of the group) pairs
+    // Query blocks from the last down to the block's first: the key blocks of a (batch, kv head) pair that run at
+    // once then read the same Q and dO tiles and add into the same dQ rows, which stay in L2.
+    auto q_start = [&](int it) { return (nqb - 1 - it / group) * BQ; };
     auto stage = [&](int it) {
-        const int q0 = (qb0 + it / group) * BQ, head = kvh * group + it % group, buf = it & 1;
+        const int q0 = q_start(it), head = kvh * group + it % group, buf = it & 1;
         ab_load_tile_sw<BQ, D, 256>(qs + buf * TILE_Q, q, b, q0, head, h, t);
         ab_load_tile_sw<BQ, D, 256>(dos + buf * TILE_Q, dout, b, q0, head, h, t);
         ab_stage_rows(rows_s + buf * 2 * BQ, lse, delta, b, q0, head, h, t);
@@ -248,7 +251,7 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
     for (int i = 0; i < D / 2; i++) dka[i] = dva[i] = 0.0f;
 
     for (int it = 0; it < iters; it++) {
-        const int q0 = (qb0 + it / group) * BQ, head = kvh * group + it % group;
+        const int q0 = q_start(it), head = kvh * group + it % group;
         const int qlast = min(q0 + BQ, t) - 1;  // the last valid query of the tile
         ab_cp_wait_all();
         ab_fence_async();
