@@ -123,18 +123,39 @@ __device__ __forceinline__ void ab_c_to_a(unsigned (&a)[4], const float (&c0)[4]
     a[3] = ab_pack(c1[2], c1[3]);
 }
 
+// Where a thread's 16-byte chunks of a [ROWS][D] tile of a bf16 [B, T, heads, D] tensor are: THREADS threads
+// share them, a thread always takes chunk column c = tid % (D / 8) of rows r0 = tid / (D / 8), r0 + STEP, ...
+// (STEP = THREADS / (D / 8)), so its source pointer and tile offset only move by constant strides (the copy
+// loops spend no integer work on indexing).
+template <int ROWS, int D, int THREADS>
+struct TileChunks {
+    static constexpr int CHUNKS = D / 8, STEP = THREADS / CHUNKS, PER_THREAD = ROWS * CHUNKS / THREADS;
+    static_assert(THREADS % CHUNKS == 0 && (ROWS * CHUNKS) % THREADS == 0, "chunks must split evenly");
+    int c, r0;
+    const bf16_t* p;  // the thread's first chunk (row t0 + r0), or `src` itself when that row is past T
+    i64 stride;       // elements from one of the thread's chunks to its next
+    __device__ __forceinline__ TileChunks(const bf16_t* src, int b, int t0, int head, int heads, int t)
+        : c(threadIdx.x % CHUNKS), r0(threadIdx.x / CHUNKS), stride((i64)STEP * heads * D) {
+        p = src + (((i64)b * t + t0 + r0) * heads + head) * D + c * 8;
+    }
+    // Chunk k's source: a valid address even for rows at or past T (zero-filled, not read).
+    __device__ __forceinline__ const bf16_t* src(const bf16_t* base, int k, bool valid) const {
+        return valid ? p + k * stride : base;
+    }
+};
+
 // Starts copying rows [t0, t0 + ROWS) of head `head` of batch b of a bf16 [B, T, heads, D] tensor into a
 // [ROWS][D + 8] tile, THREADS threads sharing the 16-byte chunks; rows at or past T are zero-filled.
 template <int ROWS, int D, int THREADS>
 __device__ __forceinline__ void ab_load_tile(bf16_t* tile, const bf16_t* src, int b, int t0, int head, int heads,
                                              int t) {
-    constexpr int CHUNKS = D / 8, SD = D + 8;  // 16-byte chunks per row
+    using Tc = TileChunks<ROWS, D, THREADS>;
+    const Tc tc(src, b, t0, head, heads, t);
+    bf16_t* dst = tile + tc.r0 * (D + 8) + tc.c * 8;
 #pragma unroll
-    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
-        const int r = i / CHUNKS, c = (i % CHUNKS) * 8, row = t0 + r;
-        const bool valid = row < t;
-        const bf16_t* p = src + (((i64)b * t + (valid ? row : 0)) * heads + head) * D + c;
-        ab_cp16(tile + r * SD + c, p, valid);
+    for (int k = 0; k < Tc::PER_THREAD; k++) {
+        const bool valid = t0 + tc.r0 + k * Tc::STEP < t;
+        ab_cp16(dst + k * Tc::STEP * (D + 8), tc.src(src, k, valid), valid);
     }
 }
 

@@ -68,13 +68,14 @@ __device__ __forceinline__ unsigned long long ab_desc(const void* p, unsigned lb
 template <int ROWS, int D, int THREADS>
 __device__ __forceinline__ void ab_load_tile_sw(unsigned char* tile, const bf16_t* src, int b, int t0, int head,
                                                 int heads, int t) {
-    constexpr int CHUNKS = D / 8;
+    using Tc = TileChunks<ROWS, D, THREADS>;
+    static_assert(Tc::STEP % 8 == 0, "a thread's rows share their swizzle (row % 8)");
+    const Tc tc(src, b, t0, head, heads, t);
+    unsigned char* dst = tile + (tc.c / 8) * ROWS * 128 + tc.r0 * 128 + (((tc.c % 8) ^ (tc.r0 % 8)) * 16);
 #pragma unroll
-    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
-        const int r = i / CHUNKS, c = i % CHUNKS, row = t0 + r;
-        const bool valid = row < t;
-        const bf16_t* p = src + (((i64)b * t + (valid ? row : 0)) * heads + head) * D + c * 8;
-        ab_cp16(tile + (c / 8) * ROWS * 128 + r * 128 + (((c % 8) ^ (r % 8)) * 16), p, valid);
+    for (int k = 0; k < Tc::PER_THREAD; k++) {
+        const bool valid = t0 + tc.r0 + k * Tc::STEP < t;
+        ab_cp16(dst + k * Tc::STEP * 128, tc.src(src, k, valid), valid);
     }
 }
 
