@@ -62,6 +62,11 @@ __device__ __forceinline__ unsigned long long ab_desc(const void* p, unsigned lb
            ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
 
+// The descriptor of `bytes` (a multiple of 16) past d's start: the address field holds the shared-memory offset
+// / 16 in 14 bits, and shared memory ends below 256 KiB, so adding never carries out of it. Descriptors are made
+// once per kernel and moved by constants in the loops (no per-product address arithmetic).
+__device__ __forceinline__ unsigned long long ab_desc_at(unsigned long long d, unsigned bytes) { return d + (bytes >> 4); }
+
 // Starts copying rows [t0, t0 + ROWS) of head `head` of a bf16 [B, T, heads, D] tensor into the 128-byte-swizzled
 // tile layout wgmma reads: D / 64 sub-tiles of [ROWS][64] bf16, each row 128 bytes whose 16-byte chunk c sits at
 // chunk c ^ (row % 8) (the tile 1024-byte aligned). Rows at or past T are zero-filled.
@@ -111,6 +116,8 @@ __device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf
 #pragma unroll
     for (int i = 0; i < D / 2; i++) o[i] = 0.0f;
     float m[2] = {AB_NEG_INF, AB_NEG_INF}, l[2] = {0.0f, 0.0f};
+    const unsigned long long qd = ab_desc(qs + wg * 64 * 128, 16, 1024), kd0 = ab_desc(ks, 16, 1024),
+                             vd0 = ab_desc(vs, BN * 128, 1024);
 
     for (int j = 0; j < tiles; j++) {
         ab_cp_wait_all();
@@ -124,15 +131,14 @@ __device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf
         }
         const int k0 = j * BN;
         if (k0 > wgrow + 63) continue;  // every key of the tile is after every row of this warpgroup
-        const unsigned char* kt = ks + (j & 1) * TILE_KV;
-        const unsigned char* vt = vs + (j & 1) * TILE_KV;
+        const unsigned long long kd = ab_desc_at(kd0, (j & 1) * TILE_KV), vd = ab_desc_at(vd0, (j & 1) * TILE_KV);
         // S = Q·Kᵀ: k-step ks reads 32 bytes of the 128-byte rows of sub-tile ks / 4.
         float s[BN / 2];
         ab_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
-            ab_wgmma_ss_n64<0, 0>(s, ab_desc(qs + (kk / 4) * BM * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024),
-                            ab_desc(kt + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+            ab_wgmma_ss_n64<0, 0>(s, ab_desc_at(qd, (kk / 4) * BM * 128 + (kk % 4) * 32),
+                                  ab_desc_at(kd, (kk / 4) * BN * 128 + (kk % 4) * 32), kk > 0);
         ab_wgmma_commit();
         ab_wgmma_wait_all();
         ab_reg_fence(s);
@@ -184,7 +190,7 @@ __device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf
         ab_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++)
-            ab_wgmma_rs_n128(o, pa[kk], ab_desc(vt + kk * 2048, BN * 128, 1024));
+            ab_wgmma_rs_n128(o, pa[kk], ab_desc_at(vd, kk * 2048));
         ab_wgmma_commit();
         ab_wgmma_wait_all();
         ab_reg_fence(o);
@@ -250,6 +256,11 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
     float dka[D / 2], dva[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dka[i] = dva[i] = 0.0f;
+    // K-major views (S, dP, dQ's B), and Q, dO as the N-major B of dK, dV.
+    const unsigned long long kd = ab_desc(ks + wg * 64 * 128, 16, 1024), vd = ab_desc(vs + wg * 64 * 128, 16, 1024),
+                             qd0 = ab_desc(qs, 16, 1024), dod0 = ab_desc(dos, 16, 1024),
+                             qn0 = ab_desc(qs, BQ * 128, 1024), don0 = ab_desc(dos, BQ * 128, 1024),
+                             dsd = ab_desc(dss, 16, 1024), kq = ab_desc(ks + wg * BK * 128, 16, 1024);
 
     for (int it = 0; it < iters; it++) {
         const int q0 = q_start(it), head = kvh * group + it % group;
@@ -262,8 +273,7 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
             stage(it + 1);
             ab_cp_commit();
         }
-        const unsigned char* qt = qs + (it & 1) * TILE_Q;
-        const unsigned char* dot = dos + (it & 1) * TILE_Q;
+        const unsigned stage_at = (it & 1) * TILE_Q;
         const float* rows = rows_s + (it & 1) * 2 * BQ;
         if (kw <= qlast) {  // else every query of the tile is before every key of this warpgroup
             // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warpgroup's 64 keys and the 64 queries (all K-major).
@@ -271,10 +281,10 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
             ab_wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                const int a_off = (kk / 4) * BK * 128 + wg * 64 * 128 + (kk % 4) * 32;
-                const int b_off = (kk / 4) * BQ * 128 + (kk % 4) * 32;
-                ab_wgmma_ss_n64<0, 0>(s, ab_desc(ks + a_off, 16, 1024), ab_desc(qt + b_off, 16, 1024), kk > 0);
-                ab_wgmma_ss_n64<0, 0>(dp, ab_desc(vs + a_off, 16, 1024), ab_desc(dot + b_off, 16, 1024), kk > 0);
+                const unsigned a_off = (kk / 4) * BK * 128 + (kk % 4) * 32;
+                const unsigned b_off = stage_at + (kk / 4) * BQ * 128 + (kk % 4) * 32;
+                ab_wgmma_ss_n64<0, 0>(s, ab_desc_at(kd, a_off), ab_desc_at(qd0, b_off), kk > 0);
+                ab_wgmma_ss_n64<0, 0>(dp, ab_desc_at(vd, a_off), ab_desc_at(dod0, b_off), kk > 0);
             }
             ab_wgmma_commit();
             ab_wgmma_wait_all();
@@ -310,9 +320,9 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
             // dV += Pᵀ·dO and dK += dSᵀ·Q: A from registers, dO and Q [query][d] N-major, 16 queries a step.
             ab_wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) ab_wgmma_rs_n128(dva, pa[kk], ab_desc(dot + kk * 2048, BQ * 128, 1024));
+            for (int kk = 0; kk < 4; kk++) ab_wgmma_rs_n128(dva, pa[kk], ab_desc_at(don0, stage_at + kk * 2048));
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) ab_wgmma_rs_n128(dka, da[kk], ab_desc(qt + kk * 2048, BQ * 128, 1024));
+            for (int kk = 0; kk < 4; kk++) ab_wgmma_rs_n128(dka, da[kk], ab_desc_at(qn0, stage_at + kk * 2048));
             ab_wgmma_commit();
         }
         if (dq) {
@@ -325,8 +335,7 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
 #pragma unroll
             for (int kk = 0; kk < 8; kk++)
                 if (kk < steps)
-                    ab_wgmma_ss_n64<1, 1>(acc, ab_desc(dss + kk * 2048, 16, 1024),
-                                          ab_desc(ks + wg * BK * 128 + kk * 2048, 16, 1024), kk > 0);
+                    ab_wgmma_ss_n64<1, 1>(acc, ab_desc_at(dsd, kk * 2048), ab_desc_at(kq, kk * 2048), kk > 0);
             ab_wgmma_commit();
             ab_wgmma_wait_all();
             ab_reg_fence(acc);
