@@ -369,7 +369,18 @@ __device__ void attention_fwd_bf16(float* out, bf16_t* out_b, float* lse, const 
         }
         // Keys k0 + 8n + 2ti + (e & 1) for rows wrow + 16mt + 8(e >> 1) + gi; only tiles reaching past the warp's
         // first row or past T hold masked keys.
-        const bool edge = k0 + AB_KEYS - 1 > wrow || k0 + AB_KEYS > t;
+        // The mask is a branch of its own (as a select inside the max loop it would cost every tile its compares).
+        if (k0 + AB_KEYS - 1 > wrow || k0 + AB_KEYS > t) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int n = 0; n < 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = k0 + n * 8 + 2 * ti + (e & 1), row = wrow + mt * 16 + (e >> 1) * 8 + gi;
+                        if (key > row || key >= t) s[mt][n][e] = AB_NEG_INF;
+                    }
+        }
         float mx[2 * MT];
 #pragma unroll
         for (int r = 0; r < 2 * MT; r++) mx[r] = AB_NEG_INF;
@@ -378,13 +389,7 @@ __device__ void attention_fwd_bf16(float* out, bf16_t* out_b, float* lse, const 
 #pragma unroll
             for (int n = 0; n < 8; n++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    if (edge) {
-                        const int key = k0 + n * 8 + 2 * ti + (e & 1), row = wrow + mt * 16 + (e >> 1) * 8 + gi;
-                        if (key > row || key >= t) s[mt][n][e] = AB_NEG_INF;
-                    }
-                    mx[2 * mt + (e >> 1)] = fmaxf(mx[2 * mt + (e >> 1)], s[mt][n][e]);
-                }
+                for (int e = 0; e < 4; e++) mx[2 * mt + (e >> 1)] = fmaxf(mx[2 * mt + (e >> 1)], s[mt][n][e]);
         float corr[2 * MT], mc[2 * MT];
 #pragma unroll
         for (int r = 0; r < 2 * MT; r++) {

@@ -143,19 +143,27 @@ __device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, bf16_t* dk_b
             // Pᵀ (0 where the key is after the query or the query is past T) and dSᵀ = Pᵀ∘(dPᵀ − delta); queries
             // q0 + 8n + 2ti + (e & 1) are this thread's columns. Only tiles with a query before one of the
             // warp's keys, or past T, need the mask.
-            const bool edge = q0 < kw + 15 || q0 + AB_QUERIES > t;
 #pragma unroll
             for (int n = 0; n < 8; n++) {
                 const float2 l2 = *reinterpret_cast<const float2*>(rows + n * 8 + 2 * ti);
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[n][e] = ab_exp2(fmaf(s[n][e], c, -((e & 1) ? l2.y : l2.x) * AB_LOG2E));
+            }
+            // The mask, a branch of its own (a select inside the loops would cost every tile its compares).
+            if (q0 < kw + 15 || q0 + AB_QUERIES > t) {
+#pragma unroll
+                for (int n = 0; n < 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int qq = q0 + n * 8 + 2 * ti + (e & 1), key = key0 + (e >> 1) * 8;
+                        if (qq >= t || key > qq) s[n][e] = 0.0f;
+                    }
+            }
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
                 const float2 dl = *reinterpret_cast<const float2*>(rows + AB_QUERIES + n * 8 + 2 * ti);
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int qq = q0 + n * 8 + 2 * ti + (e & 1), key = key0 + (e >> 1) * 8;
-                    float p = ab_exp2(fmaf(s[n][e], c, -((e & 1) ? l2.y : l2.x) * AB_LOG2E));
-                    if (edge && (qq >= t || key > qq)) p = 0.0f;
-                    s[n][e] = p;
-                    dp[n][e] = p * (dp[n][e] - ((e & 1) ? dl.y : dl.x));
-                }
+                for (int e = 0; e < 4; e++) dp[n][e] = s[n][e] * (dp[n][e] - ((e & 1) ? dl.y : dl.x));
             }
             // dV += Pᵀ·dO and dK += dSᵀ·Q; dSᵀ also goes to shared memory for the dQ product.
 #pragma unroll

@@ -143,18 +143,22 @@ __device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf
         ab_wgmma_wait_all();
         ab_reg_fence(s);
         // Keys k0 + 8n + 2ti + (e & 1) for rows row0 + 8 (e >> 1).
-        const bool edge = k0 + BN - 1 > wgrow || k0 + BN > t;
+        // The mask in a branch of its own: only tiles on the diagonal or past T take it (as a select inside the
+        // max loop it would cost every tile its compares).
+        if (k0 + BN - 1 > wgrow || k0 + BN > t) {
+#pragma unroll
+            for (int n = 0; n < NS; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int key = k0 + n * 8 + 2 * ti + (e & 1), row = row0 + (e >> 1) * 8;
+                    if (key > row || key >= t) s[4 * n + e] = AB_NEG_INF;
+                }
+        }
         float mx[2] = {AB_NEG_INF, AB_NEG_INF};
 #pragma unroll
         for (int n = 0; n < NS; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                if (edge) {
-                    const int key = k0 + n * 8 + 2 * ti + (e & 1), row = row0 + (e >> 1) * 8;
-                    if (key > row || key >= t) s[4 * n + e] = AB_NEG_INF;
-                }
-                mx[e >> 1] = fmaxf(mx[e >> 1], s[4 * n + e]);
-            }
+            for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[4 * n + e]);
         float corr[2], mc[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -162,7 +166,8 @@ __device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
             const float m_new = fmaxf(m[r], mx[r]);
             mc[r] = m_new == AB_NEG_INF ? 0.0f : m_new * c;
-            corr[r] = ab_exp2(fmaf(m[r], c, -mc[r]));
+            // An unchanged maximum rescales by exactly 1 (the fma would leave m·c's rounding error in the power).
+            corr[r] = m_new == m[r] ? 1.0f : ab_exp2(fmaf(m[r], c, -mc[r]));
             m[r] = m_new;
             l[r] *= corr[r];
         }
@@ -178,12 +183,15 @@ __device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf
             pa[n / 2][(n % 2) * 2] = ab_pack(p[0], p[1]);
             pa[n / 2][(n % 2) * 2 + 1] = ab_pack(p[2], p[3]);
         }
+        // Past the first tiles a row's maximum rarely moves: a warp whose rows all kept theirs skips the rescale.
+        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
-        for (int n = 0; n < ND; n++) {
-            o[4 * n] *= corr[0];
-            o[4 * n + 1] *= corr[0];
-            o[4 * n + 2] *= corr[1];
-            o[4 * n + 3] *= corr[1];
+            for (int n = 0; n < ND; n++) {
+                o[4 * n] *= corr[0];
+                o[4 * n + 1] *= corr[0];
+                o[4 * n + 2] *= corr[1];
+                o[4 * n + 3] *= corr[1];
+            }
         }
         // O += P·V: V [key][d] is MN-major B; k-step kk takes keys 16kk.. (2048 bytes into each sub-tile), the
         // sub-tiles of 64 head-dim columns BN·128 bytes apart.
@@ -292,18 +300,31 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
             ab_reg_fence(dp);
             // Pᵀ (0 where the key is after the query or the query is past T) and dSᵀ = Pᵀ∘(dPᵀ − delta), packed
             // as the A fragments of the next products; queries q0 + 8n + 2ti + (e & 1) are this thread's columns.
-            const bool edge = q0 < kw + 63 || q0 + BQ > t;
-            unsigned pa[4][4], da[4][4];
+            // Pᵀ in place of Sᵀ, then the mask in a branch of its own (tiles on the diagonal or past T only).
 #pragma unroll
             for (int n = 0; n < 8; n++) {
                 const float2 l2 = *reinterpret_cast<const float2*>(rows + n * 8 + 2 * ti);
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    s[4 * n + e] = ab_exp2(fmaf(s[4 * n + e], c, -((e & 1) ? l2.y : l2.x) * AB_LOG2E));
+            }
+            if (q0 < kw + 63 || q0 + BQ > t) {
+#pragma unroll
+                for (int n = 0; n < 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int qq = q0 + n * 8 + 2 * ti + (e & 1), key = key0 + (e >> 1) * 8;
+                        if (qq >= t || key > qq) s[4 * n + e] = 0.0f;
+                    }
+            }
+            unsigned pa[4][4], da[4][4];
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
                 const float2 dl = *reinterpret_cast<const float2*>(rows + BQ + n * 8 + 2 * ti);
                 float p[4], ds[4];
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const int qq = q0 + n * 8 + 2 * ti + (e & 1), key = key0 + (e >> 1) * 8;
-                    p[e] = ab_exp2(fmaf(s[4 * n + e], c, -((e & 1) ? l2.y : l2.x) * AB_LOG2E));
-                    if (edge && (qq >= t || key > qq)) p[e] = 0.0f;
+                    p[e] = s[4 * n + e];
                     ds[e] = p[e] * (dp[4 * n + e] - ((e & 1) ? dl.y : dl.x));
                 }
                 pa[n / 2][(n % 2) * 2] = ab_pack(p[0], p[1]);
