@@ -368,8 +368,8 @@ __device__ void attention_fwd_bf16(float* out, bf16_t* out_b, float* lse, const 
             }
         }
         // Keys k0 + 8n + 2ti + (e & 1) for rows wrow + 16mt + 8(e >> 1) + gi; only tiles reaching past the warp's
-        // first row or past T hold masked keys.
-        // The mask is a branch of its own (as a select inside the max loop it would cost every tile its compares).
+        // first row or past T hold masked keys: the mask is a branch of its own (as a select inside the max loop it
+        // would cost every tile its compares).
         if (k0 + AB_KEYS - 1 > wrow || k0 + AB_KEYS > t) {
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
