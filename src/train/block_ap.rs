@@ -88,6 +88,9 @@ pub struct StepInfo {
 /// quantized stream, targets from the full-precision stream).
 pub trait BlockSamples {
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// (inputs, targets) of samples `start..start + count`, each [count, T, C].
     fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)>;
     /// The pair for training step `step` (0-based over the block's steps); inputs that change over training

@@ -34,6 +34,9 @@ pub fn read_calibration_text(path: &Path) -> Result<String> {
     Ok(docs.join("\n\n"))
 }
 
+/// Token windows: (training windows, validation windows).
+pub type TrainValWindows = (Vec<Vec<u32>>, Vec<Vec<u32>>);
+
 /// Seeded random windows of `seqlen` tokens: `train` from the first 90% of `ids`, `val` from the last 10%.
 pub fn calibration_windows(
     ids: &[u32],
@@ -41,7 +44,7 @@ pub fn calibration_windows(
     train: usize,
     val: usize,
     seed: u64,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+) -> Result<TrainValWindows> {
     if seqlen == 0 {
         return Err(Error::invalid("calibration", "--seqlen must be positive"));
     }

@@ -285,11 +285,11 @@ pub fn cross_entropy(
             count,
         )?;
         let out = Tensor::from_gpu(&[], loss)?;
-        let saved = Saved::Cuda {
+        let saved = Saved::Cuda(Box::new(SavedCuda {
             targets: targets_d,
             lse_max,
             lse_log_sum,
-        };
+        }));
         return Ok(push(tape, out, logits, ignore_index, saved, count, v));
     }
     let mut lse = vec![RowLse::default(); n];
@@ -336,12 +336,16 @@ enum Saved {
         targets: Vec<i32>,
         lse: Vec<RowLse>,
     },
+    /// Boxed: three device buffers would make every `Saved` five times the host variant's size.
     #[cfg(feature = "cuda")]
-    Cuda {
-        targets: crate::gpu::GpuBuf,
-        lse_max: crate::gpu::GpuBuf,
-        lse_log_sum: crate::gpu::GpuBuf,
-    },
+    Cuda(Box<SavedCuda>),
+}
+
+#[cfg(feature = "cuda")]
+struct SavedCuda {
+    targets: crate::gpu::GpuBuf,
+    lse_max: crate::gpu::GpuBuf,
+    lse_log_sum: crate::gpu::GpuBuf,
 }
 
 struct CrossEntropyBackward {
@@ -381,17 +385,13 @@ impl Backward for CrossEntropyBackward {
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            Saved::Cuda {
-                targets,
-                lse_max,
-                lse_log_sum,
-            } => cuda::cross_entropy_bwd_cuda(
+            Saved::Cuda(saved) => cuda::cross_entropy_bwd_cuda(
                 dl.gpu_mut(OP)?,
                 x[0].gpu(OP)?,
-                targets,
+                &saved.targets,
                 self.ignore_index,
-                lse_max,
-                lse_log_sum,
+                &saved.lse_max,
+                &saved.lse_log_sum,
                 dout.gpu(OP)?,
                 self.v,
                 self.count,
