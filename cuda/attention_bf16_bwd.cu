@@ -57,14 +57,16 @@ __device__ __forceinline__ void ab_stage_rows(float* rows_s, const float* lse, c
     ab_cp4(rows_s + threadIdx.x, (threadIdx.x < AB_QUERIES ? lse : delta) + at, valid);
 }
 
-// Backward. Grid: ceil(T / (16·W)) * B * G blocks of 32·W threads (W warps of 16 keys); dynamic shared memory
+// Backward. Grid: ceil(T / (16·W)) * B * G * splits blocks of 32·W threads (W warps of 16 keys; `splits` blocks
+// share a key block's query blocks when there are too few key blocks to fill the GPU); dynamic shared memory
 // (16·W + 4·64) * (D + 8) + 16·W * 72 bf16 (K, V, two Q and two dO tiles, dSᵀ) and 256 floats (two lse and delta
 // stages). dq must be zeroed (or null); dk, dv [B, T, G, D] are written (each may be null), in f32, or in bf16 into
-// dk_b, dv_b when those are given instead (bf16 k, v values).
+// dk_b, dv_b when those are given instead (bf16 k, v values); with splits > 1 they are added into f32 dk, dv, which
+// must be zeroed (dk_b, dv_b unused).
 template <int D, int W>
 __device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, bf16_t* dk_b, bf16_t* dv_b, const bf16_t* dout, const bf16_t* q,
                                    const bf16_t* k, const bf16_t* v, const float* lse, const float* delta, int nb,
-                                   int t, int h, int g, float scale) {
+                                   int t, int h, int g, float scale, int splits) {
     constexpr int SD = D + 8, SQ = AB_QUERIES + 8, KD = D / 16, ND = D / 8, BK = 16 * W, THREADS = 32 * W;
     // The dQ product: warp w takes query rows 16 (w % 4) and DQ = D / (W / 4) head-dim columns, 64 at a time.
     constexpr int DQ = D * 4 / W, DC = DQ < 64 ? DQ : 64;
@@ -77,13 +79,17 @@ __device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, bf16_t* dk_b
     float* rows_s = reinterpret_cast<float*>(dss + BK * SQ);  // [2][lse 64, delta 64]
     const int nqb = (t + AB_QUERIES - 1) / AB_QUERIES, group = h / g;
     const int bg = blockIdx.x % (nb * g);
-    const int kb = blockIdx.x / (nb * g);  // key block 0 meets every query block: it starts first
+    const int kb = blockIdx.x / (nb * g) / splits;  // key block 0 meets every query block: it starts first
+    const int split = blockIdx.x / (nb * g) % splits;
     const int b = bg / g, kvh = bg % g, k0 = kb * BK;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
     const int kw = k0 + warp * 16, key0 = kw + gi;  // the warp's first key; this thread's keys key0, key0 + 8
     const float c = scale * AB_LOG2E;
     const int qb0 = k0 / AB_QUERIES;            // the first query block at or after a key of the block
     const int iters = (nqb - qb0) * group;      // (query block, query head of the group) pairs
+    // With splits > 1 the pairs are shared by `splits` blocks, which add their dK, dV into (zeroed) f32 dk, dv.
+    const int it_first = iters * split / splits, it_end = iters * (split + 1) / splits;
+    if (it_first == it_end) return;
     auto stage = [&](int it) {
         const int q0 = (qb0 + it / group) * AB_QUERIES, head = kvh * group + it % group, buf = it & 1;
         ab_load_tile<AB_QUERIES, D, THREADS>(qs + buf * AB_QUERIES * SD, q, b, q0, head, h, t);
@@ -93,7 +99,7 @@ __device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, bf16_t* dk_b
 
     ab_load_tile<BK, D, THREADS>(ks, k, b, k0, kvh, g, t);
     ab_load_tile<BK, D, THREADS>(vs, v, b, k0, kvh, g, t);
-    stage(0);
+    stage(it_first);
     ab_cp_commit();
 
     float dka[ND][4], dva[ND][4];
@@ -102,13 +108,13 @@ __device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, bf16_t* dk_b
 #pragma unroll
         for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
 
-    for (int it = 0; it < iters; it++) {
+    for (int it = it_first; it < it_end; it++) {
         const int q0 = (qb0 + it / group) * AB_QUERIES, head = kvh * group + it % group;
         const int qlast = min(q0 + AB_QUERIES, t) - 1;  // the last valid query of the tile
         ab_cp_wait_all();
         __syncthreads();  // this iteration's Q, dO and rows are in; the last dQ product is done with dSᵀ, and
                           // every warp with the other stage, which the next iteration's loads take
-        if (it + 1 < iters) {
+        if (it + 1 < it_end) {
             stage(it + 1);
             ab_cp_commit();
         }
@@ -232,6 +238,11 @@ __device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, bf16_t* dk_b
         const i64 at = (((i64)b * t + key) * g + kvh) * D + 2 * ti;
 #pragma unroll
         for (int n = 0; n < ND; n++) {
+            if (splits > 1) {
+                if (dk) ab_atomic_add2(dk + at + n * 8, dka[n][2 * r] * scale, dka[n][2 * r + 1] * scale);
+                if (dv) ab_atomic_add2(dv + at + n * 8, dva[n][2 * r], dva[n][2 * r + 1]);
+                continue;
+            }
             if (dk || dk_b) ab_store_o(dk, dk_b, at + n * 8, dka[n][2 * r] * scale, dka[n][2 * r + 1] * scale);
             if (dv || dv_b) ab_store_o(dv, dv_b, at + n * 8, dva[n][2 * r], dva[n][2 * r + 1]);
         }
@@ -242,8 +253,8 @@ __device__ void attention_bwd_bf16(float* dq, float* dk, float* dv, bf16_t* dk_b
     extern "C" __global__ void __launch_bounds__(32 * W) attention_bwd_bf16_d##D##_w##W(                           \
         float* dq, float* dk, float* dv, bf16_t* dk_b, bf16_t* dv_b, const bf16_t* dout, const bf16_t* q,         \
         const bf16_t* k, const bf16_t* v,                                                                          \
-        const float* lse, const float* delta, int nb, int t, int h, int g, float scale) {                          \
-        attention_bwd_bf16<D, W>(dq, dk, dv, dk_b, dv_b, dout, q, k, v, lse, delta, nb, t, h, g, scale);                       \
+        const float* lse, const float* delta, int nb, int t, int h, int g, float scale, int splits) {              \
+        attention_bwd_bf16<D, W>(dq, dk, dv, dk_b, dv_b, dout, q, k, v, lse, delta, nb, t, h, g, scale, splits);     \
     }
 AB_BWD(64, 4)
 AB_BWD(64, 8)

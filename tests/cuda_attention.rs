@@ -221,7 +221,10 @@ fn rms_diff(a: &[f64], b: &[f64]) -> f64 {
 /// error of the reference on bf16-rounded inputs, `rounded` (BF16_RATIO); prints both errors.
 fn check_bf16(r: &mut Report, what: &str, got: &[f32], want: &[f64], rounded: &[f64]) {
     let scale = rms(want);
-    r.check_tol(what, got, want, BF16_TOL * scale + BF16_FLOOR, BF16_TOL);
+    // The largest of n rounding errors grows like sqrt(2 ln n): the element bar is BF16_TOL up to 2^16 elements
+    // and widens with that tail beyond (×1.15 at 2.2M).
+    let tail = ((want.len().max(2) as f64).ln() / (65536f64).ln()).sqrt().max(1.0);
+    r.check_tol(what, got, want, tail * BF16_TOL * scale + BF16_FLOOR, BF16_TOL);
     let e_gpu = rms_diff(&to_f64(got), want);
     let e_in = rms_diff(rounded, want);
     // Relative to rms(want), or absolute where the exact result is 0 (dq and dk at T = 1).
@@ -253,6 +256,8 @@ fn attention_bf16_matches_ref() {
     let mut r = Report::new("attention bf16 fwd/lse/bwd");
     let mut rng = Rng::new(113);
     // T 1, 17, 300 and 2048 (one row; partial 64-row tiles; 32 full tiles), D 64 and 128, GQA ratios 1, 2, 3.
+    // The D 64 backward shares a key block's query blocks between 2 blocks when there are too few key blocks for
+    // the GPU (every D 64 shape above on an H100); 4 × 512 × 17 kv heads has 272 blocks of 128 keys, no split.
     for s in [
         shape(1, 1, 2, 1, 64),
         shape(2, 17, 4, 2, 128),
@@ -260,6 +265,7 @@ fn attention_bf16_matches_ref() {
         shape(2, 300, 3, 3, 128),
         shape(1, 2048, 2, 1, 64),
         shape(1, 2048, 2, 2, 128),
+        shape(4, 512, 17, 17, 64),
     ] {
         assert!(att::runs_bf16(&ctx, s));
         let (nq, nkv) = (s.b * s.t * s.h * s.d, s.b * s.t * s.g * s.d);

@@ -55,9 +55,14 @@ fn fwd_kernel(ctx: &GpuContext, s: AttentionShape) -> (&'static str, usize, u32,
     }
 }
 
+/// Whether the backward runs the wgmma kernel (else the mma.sync ones).
+fn wgmma_bwd(ctx: &GpuContext, s: AttentionShape) -> bool {
+    hopper(ctx) && s.d == 128
+}
+
 /// A backward launch: kernel, keys per block, threads, dynamic shared memory bytes.
 fn bwd_kernel(ctx: &GpuContext, s: AttentionShape) -> (&'static str, usize, u32, usize) {
-    if hopper(ctx) && s.d == 128 {
+    if wgmma_bwd(ctx, s) {
         // K, V [128][128], two stages of Q and dO [64][128], dSᵀ [128][64] in swizzled bf16, two stages of the
         // lse and delta of a query block, 1 KiB for the alignment.
         return (
@@ -223,17 +228,41 @@ pub(super) fn bwd(
     }
     let (kernel, keys, threads, smem) = bwd_kernel(&ctx, s);
     let [b, t, h, g, scale] = dims(s);
-    let ([dk, dk_b], [dv, dv_b]) = (OutBuf::args(dk.as_ref()), OutBuf::args(dv.as_ref()));
+    let blocks = s.t.div_ceil(keys) * s.b * s.g;
+    // Too few key blocks to give every SM two: the mma.sync kernels share a key block's query blocks between 2
+    // blocks, which add dK and dV into zeroed f32 buffers (cast to bf16 after, for bf16 k and v). Two partials
+    // added onto 0 give the same bits in either order, so dK and dV stay deterministic (more would not).
+    let splits = match wgmma_bwd(&ctx, s) {
+        true => 1,
+        false => (2 * ctx.sm_count() as usize).div_ceil(blocks).clamp(1, 2),
+    };
+    let mut dk = dk;
+    let mut dv = dv;
+    let mut sums = [None, None];
+    if splits > 1 {
+        for (out, sum) in [&mut dk, &mut dv].into_iter().zip(&mut sums) {
+            match out {
+                Some(OutBuf::F32(b)) => b.zero()?,
+                Some(OutBuf::Bf16(b)) => *sum = Some(ctx.zeros(b.len())?),
+                None => {}
+            }
+        }
+    }
+    let pointers = |o: &Option<OutBuf>, sum: &Option<GpuBuf>| match sum {
+        Some(sum) => [sum.arg(), Arg::NULL],
+        None => OutBuf::args(o.as_ref()),
+    };
+    let ([dk_arg, dk_b], [dv_arg, dv_b]) = (pointers(&dk, &sums[0]), pointers(&dv, &sums[1]));
     ctx.launch(
         &CUDA,
         kernel,
-        ((s.t.div_ceil(keys) * s.b * s.g) as u32, 1, 1),
+        ((blocks * splits) as u32, 1, 1),
         (threads, 1, 1),
         smem as u32,
         &[
             dq.as_ref().map_or(Arg::NULL, |b| b.arg()),
-            dk,
-            dv,
+            dk_arg,
+            dv_arg,
             dk_b,
             dv_b,
             doutb.arg(),
@@ -247,6 +276,13 @@ pub(super) fn bwd(
             h,
             g,
             scale,
+            Arg::I32(splits as i32),
         ],
-    )
+    )?;
+    for (out, sum) in [dk, dv].into_iter().zip(sums) {
+        if let (Some(OutBuf::Bf16(b)), Some(sum)) = (out, sum) {
+            crate::ops::linear::cast_bf16_into_cuda(b, &sum)?;
+        }
+    }
+    Ok(())
 }
