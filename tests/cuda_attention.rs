@@ -223,8 +223,16 @@ fn check_bf16(r: &mut Report, what: &str, got: &[f32], want: &[f64], rounded: &[
     let scale = rms(want);
     // The largest of n rounding errors grows like sqrt(2 ln n): the element bar is BF16_TOL up to 2^16 elements
     // and widens with that tail beyond (×1.15 at 2.2M).
-    let tail = ((want.len().max(2) as f64).ln() / (65536f64).ln()).sqrt().max(1.0);
-    r.check_tol(what, got, want, tail * BF16_TOL * scale + BF16_FLOOR, BF16_TOL);
+    let tail = ((want.len().max(2) as f64).ln() / (65536f64).ln())
+        .sqrt()
+        .max(1.0);
+    r.check_tol(
+        what,
+        got,
+        want,
+        tail * BF16_TOL * scale + BF16_FLOOR,
+        BF16_TOL,
+    );
     let e_gpu = rms_diff(&to_f64(got), want);
     let e_in = rms_diff(rounded, want);
     // Relative to rms(want), or absolute where the exact result is 0 (dq and dk at T = 1).
