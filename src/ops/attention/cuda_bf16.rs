@@ -191,7 +191,7 @@ pub(super) enum DoutOut<'a> {
 /// is read as it is.
 pub(super) fn bwd(
     dq: Option<&mut GpuBuf>,
-    [dk, dv]: [Option<OutBuf>; 2],
+    [mut dk, mut dv]: [Option<OutBuf>; 2],
     dout_out: DoutOut,
     x: &Bf16Inputs,
     lse: &GpuBuf,
@@ -236,8 +236,6 @@ pub(super) fn bwd(
         true => 1,
         false => (2 * ctx.sm_count() as usize).div_ceil(blocks).clamp(1, 2),
     };
-    let mut dk = dk;
-    let mut dv = dv;
     let mut sums = [None, None];
     if splits > 1 {
         for (out, sum) in [&mut dk, &mut dv].into_iter().zip(&mut sums) {
