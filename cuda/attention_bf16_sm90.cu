@@ -6,6 +6,8 @@
 __device__ __forceinline__ void ab_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void ab_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void ab_wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most one committed group (the last) is still running.
+__device__ __forceinline__ void ab_wgmma_wait_1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 // Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's reads (async proxy); a
 // barrier must follow.
 __device__ __forceinline__ void ab_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -223,6 +225,7 @@ __device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf
 // shared memory 1024 + 2·128·256 + 4·64·256 + 128·128 bytes (K, V, two stages of Q and dO, dSᵀ) and 256 floats
 // (two stages of lse and delta). dq must be zeroed (or null); dk, dv [B, T, G, D] are written (each may be null), in
 // f32, or in bf16 into dk_b, dv_b when those are given instead.
+template <bool WITH_DQ>
 __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, bf16_t* dv_b, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
                                  const bf16_t* v, const float* lse, const float* delta, int nb, int t, int h, int g,
                                  float scale) {
@@ -283,6 +286,8 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
         }
         const unsigned stage_at = (it & 1) * TILE_Q;
         const float* rows = rows_s + (it & 1) * 2 * BQ;
+        // Pᵀ and dSᵀ as A fragments; registers a wgmma reads stay untouched until it is waited for.
+        unsigned pa[4][4], da[4][4] = {};
         if (kw <= qlast) {  // else every query of the tile is before every key of this warpgroup
             // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warpgroup's 64 keys and the 64 queries (all K-major).
             float s[32], dp[32];
@@ -317,7 +322,6 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
                         if (qq >= t || key > qq) s[4 * n + e] = 0.0f;
                     }
             }
-            unsigned pa[4][4], da[4][4];
 #pragma unroll
             for (int n = 0; n < 8; n++) {
                 const float2 dl = *reinterpret_cast<const float2*>(rows + BQ + n * 8 + 2 * ti);
@@ -338,27 +342,34 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
                 *reinterpret_cast<unsigned*>(row + 8 * 128) = da[n / 2][(n % 2) * 2 + 1];
             }
             ab_fence_async();
-            // dV += Pᵀ·dO and dK += dSᵀ·Q: A from registers, dO and Q [query][d] N-major, 16 queries a step.
+            // dV += Pᵀ·dO: A from registers, dO [query][d] N-major, 16 queries a step. It runs while the
+            // warpgroups meet at the barrier below.
             ab_wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) ab_wgmma_rs_n128(dva, pa[kk], ab_desc_at(don0, stage_at + kk * 2048));
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) ab_wgmma_rs_n128(dka, da[kk], ab_desc_at(qn0, stage_at + kk * 2048));
             ab_wgmma_commit();
         }
-        if (dq) {
+        float acc[32];
+        if (WITH_DQ) {
             __syncthreads();  // dSᵀ is complete
             // dQ [64 queries][64 wg .. 64 wg + 63] = scale·dS·K over the keys of the warpgroups that ran above: dS
             // from dSᵀ (M-major A), K [key][d] (N-major B, sub-tile wg), 16 keys a step.
             const int steps = k0 + 64 <= qlast ? 8 : 4;
-            float acc[32];
             ab_wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < 8; kk++)
                 if (kk < steps)
                     ab_wgmma_ss_n64<1, 1>(acc, ab_desc_at(dsd, kk * 2048), ab_desc_at(kq, kk * 2048), kk > 0);
             ab_wgmma_commit();
-            ab_wgmma_wait_all();
+        }
+        // dK += dSᵀ·Q (Q N-major), committed after dQ: it runs while dQ's atomic adds go out. Issued by every
+        // warpgroup (dSᵀ = 0 where it had no keys to do): a wgmma on a divergent path would serialize them all.
+        ab_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) ab_wgmma_rs_n128(dka, da[kk], ab_desc_at(qn0, stage_at + kk * 2048));
+        ab_wgmma_commit();
+        if (WITH_DQ) {
+            ab_wgmma_wait_1();  // dV and dQ are done; dK may still run
             ab_reg_fence(acc);
 #pragma unroll
             for (int r = 0; r < 2; r++) {
@@ -396,7 +407,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_bf16_d128_sm9
 extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_bf16_d128_sm90(
     float* dq, float* dk, float* dv, bf16_t* dk_b, bf16_t* dv_b, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
     const bf16_t* v, const float* lse, const float* delta, int nb, int t, int h, int g, float scale) {
-    attention_bwd_wg(dq, dk, dv, dk_b, dv_b, dout, q, k, v, lse, delta, nb, t, h, g, scale);
+    // Without dq the dQ product is compiled out (a run-time test around it would serialize the wgmmas).
+    if (dq)
+        attention_bwd_wg<true>(dq, dk, dv, dk_b, dv_b, dout, q, k, v, lse, delta, nb, t, h, g, scale);
+    else
+        attention_bwd_wg<false>(dq, dk, dv, dk_b, dv_b, dout, q, k, v, lse, delta, nb, t, h, g, scale);
 }
 
 

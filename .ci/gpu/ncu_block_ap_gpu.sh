@@ -3,7 +3,7 @@
 # `engine` (release, --features cuda,cli) next to this script and carry the folder.
 cd "$(dirname "$0")"
 NCU=$(which ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
-for s in llama2-7b llama2-70b; do
+for s in ${SHAPES:-llama2-7b llama2-70b}; do
 timeout 120 $NCU --clock-control none --cache-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv --print-units base ./engine bench block-ap --shape $s --wbits 2 --group-size 64 --batch 2 --seqlen 2048 --device cuda --dtype bf16 --steps 2 --warmup 0 > /tmp/ncu_$s.csv 2> /tmp/ncu_$s.err; echo "ncu $s rc $?"
 python3 - /tmp/ncu_$s.csv <<'PY'
 import csv, sys, collections

@@ -106,6 +106,12 @@ mod tests {
         for src in crate::gpu::kernel_sources() {
             for arch in ["sm_80", "sm_90"] {
                 let p = ptx(&src, arch).unwrap_or_else(|e| panic!("{e}"));
+                // EQAT_DUMP_PTX=dir keeps the PTX, for ptxas -v and cuobjdump -sass (`.ci/sass_local.sh`).
+                if let Some(dir) = std::env::var_os("EQAT_DUMP_PTX") {
+                    let path = std::path::Path::new(&dir).join(format!("{}_{arch}.ptx", src.op));
+                    std::fs::write(&path, p.to_src())
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                }
                 assert!(
                     p.to_src().contains(".entry"),
                     "{} {arch}: no kernel",
