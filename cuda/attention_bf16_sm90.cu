@@ -58,6 +58,20 @@ __device__ __forceinline__ void ab_wgmma_rs_n128(float (&d)[64], const unsigned 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
+// dst[0 .. bytes / 4) += src[...] in f32, by the TMA unit (a bulk reduction into global memory, L2 doing the
+// adds); src in shared memory and dst 16-byte aligned, bytes a multiple of 16. Tracked by the issuing thread's
+// bulk groups.
+__device__ __forceinline__ void ab_bulk_add_f32(float* dst, const float* src, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+                 "r"(ab_smem_addr(src)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void ab_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// The thread's bulk copies have read their shared-memory sources (which may then be written again).
+__device__ __forceinline__ void ab_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// The thread's bulk copies are complete.
+__device__ __forceinline__ void ab_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
 // A shared-memory matrix descriptor: 128-byte swizzle, leading and stride byte offsets.
 __device__ __forceinline__ unsigned long long ab_desc(const void* p, unsigned lbo, unsigned sbo) {
     return (unsigned long long)((ab_smem_addr(p) & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
@@ -222,9 +236,12 @@ __device__ void attention_fwd_wg(float* out, bf16_t* out_b, float* lse, const bf
 
 
 // Backward on wgmma, D 128. Grid: ceil(T / 128) * B * G blocks of 256 threads (2 warpgroups of 64 keys); dynamic
-// shared memory 1024 + 2·128·256 + 4·64·256 + 128·128 bytes (K, V, two stages of Q and dO, dSᵀ) and 256 floats
-// (two stages of lse and delta). dq must be zeroed (or null); dk, dv [B, T, G, D] are written (each may be null), in
-// f32, or in bf16 into dk_b, dv_b when those are given instead.
+// shared memory 1024 + 2·128·256 + 4·64·256 + 128·128 bytes (K, V, two stages of Q and dO, dSᵀ), 256 floats (two
+// stages of lse and delta) and 8 · 16 · AB_DQ_ROW floats (each warp's rows of dQ on their way out). dq must be
+// zeroed (or null); dk, dv [B, T, G, D] are written (each may be null), in f32, or in bf16 into dk_b, dv_b when
+// those are given instead.
+// A staged dQ row: 64 floats and 8 of padding, so that a warp's 8 rows of one store meet 2 bank wavefronts.
+#define AB_DQ_ROW 72
 template <bool WITH_DQ>
 __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, bf16_t* dv_b, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
                                  const bf16_t* v, const float* lse, const float* delta, int nb, int t, int h, int g,
@@ -239,6 +256,7 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
     unsigned char* dos = qs + 2 * TILE_Q;     // [2][D/64][BQ][128 B]
     unsigned char* dss = dos + 2 * TILE_Q;    // dSᵀ [BK keys][64 queries = 128 B], swizzled
     float* rows_s = reinterpret_cast<float*>(dss + BK * 128);  // [2][lse 64, delta 64]
+    float* dq_rows = rows_s + 4 * BQ + (threadIdx.x / 32) * 16 * AB_DQ_ROW;  // this warp's [16][AB_DQ_ROW]
     const int nqb = (t + BQ - 1) / BQ, group = h / g;
     const int bg = blockIdx.x % (nb * g);
     const int kb = blockIdx.x / (nb * g);  // key block 0 meets every query block: it starts first
@@ -371,20 +389,31 @@ __device__ void attention_bwd_wg(float* dq, float* dk, float* dv, bf16_t* dk_b, 
         if (WITH_DQ) {
             ab_wgmma_wait_1();  // dV and dQ are done; dK may still run
             ab_reg_fence(acc);
+            // The warp's 16 rows x 64 columns go out through shared memory: lane i < 16 hands row i (256 bytes)
+            // to the TMA unit, which adds it into dq in L2 beside the next products (no atomic per element).
+            if (lane < 16) ab_bulk_wait_read();  // the last iteration's rows have left
+            __syncwarp();
 #pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const int row = q0 + warp * 16 + gi + r * 8;
-                if (row >= t) continue;
-                float* dst = dq + (((i64)b * t + row) * h + head) * D + wg * 64 + 2 * ti;
+            for (int r = 0; r < 2; r++)
 #pragma unroll
                 for (int n = 0; n < 8; n++)
-                    ab_atomic_add2(dst + n * 8, acc[4 * n + 2 * r] * scale, acc[4 * n + 2 * r + 1] * scale);
+                    *reinterpret_cast<float2*>(dq_rows + (gi + 8 * r) * AB_DQ_ROW + n * 8 + 2 * ti) =
+                        make_float2(acc[4 * n + 2 * r] * scale, acc[4 * n + 2 * r + 1] * scale);
+            ab_fence_async();
+            __syncwarp();
+            if (lane < 16) {
+                const int row = q0 + warp * 16 + lane;
+                if (row < t)
+                    ab_bulk_add_f32(dq + (((i64)b * t + row) * h + head) * D + wg * 64, dq_rows + lane * AB_DQ_ROW,
+                                    64 * 4);
+                ab_bulk_commit();
             }
         }
         ab_wgmma_wait_all();  // dV and dK are done with this stage before the next iteration reloads it
         ab_reg_fence(dva);
         ab_reg_fence(dka);
     }
+    if (WITH_DQ && lane < 16) ab_bulk_wait();  // the rows are in dq before shared memory goes away
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int key = key0 + r * 8;

@@ -64,12 +64,12 @@ fn wgmma_bwd(ctx: &GpuContext, s: AttentionShape) -> bool {
 fn bwd_kernel(ctx: &GpuContext, s: AttentionShape) -> (&'static str, usize, u32, usize) {
     if wgmma_bwd(ctx, s) {
         // K, V [128][128], two stages of Q and dO [64][128], dSᵀ [128][64] in swizzled bf16, two stages of the
-        // lse and delta of a query block, 1 KiB for the alignment.
+        // lse and delta of a query block, each warp's 16 rows of dQ [16][72] in f32, 1 KiB for the alignment.
         return (
             "attention_bwd_bf16_d128_sm90",
             128,
             256,
-            1024 + (2 * 128 + 4 * TILE) * 256 + 128 * 128 + 1024,
+            1024 + (2 * 128 + 4 * TILE) * 256 + 128 * 128 + 1024 + 8 * 16 * 72 * 4,
         );
     }
     // Warps of 16 keys: 8 when that still gives a block per SM, else 4 (more, shorter blocks). K and V
