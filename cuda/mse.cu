@@ -4,9 +4,10 @@
 // dtarget = (p - t) * -g (either may be null), in the CPU path's operation order.
 
 // dpred_root, when not null, gets mse_bwd_f32's dpred for dout = 1 (the same bits): the gradient of a loss that
-// backward starts from, written while pred and target are read anyway.
-extern "C" __global__ void mse_fwd_f32(double* partial, float* dpred_root, const float* pred, const float* target,
-                                       i64 n) {
+// backward starts from, written while pred and target are read anyway; dpred_root_b, when not null, its bf16
+// rounding (the gradient's bf16 twin, for a linear that reads it next).
+extern "C" __global__ void mse_fwd_f32(double* partial, float* dpred_root, unsigned short* dpred_root_b,
+                                       const float* pred, const float* target, i64 n) {
     __shared__ double scratch[32];
     const float g = (float)(2.0 * 1.0 / (double)n);
     double acc = 0.0;
@@ -14,6 +15,7 @@ extern "C" __global__ void mse_fwd_f32(double* partial, float* dpred_root, const
         const float d = pred[i] - target[i];
         acc += (double)d * (double)d;
         if (dpred_root) dpred_root[i] = d * g;
+        if (dpred_root_b) dpred_root_b[i] = (unsigned short)bf16_bits(d * g);
     }
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;

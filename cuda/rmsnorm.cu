@@ -48,10 +48,12 @@ __device__ void rmsnorm_fwd(float* out, unsigned short* out_b, unsigned short* x
 
 // Block b handles rows [b * rows_per_block, ...), one at a time; the dw partial of a thread's columns accumulates
 // in registers over the block's rows. dx and dw_partial may each be null. With accumulate_dx, dx holds a gradient
-// already (the residual stream's) and the row's dx is added to it.
+// already (the residual stream's) and the row's dx is added to it. dx_b, when not null, gets the bf16 rounding of
+// what dx holds after (the gradient's bf16 twin, which a linear reads next: no cast pass).
 template <int PER>
-__device__ void rmsnorm_bwd(float* dx, float* dw_partial, const float* dout, const float* x, const float* w,
-                            const float* rstd, i64 rows, int c, int rows_per_block, int accumulate_dx) {
+__device__ void rmsnorm_bwd(float* dx, unsigned short* dx_b, float* dw_partial, const float* dout, const float* x,
+                            const float* w, const float* rstd, i64 rows, int c, int rows_per_block,
+                            int accumulate_dx) {
     __shared__ float scratch[32];
     const i64 first = (i64)blockIdx.x * rows_per_block;
     const i64 last = min(first + rows_per_block, rows);
@@ -83,7 +85,9 @@ __device__ void rmsnorm_bwd(float* dx, float* dw_partial, const float* dout, con
                 const int i = threadIdx.x + j * blockDim.x;
                 if (i >= c) break;
                 const float v = r * w[i] * dv[j] - k * xv[j];
-                d[i] = accumulate_dx ? old[j] + v : v;
+                const float out = accumulate_dx ? old[j] + v : v;
+                d[i] = out;
+                if (dx_b) dx_b[row * c + i] = (unsigned short)bf16_bits(out);
             }
         }
 #pragma unroll
@@ -103,8 +107,8 @@ __device__ void rmsnorm_bwd(float* dx, float* dw_partial, const float* dout, con
     float *out, unsigned short *out_b, unsigned short *xhat_b, float *rstd, const float *x, const float *res, \
         float *x_sum, const float *w, int c, float eps
 #define RMSNORM_BWD_ARGS                                                                                       \
-    float *dx, float *dw_partial, const float *dout, const float *x, const float *w, const float *rstd, i64 rows, \
-        int c, int rows_per_block, int accumulate_dx
+    float *dx, unsigned short *dx_b, float *dw_partial, const float *dout, const float *x, const float *w,   \
+        const float *rstd, i64 rows, int c, int rows_per_block, int accumulate_dx
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_fwd_f32(RMSNORM_FWD_ARGS) {
     rmsnorm_fwd<8>(out, out_b, xhat_b, rstd, x, res, x_sum, w, c, eps);
 }
@@ -112,10 +116,10 @@ extern "C" __global__ void __launch_bounds__(512) rmsnorm_fwd_f32_wide(RMSNORM_F
     rmsnorm_fwd<32>(out, out_b, xhat_b, rstd, x, res, x_sum, w, c, eps);
 }
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_bwd_f32(RMSNORM_BWD_ARGS) {
-    rmsnorm_bwd<8>(dx, dw_partial, dout, x, w, rstd, rows, c, rows_per_block, accumulate_dx);
+    rmsnorm_bwd<8>(dx, dx_b, dw_partial, dout, x, w, rstd, rows, c, rows_per_block, accumulate_dx);
 }
 extern "C" __global__ void __launch_bounds__(512) rmsnorm_bwd_f32_wide(RMSNORM_BWD_ARGS) {
-    rmsnorm_bwd<32>(dx, dw_partial, dout, x, w, rstd, rows, c, rows_per_block, accumulate_dx);
+    rmsnorm_bwd<32>(dx, dx_b, dw_partial, dout, x, w, rstd, rows, c, rows_per_block, accumulate_dx);
 }
 
 // The folded norm (src/ops/rmsnorm/fold.rs): for a linear y = h·Ŵᵀ on h = x̂·diag(γ) whose input x needs no

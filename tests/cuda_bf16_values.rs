@@ -433,3 +433,63 @@ fn residual_add_hands_a_linear_its_bf16_gradient() {
     }
     r.finish();
 }
+
+/// The bf16 twins of gradients: `mse_loss` (the loss's gradient, in its forward) and `add_rmsnorm`'s backward (the
+/// residual stream's gradient, after adding dx) write bf16(gradient) in their own pass when a residual add hands
+/// that gradient to a bf16-mode linear next, so no cast runs. The same bits as the casts (twins off) in every
+/// gradient and the loss, with both twins handed on.
+#[test]
+fn gradient_twins_give_the_casts_bits() {
+    let Some(_) = device("bf16 gradient twins") else {
+        return;
+    };
+    let ctx = GpuContext::new(0).unwrap();
+    ctx.set_poison(true);
+    ctx.set_matmul_bf16(true);
+    let mut r = Report::new("bf16 gradient twins");
+    let mut rng = Rng::new(614);
+    let cfg = QuantConfig::new(2, 32).unwrap();
+    let (rows, k, n) = (37, 64, 96);
+    let x = Tensor::randn(&[rows, k], 1.0, &mut rng);
+    let a = Tensor::randn(&[rows, n], 1.0, &mut rng);
+    let t = Tensor::randn(&[rows, n], 1.0, &mut rng);
+    let gamma = Tensor::randn(&[n], 0.5, &mut rng);
+    let ws = [
+        Tensor::randn(&[n, k], 0.2, &mut rng),
+        Tensor::randn(&[n, n], 0.2, &mut rng),
+    ];
+    // y = lin0(x); (s, h) = add_rmsnorm(a, y, γ); loss = mse_loss(s + lin1(h), t).
+    let run = |twins: bool| -> (Vec<Vec<f32>>, usize) {
+        let mut tape = Tape::new();
+        tape.set_bf16_twins(twins);
+        let p = quant_params(&mut tape, &ctx, &ws, cfg);
+        let g = tape.param(gamma.to_device(&ctx).unwrap()).unwrap();
+        let xv = tape.leaf(x.to_device(&ctx).unwrap(), true);
+        let av = tape.leaf(a.to_device(&ctx).unwrap(), true);
+        let y = fake_quant_linear(&mut tape, xv, p[0][0], p[0][1], p[0][2], cfg).unwrap();
+        let (s, h) = eqat::ops::rmsnorm::add_rmsnorm(&mut tape, av, y, g, 1e-5).unwrap();
+        let y1 = fake_quant_linear(&mut tape, h, p[1][0], p[1][1], p[1][2], cfg).unwrap();
+        let out = eqat::ops::add::add(&mut tape, s, y1).unwrap();
+        let tv = tape.input(t.to_device(&ctx).unwrap());
+        let loss = eqat::ops::mse::mse_loss(&mut tape, out, tv).unwrap();
+        tape.backward(loss).unwrap();
+        let mut vals = vec![tape.value(loss).to_f32_vec()];
+        for v in [xv, av, g].iter().chain(p.iter().flatten()) {
+            vals.push(tape.grad(*v).unwrap().to_f32_vec());
+        }
+        (vals, tape.bf16_twins_used())
+    };
+    let ((with, used), (without, none)) = (run(true), run(false));
+    r.expect(
+        &format!("both twins handed on ({used}), none when off ({none})"),
+        used == 2 && none == 0,
+    );
+    let names = ["loss", "dx", "da", "dγ", "dw0", "ds0", "dz0", "dw1", "ds1", "dz1"];
+    for (i, what) in names.iter().enumerate() {
+        r.expect(
+            &format!("{what} bit for bit, finite"),
+            with[i] == without[i] && with[i].iter().all(|v| v.is_finite()),
+        );
+    }
+    r.finish();
+}

@@ -63,4 +63,12 @@ pub trait Backward: Send + Sync {
     fn reads_dout_as_bf16(&self) -> bool {
         false
     }
+
+    /// The bf16 rounding of input i's gradient that this op's backward (or `root_grads`) wrote beside it, where the
+    /// tape asked for one when the op was recorded (`Tape::wants_bf16_twin`); taken once.
+    #[cfg(feature = "cuda")]
+    fn take_bf16_twin(&self, i: usize) -> Option<crate::gpu::Bf16Buf> {
+        let _ = i;
+        None
+    }
 }

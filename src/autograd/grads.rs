@@ -3,6 +3,12 @@ use super::{BufferPool, Var};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// A gradient's bf16 twin (`Tape::wants_bf16_twin`); nothing without the GPU.
+#[cfg(feature = "cuda")]
+pub(super) type Bf16Twin = crate::gpu::Bf16Buf;
+#[cfg(not(feature = "cuda"))]
+pub(super) type Bf16Twin = ();
+
 /// A gradient buffer shaped like `t`, where `t` lives (the host pool or t's GPU): zeroed, or on a GPU left
 /// uninitialised when `uninit` (the op overwrites it).
 pub(super) fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Result<Tensor> {
@@ -32,14 +38,19 @@ pub(super) fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Re
 /// dout of a `passes_dout_through` node to each input in `needy` (in order; an input may repeat), reshaped to
 /// the input's shape: added into a slot that holds a gradient, moved into the last empty one, copied into the
 /// others. The inputs in `bf16` (empty slots of inputs read once, `Tape::takes_bf16_dout`) get bf16(dout)
-/// instead, before the others take theirs, so the f32 dout is moved rather than copied when one other is left.
+/// instead, before the others take theirs, so the f32 dout is moved rather than copied when one other is left;
+/// `twin`, dout's bf16 twin when its producer wrote one (`Tape::wants_bf16_twin`), is handed over instead of a cast.
 pub(super) fn pass_through(
     grads: &mut [Option<Tensor>],
     values: &[Tensor],
     (needy, bf16): (&[Var], &[Var]),
-    dout: Tensor,
+    (dout, twin): (Tensor, Option<Bf16Twin>),
     pool: &mut BufferPool,
 ) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    let mut twin = twin;
+    #[cfg(not(feature = "cuda"))]
+    let _ = twin;
     #[cfg(feature = "cuda")]
     for v in bf16 {
         if grads[v.0].is_some() {
@@ -48,7 +59,10 @@ pub(super) fn pass_through(
                 v.0
             )));
         }
-        let d = crate::ops::linear::cast_bf16_cuda(dout.gpu("backward")?)?;
+        let d = match twin.take() {
+            Some(d) => d,
+            None => crate::ops::linear::cast_bf16_cuda(dout.gpu("backward")?)?,
+        };
         grads[v.0] = Some(Tensor::from_gpu_bf16(values[v.0].shape(), d)?);
     }
     let rest: Vec<Var>;

@@ -58,6 +58,9 @@ pub struct Tape {
     /// Folded norms' outputs (`ops::rmsnorm::rmsnorm_folded`), by entry index; dropped on `reset`.
     #[cfg(feature = "cuda")]
     norm_folds: std::collections::HashMap<usize, crate::ops::rmsnorm::NormFold>,
+    /// bf16 twins of this step's gradients (`wants_bf16_twin`); dropped on `reset`.
+    #[cfg(feature = "cuda")]
+    twins: device_values::Bf16Twins,
     /// Weights whose fake-quantized bf16 value persists between steps (`defer_fake_quant`).
     #[cfg(feature = "cuda")]
     fake_quant_copies: fake_quant_copies::FakeQuantCopies,
@@ -214,6 +217,7 @@ impl Tape {
         {
             self.bf16_copies.clear();
             self.norm_folds.clear();
+            self.twins.by_entry.clear();
         }
         let n = self.n_params;
         for t in self.values.drain(n..) {
@@ -343,11 +347,15 @@ impl Tape {
                     .collect();
                 #[cfg(not(feature = "cuda"))]
                 let bf16 = Vec::new();
+                #[cfg(feature = "cuda")]
+                let twin = self.twins.hand_on(i, &needy, bf16.len());
+                #[cfg(not(feature = "cuda"))]
+                let twin = None;
                 pass_through(
                     &mut self.grads,
                     &self.values,
                     (&needy, &bf16),
-                    dout,
+                    (dout, twin),
                     &mut self.pool,
                 )?;
                 continue;
@@ -384,7 +392,7 @@ impl Tape {
             }
             let name = node.backward.name();
             let input_vars = node.inputs.clone();
-            for ((v, d), added) in input_vars.iter().zip(dinputs).zip(acc) {
+            for (j, ((v, d), added)) in input_vars.iter().zip(dinputs).zip(acc).enumerate() {
                 if let Some(d) = d {
                     if d.shape() != self.values[v.0].shape() {
                         return Err(Error::Autograd(format!(
@@ -393,6 +401,15 @@ impl Tape {
                             self.values[v.0].shape()
                         )));
                     }
+                    // The op's twin is the slot's when the slot holds what the op wrote, and nothing else.
+                    #[cfg(feature = "cuda")]
+                    self.twins.record(
+                        *v,
+                        node.backward.take_bf16_twin(j),
+                        added || self.grads[v.0].is_none(),
+                    );
+                    #[cfg(not(feature = "cuda"))]
+                    let _ = j;
                     match added {
                         // The slot was taken out above and now holds the sum.
                         true => self.grads[v.0] = Some(d),

@@ -129,14 +129,14 @@ const CUDA_PARTIALS: usize = 1024;
 /// loss[0] = mean((pred - target)²), summed in f64 in a fixed order (deterministic). `pred` must not be empty.
 #[cfg(feature = "cuda")]
 pub fn mse_fwd_cuda(loss: &mut GpuBuf, pred: &GpuBuf, target: &GpuBuf) -> Result<()> {
-    mse_fwd_cuda_into(loss, None, pred, target)
+    mse_fwd_cuda_into(loss, (None, None), pred, target)
 }
 
 /// `mse_fwd_cuda`, also writing `mse_bwd_cuda`'s dpred for dout = 1 into `dpred_root` when given.
 #[cfg(feature = "cuda")]
 fn mse_fwd_cuda_into(
     loss: &mut GpuBuf,
-    dpred_root: Option<&mut GpuBuf>,
+    (dpred_root, dpred_root_b): (Option<&mut GpuBuf>, Option<&mut crate::gpu::Bf16Buf>),
     pred: &GpuBuf,
     target: &GpuBuf,
 ) -> Result<()> {
@@ -156,6 +156,7 @@ fn mse_fwd_cuda_into(
         &[
             partial.arg(),
             opt_arg(&dpred_root),
+            dpred_root_b.map_or(Arg::NULL, |b| b.arg()),
             pred.arg(),
             target.arg(),
             n64,
@@ -224,18 +225,23 @@ fn mse_with(tape: &mut Tape, pred: Var, target: Var, as_loss: bool) -> Result<Va
         let mut dpred = early
             .then(|| ctx.alloc(tape.value(pred).numel()))
             .transpose()?;
+        let mut twin = (early && tape.wants_bf16_twin(pred))
+            .then(|| ctx.alloc_bf16(tape.value(pred).numel()))
+            .transpose()?;
         mse_fwd_cuda_into(
             &mut loss,
-            dpred.as_mut(),
+            (dpred.as_mut(), twin.as_mut()),
             tape.value(pred).gpu("mse")?,
             tape.value(target).gpu("mse")?,
         )?;
         let loss = Tensor::from_gpu(&[], loss)?;
         let root = dpred
             .map(|d| Tensor::from_gpu(tape.value(pred).shape(), d))
-            .transpose()?;
+            .transpose()?
+            .map(|d| (d, twin));
         let backward = MseBackward {
             root: std::sync::Mutex::new(root),
+            twin: std::sync::Mutex::new(None),
         };
         return Ok(tape.push_op(loss, &[pred, target], Box::new(backward)));
     }
@@ -248,13 +254,24 @@ fn mse_with(tape: &mut Tape, pred: Var, target: Var, as_loss: bool) -> Result<Va
     let out = tape.alloc_scalar(loss as f32);
     let backward = MseBackward {
         root: std::sync::Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        twin: std::sync::Mutex::new(None),
     };
     Ok(tape.push_op(out, &[pred, target], Box::new(backward)))
 }
 
+/// dpred for dout = 1 as `mse_loss`'s forward wrote it, with its bf16 twin where the tape asked for one.
+#[cfg(feature = "cuda")]
+type RootGrad = (Tensor, Option<crate::gpu::Bf16Buf>);
+#[cfg(not(feature = "cuda"))]
+type RootGrad = Tensor;
+
 struct MseBackward {
-    /// dpred for dout = 1, written by `mse_loss`'s forward; taken by `root_grads`.
-    root: std::sync::Mutex<Option<Tensor>>,
+    /// Written by `mse_loss`'s forward; taken by `root_grads`.
+    root: std::sync::Mutex<Option<RootGrad>>,
+    /// The twin of the root gradient `root_grads` handed over, for `take_bf16_twin`.
+    #[cfg(feature = "cuda")]
+    twin: std::sync::Mutex<Option<crate::gpu::Bf16Buf>>,
 }
 
 impl Backward for MseBackward {
@@ -266,8 +283,24 @@ impl Backward for MseBackward {
         if d[1].is_some() || root.is_none() {
             return Ok(false);
         }
-        d[0] = root.take();
+        #[cfg(feature = "cuda")]
+        {
+            let (g, twin) = root.take().expect("checked above");
+            d[0] = Some(g);
+            *self.twin.lock().unwrap_or_else(|e| e.into_inner()) = twin;
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            d[0] = root.take();
+        }
         Ok(true)
+    }
+    #[cfg(feature = "cuda")]
+    fn take_bf16_twin(&self, i: usize) -> Option<crate::gpu::Bf16Buf> {
+        match i {
+            0 => self.twin.lock().unwrap_or_else(|e| e.into_inner()).take(),
+            _ => None,
+        }
     }
     /// Every kernel and GEMM of this backward writes each element of the gradients it is given.
     fn overwrites_dinputs(&self) -> bool {

@@ -119,12 +119,13 @@ pub fn rmsnorm_bwd_cuda(
     w: &GpuBuf,
     rstd: &GpuBuf,
 ) -> Result<()> {
-    rmsnorm_bwd_cuda_into(dx, dw, dout, x, w, rstd, false)
+    rmsnorm_bwd_cuda_into((dx, None), dw, dout, x, w, rstd, false)
 }
 
-/// `rmsnorm_bwd_cuda`, adding into dx (`+=`) when `accumulate_dx` (the residual stream's gradient so far).
+/// `rmsnorm_bwd_cuda` adding dx into the gradient dx holds when `accumulate_dx` (the residual stream's), and writing the bf16 rounding of
+/// the result into dx_b when given.
 pub(super) fn rmsnorm_bwd_cuda_into(
-    dx: Option<&mut GpuBuf>,
+    (dx, dx_b): (Option<&mut GpuBuf>, Option<&mut crate::gpu::Bf16Buf>),
     dw: Option<&mut GpuBuf>,
     dout: &GpuBuf,
     x: &GpuBuf,
@@ -152,6 +153,7 @@ pub(super) fn rmsnorm_bwd_cuda_into(
         0,
         &[
             opt_arg(&dx),
+            dx_b.map_or(Arg::NULL, |b| b.arg()),
             opt_arg(&partial.as_mut()),
             dout.arg(),
             x.arg(),

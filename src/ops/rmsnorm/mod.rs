@@ -178,7 +178,7 @@ pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Result<Var> {
         eps,
     );
     let rstd = Tensor::from_vec(&[rows], rstd)?;
-    Ok(tape.push_op(out, &[x, w], Box::new(RmsnormBackward { rstd })))
+    Ok(tape.push_op(out, &[x, w], Box::new(RmsnormBackward::new(rstd, false))))
 }
 
 /// (x + res, rmsnorm(x + res)·w): the residual stream's add and the norm after it, as `add` then `rmsnorm` (the same
@@ -245,7 +245,8 @@ fn rmsnorm_cuda(
     };
     let rstd = Tensor::from_gpu(&[rows], rstd)?;
     let out = Tensor::from_gpu(&shape, out)?;
-    let y = tape.push_op(out, &[normed, w], Box::new(RmsnormBackward { rstd }));
+    let twin = tape.wants_bf16_twin(normed);
+    let y = tape.push_op(out, &[normed, w], Box::new(RmsnormBackward::new(rstd, twin)));
     if let Some(b) = out_b {
         tape.set_bf16_copy(y, b);
     }
@@ -255,6 +256,21 @@ fn rmsnorm_cuda(
 struct RmsnormBackward {
     /// 1/rms per row, where the forward ran (host or device).
     rstd: Tensor,
+    /// Whether the GPU backward writes dx's bf16 twin (`Tape::wants_bf16_twin`), and the twin it wrote.
+    #[cfg(feature = "cuda")]
+    twin: Option<std::sync::Mutex<Option<crate::gpu::Bf16Buf>>>,
+}
+
+impl RmsnormBackward {
+    fn new(rstd: Tensor, twin: bool) -> RmsnormBackward {
+        #[cfg(not(feature = "cuda"))]
+        let _ = twin;
+        RmsnormBackward {
+            rstd,
+            #[cfg(feature = "cuda")]
+            twin: twin.then(|| std::sync::Mutex::new(None)),
+        }
+    }
 }
 
 impl Backward for RmsnormBackward {
@@ -268,6 +284,13 @@ impl Backward for RmsnormBackward {
     /// On the GPU the kernel can add dx into x's gradient so far (the residual stream's).
     fn accumulates(&self, i: usize) -> bool {
         i == 0 && self.rstd.is_cuda()
+    }
+    #[cfg(feature = "cuda")]
+    fn take_bf16_twin(&self, i: usize) -> Option<crate::gpu::Bf16Buf> {
+        match (i, &self.twin) {
+            (0, Some(t)) => t.lock().unwrap_or_else(|e| e.into_inner()).take(),
+            _ => None,
+        }
     }
     fn backward(
         &self,
@@ -290,15 +313,24 @@ impl Backward for RmsnormBackward {
         #[cfg(feature = "cuda")]
         if dout.is_cuda() {
             let op = "rmsnorm_bwd";
-            return rmsnorm_bwd_cuda_into(
-                dx[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
+            let dx = dx[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?;
+            let mut twin = match (&self.twin, &dx) {
+                (Some(_), Some(d)) => Some(d.ctx().alloc_bf16(d.len())?),
+                _ => None,
+            };
+            rmsnorm_bwd_cuda_into(
+                (dx, twin.as_mut()),
                 dw[0].as_mut().map(|t| t.gpu_mut(op)).transpose()?,
                 dout.gpu(op)?,
                 inputs[0].gpu(op)?,
                 inputs[1].gpu(op)?,
                 self.rstd.gpu(op)?,
                 accumulate[0],
-            );
+            )?;
+            if let (Some(slot), Some(b)) = (&self.twin, twin) {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+            }
+            return Ok(());
         }
         if accumulate[0] {
             return Err(Error::Autograd(
