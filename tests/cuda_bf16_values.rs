@@ -484,12 +484,101 @@ fn gradient_twins_give_the_casts_bits() {
         &format!("both twins handed on ({used}), none when off ({none})"),
         used == 2 && none == 0,
     );
-    let names = ["loss", "dx", "da", "dγ", "dw0", "ds0", "dz0", "dw1", "ds1", "dz1"];
+    let names = [
+        "loss", "dx", "da", "dγ", "dw0", "ds0", "dz0", "dw1", "ds1", "dz1",
+    ];
     for (i, what) in names.iter().enumerate() {
         r.expect(
             &format!("{what} bit for bit, finite"),
             with[i] == without[i] && with[i].iter().all(|v| v.is_finite()),
         );
+    }
+    r.finish();
+}
+
+/// rope's outputs get f32 gradients (`Backward::reads_f32_dout`): attention writes dq and dk unrounded, rope's
+/// backward rotates and rounds once. Against the f32 run, q's and k's gradients are closer than when a reshape
+/// between rope and attention (a pass-through that keeps bf16 gradients) makes attention round first, and v's
+/// are the same bits.
+#[test]
+fn rope_takes_attention_gradients_in_f32() {
+    let Some(_) = device("rope f32 gradients") else {
+        return;
+    };
+    let ctx = GpuContext::new(0).unwrap();
+    ctx.set_poison(true);
+    ctx.set_matmul_bf16(true);
+    let mut r = Report::new("rope f32 gradients");
+    let mut rng = Rng::new(615);
+    for s in [shape(2, 45, 6, 2, 64), shape(1, 130, 4, 4, 128)] {
+        let inputs: Vec<Tensor> = [s.h, s.g, s.g]
+            .iter()
+            .map(|&heads| {
+                let t = Tensor::randn(&[s.b, s.t, heads, s.d], 1.0, &mut rng);
+                Tensor::from_vec(t.shape(), round_bf16(&t.to_f32_vec())).unwrap()
+            })
+            .collect();
+        let c = s.h * s.d;
+        let w = Tensor::randn(&[c, c], 0.05, &mut rng);
+        let cfg = QuantConfig::new(4, 32).unwrap();
+        let target = Tensor::randn(&[s.b, s.t, c], 1.0, &mut rng);
+        // (bf16 values, a reshape between rope and attention) -> the gradients of q, k, v before rope.
+        let run = |bf16: bool, between: bool| -> Vec<Vec<f32>> {
+            let mut tape = Tape::new();
+            let p = quant_params(&mut tape, &ctx, std::slice::from_ref(&w), cfg).remove(0);
+            let vars: Vec<_> = inputs
+                .iter()
+                .map(|t| {
+                    let d = t.to_device(&ctx).unwrap();
+                    let d = match bf16 {
+                        true => Tensor::from_gpu_bf16(
+                            t.shape(),
+                            cast_bf16_cuda(d.gpu("t").unwrap()).unwrap(),
+                        )
+                        .unwrap(),
+                        false => d,
+                    };
+                    tape.leaf(d, true)
+                })
+                .collect();
+            let layout = eqat::ops::rope::RopeLayout::HalfSplit;
+            let mut qk = [vars[0], vars[1]]
+                .map(|v| eqat::ops::rope::rope(&mut tape, v, 0, 1e4, layout).unwrap());
+            if between {
+                qk = qk.map(|v| {
+                    let sh = tape.value(v).shape().to_vec();
+                    eqat::ops::reshape::reshape(&mut tape, v, &sh).unwrap()
+                });
+            }
+            let out = att::attention(&mut tape, qk[0], qk[1], vars[2]).unwrap();
+            let a = eqat::ops::reshape::reshape(&mut tape, out, &[s.b, s.t, c]).unwrap();
+            let y = fake_quant_linear(&mut tape, a, p[0], p[1], p[2], cfg).unwrap();
+            let tv = tape.input(target.to_device(&ctx).unwrap());
+            let loss = eqat::ops::mse::mse(&mut tape, y, tv).unwrap();
+            tape.backward(loss).unwrap();
+            vars.iter()
+                .map(|&v| {
+                    let g = tape.grad(v).unwrap();
+                    assert_grad_dtype(g, bf16);
+                    g.to_f32_vec()
+                })
+                .collect()
+        };
+        let (f32s, direct, rounded) = (run(false, false), run(true, false), run(true, true));
+        for (i, what) in ["dq", "dk"].iter().enumerate() {
+            let want = to_f64(&f32s[i]);
+            let err = |got: &[f32]| {
+                let d: Vec<f64> = got.iter().zip(&want).map(|(&x, &w)| x as f64 - w).collect();
+                rms(&d) / rms(&want)
+            };
+            let (e_direct, e_rounded) = (err(&direct[i]), err(&rounded[i]));
+            say(&format!("  {s:?} {what}: rms relative difference {e_direct:.3e} (rounded first: {e_rounded:.3e})"));
+            r.expect(
+                &format!("{s:?} {what}: {e_direct:.3e} < {e_rounded:.3e} < 1e-2"),
+                e_direct < e_rounded && e_rounded < 1e-2,
+            );
+        }
+        r.expect(&format!("{s:?} dv bit for bit"), direct[2] == rounded[2]);
     }
     r.finish();
 }

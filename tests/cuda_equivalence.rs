@@ -234,6 +234,24 @@ fn rope_matches_ref() {
                     1e-6 * rms(&want),
                     rtol,
                 );
+                // An f32 gradient in, bf16 out (attention's unrounded dq): f32 dx rounded once.
+                let mut dx_b = ctx.alloc_bf16(n).unwrap();
+                let bufs = rope::RopeBufs::Bf16FromF32(&mut dx_b, &up(&ctx, &dout));
+                rope::rope_bwd_cuda(bufs, shape, &dt, layout).unwrap();
+                let got = dx_b.to_f32_vec().unwrap();
+                r.check_tol(
+                    &format!("f32 to bf16 dx {name}"),
+                    &got,
+                    &want_dx,
+                    1e-6 * rms(&want_dx),
+                    rtol,
+                );
+                let mut out_b = ctx.alloc_bf16(n).unwrap();
+                let bufs = rope::RopeBufs::Bf16FromF32(&mut out_b, &up(&ctx, &x));
+                r.expect(
+                    &format!("no f32-to-bf16 forward {name}"),
+                    rope::rope_fwd_cuda(bufs, shape, &dt, layout).is_err(),
+                );
             }
         }
     }

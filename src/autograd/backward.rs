@@ -64,6 +64,13 @@ pub trait Backward: Send + Sync {
         false
     }
 
+    /// True when `backward` takes an f32 device `dout` for its bf16 output and rounds only its own dinputs (rope):
+    /// the tape then gives that output an f32 gradient, so its readers (attention) write it without rounding and
+    /// no cast runs in between.
+    fn reads_f32_dout(&self) -> bool {
+        false
+    }
+
     /// The bf16 rounding of input i's gradient that this op's backward (or `root_grads`) wrote beside it, where the
     /// tape asked for one when the op was recorded (`Tape::wants_bf16_twin`); taken once.
     #[cfg(feature = "cuda")]

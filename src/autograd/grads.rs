@@ -10,11 +10,23 @@ pub(super) type Bf16Twin = crate::gpu::Bf16Buf;
 pub(super) type Bf16Twin = ();
 
 /// A gradient buffer shaped like `t`, where `t` lives (the host pool or t's GPU): zeroed, or on a GPU left
-/// uninitialised when `uninit` (the op overwrites it).
-pub(super) fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Result<Tensor> {
+/// uninitialised when `uninit` (the op overwrites it). A bf16 value's gradient is bf16 unless `f32_dout` (its
+/// producer reads an f32 dout: `Backward::reads_f32_dout`).
+pub(super) fn grad_buffer(
+    t: &Tensor,
+    (uninit, f32_dout): (bool, bool),
+    pool: &mut BufferPool,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     match t.storage() {
         crate::tensor::Storage::Cuda(b) => {
+            let buf = match uninit {
+                true => b.ctx().alloc(t.numel())?,
+                false => b.ctx().zeros(t.numel())?,
+            };
+            return Tensor::from_gpu(t.shape(), buf);
+        }
+        crate::tensor::Storage::CudaBf16(b) if f32_dout => {
             let buf = match uninit {
                 true => b.ctx().alloc(t.numel())?,
                 false => b.ctx().zeros(t.numel())?,
@@ -31,7 +43,7 @@ pub(super) fn grad_buffer(t: &Tensor, uninit: bool, pool: &mut BufferPool) -> Re
         }
         _ => {}
     }
-    let _ = uninit;
+    let _ = (uninit, f32_dout);
     Tensor::from_vec(t.shape(), pool.take_zeroed(t.numel()))
 }
 

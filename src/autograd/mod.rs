@@ -378,8 +378,15 @@ impl Tape {
                     dinputs.push(None);
                     continue;
                 }
+                let f32_dout = self.nodes[v.0]
+                    .as_ref()
+                    .is_some_and(|n| n.backward.reads_f32_dout());
                 dinputs.push(match self.requires_grad[v.0] {
-                    true => Some(grad_buffer(&self.values[v.0], uninit, &mut self.pool)?),
+                    true => Some(grad_buffer(
+                        &self.values[v.0],
+                        (uninit, f32_dout),
+                        &mut self.pool,
+                    )?),
                     false => None,
                 });
             }

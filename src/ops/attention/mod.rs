@@ -188,19 +188,25 @@ struct AttentionBackward {
     bf16: Option<cuda_bf16::Bf16Inputs>,
 }
 
-/// The bf16 gradient slot of a bf16 value, for the kernels to write.
+/// The gradient slot of a bf16 value, bf16 or (`Backward::reads_f32_dout`: rope's outputs) f32, for the kernels
+/// to write.
 #[cfg(feature = "cuda")]
-fn bf16_grad(t: &mut Option<Tensor>) -> Result<Option<cuda_bf16::OutBuf<'_>>> {
+fn bf16_value_grad(t: &mut Option<Tensor>) -> Result<Option<cuda_bf16::OutBuf<'_>>> {
     t.as_mut()
-        .map(|t| t.gpu_bf16_mut("attention_bwd").map(cuda_bf16::OutBuf::Bf16))
+        .map(|t| match t.dtype() {
+            crate::tensor::DType::BF16 => {
+                t.gpu_bf16_mut("attention_bwd").map(cuda_bf16::OutBuf::Bf16)
+            }
+            _ => t.gpu_mut("attention_bwd").map(cuda_bf16::OutBuf::F32),
+        })
         .transpose()
 }
 
 #[cfg(feature = "cuda")]
 impl AttentionBackward {
-    /// The backward of bf16 q, k, v: their gradients are bf16 too. dk and dv are written bf16 by the kernels; dq,
-    /// a sum of atomic adds, goes through an f32 buffer rounded once into its bf16 slot. The rope backward and the
-    /// q, k, v projections then read them as they are.
+    /// The backward of bf16 q, k, v: their gradients are bf16 too, or f32 where the tape gives an f32 slot (q and
+    /// k from rope, which rounds after rotating). dk and dv are written by the kernels in the slot's dtype; dq, a
+    /// sum of atomic adds, goes into an f32 slot as it is, or through an f32 buffer rounded once into a bf16 one.
     fn backward_bf16_values(
         &self,
         dout: &Tensor,
@@ -217,20 +223,23 @@ impl AttentionBackward {
             unreachable!("attention has three inputs")
         };
         let ctx = self.lse.gpu(OP)?.ctx().clone();
-        let mut dq32 = dq.as_ref().map(|t| ctx.alloc(t.numel())).transpose()?;
+        let bf16_dq = dq
+            .as_ref()
+            .is_some_and(|t| t.dtype() == crate::tensor::DType::BF16);
+        let mut dq32 = match bf16_dq {
+            true => dq.as_ref().map(|t| ctx.alloc(t.numel())).transpose()?,
+            false => None,
+        };
         let dout_out = cuda_bf16::DoutOut::Bf16 {
             dout: dout.gpu_bf16(OP)?,
             out: out.gpu_bf16(OP)?,
         };
-        let grads = [bf16_grad(dk)?, bf16_grad(dv)?];
-        cuda_bf16::bwd(
-            dq32.as_mut(),
-            grads,
-            dout_out,
-            x,
-            self.lse.gpu(OP)?,
-            self.shape,
-        )?;
+        let grads = [bf16_value_grad(dk)?, bf16_value_grad(dv)?];
+        let dq_out = match dq32.as_mut() {
+            Some(b) => Some(b),
+            None => dq.as_mut().map(|t| t.gpu_mut(OP)).transpose()?,
+        };
+        cuda_bf16::bwd(dq_out, grads, dout_out, x, self.lse.gpu(OP)?, self.shape)?;
         if let (Some(slot), Some(g)) = (dq, &dq32) {
             crate::ops::linear::cast_bf16_into_cuda(slot.gpu_bf16_mut(OP)?, g)?;
         }

@@ -246,7 +246,11 @@ fn rmsnorm_cuda(
     let rstd = Tensor::from_gpu(&[rows], rstd)?;
     let out = Tensor::from_gpu(&shape, out)?;
     let twin = tape.wants_bf16_twin(normed);
-    let y = tape.push_op(out, &[normed, w], Box::new(RmsnormBackward::new(rstd, twin)));
+    let y = tape.push_op(
+        out,
+        &[normed, w],
+        Box::new(RmsnormBackward::new(rstd, twin)),
+    );
     if let Some(b) = out_b {
         tape.set_bf16_copy(y, b);
     }

@@ -258,11 +258,13 @@ fn rotate_cuda(
     )
 }
 
-/// The device buffers of a rotation: f32 or bf16 (the bf16 mode's q and k), both alike.
+/// The device buffers of a rotation (y, x): f32 or bf16 (the bf16 mode's q and k), both alike, or (backward only)
+/// a bf16 gradient from an f32 one (`Backward::reads_f32_dout`).
 #[cfg(feature = "cuda")]
 pub enum RopeBufs<'a> {
     F32(&'a mut GpuBuf, &'a GpuBuf),
     Bf16(&'a mut crate::gpu::Bf16Buf, &'a crate::gpu::Bf16Buf),
+    Bf16FromF32(&'a mut crate::gpu::Bf16Buf, &'a GpuBuf),
 }
 
 #[cfg(feature = "cuda")]
@@ -290,6 +292,18 @@ impl RopeBufs<'_> {
                 (y.len(), x.len()),
                 (y.arg(), x.arg()),
             ),
+            RopeBufs::Bf16FromF32(y, x) if !fwd => (
+                ["", "rope_bwd_f32_bf16"],
+                y.ctx().clone(),
+                (y.len(), x.len()),
+                (y.arg(), x.arg()),
+            ),
+            RopeBufs::Bf16FromF32(..) => {
+                return Err(Error::invalid(
+                    "rope",
+                    "the forward takes and gives values of one dtype",
+                ))
+            }
         };
         if lens.0 != lens.1 {
             return Err(Error::shape(
@@ -425,6 +439,10 @@ impl Backward for RopeBackward {
     fn overwrites_dinputs(&self) -> bool {
         true
     }
+    /// A bf16 output's gradient may come in f32 (attention's dq, dk): rotated, then rounded once.
+    fn reads_f32_dout(&self) -> bool {
+        true
+    }
     fn backward(
         &self,
         _: &[&Tensor],
@@ -443,10 +461,10 @@ impl Backward for RopeBackward {
             }
             #[cfg(feature = "cuda")]
             SavedTable::Device(table) => {
-                let bufs = match dout.dtype() {
-                    crate::tensor::DType::BF16 => {
-                        RopeBufs::Bf16(dx.gpu_bf16_mut(op)?, dout.gpu_bf16(op)?)
-                    }
+                use crate::tensor::DType::BF16;
+                let bufs = match (dx.dtype(), dout.dtype()) {
+                    (BF16, BF16) => RopeBufs::Bf16(dx.gpu_bf16_mut(op)?, dout.gpu_bf16(op)?),
+                    (BF16, _) => RopeBufs::Bf16FromF32(dx.gpu_bf16_mut(op)?, dout.gpu(op)?),
                     _ => RopeBufs::F32(dx.gpu_mut(op)?, dout.gpu(op)?),
                 };
                 rope_bwd_cuda(bufs, self.shape, table, self.layout)?;
