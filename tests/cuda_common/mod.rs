@@ -11,6 +11,8 @@ use std::io::Write;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+pub mod bf16_mode;
+
 /// Writes to the process's stderr directly: the test harness captures `eprintln!` of passing tests, and a skip
 /// must never pass silently.
 pub fn say(msg: &str) {
