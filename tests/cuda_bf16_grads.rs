@@ -145,13 +145,7 @@ fn rope_takes_attention_gradients_in_f32() {
         return;
     };
     for s in [shape(2, 45, 6, 2, 64), shape(1, 130, 4, 4, 128)] {
-        let inputs: Vec<Tensor> = [s.h, s.g, s.g]
-            .iter()
-            .map(|&heads| {
-                let t = Tensor::randn(&[s.b, s.t, heads, s.d], 1.0, &mut rng);
-                Tensor::from_vec(t.shape(), round_bf16(&t.to_f32_vec())).unwrap()
-            })
-            .collect();
+        let inputs = bf16_qkv(s, &mut rng);
         let c = s.h * s.d;
         let w = Tensor::randn(&[c, c], 0.05, &mut rng);
         let cfg = QuantConfig::new(4, 32).unwrap();

@@ -140,13 +140,7 @@ fn bf16_values_track_the_f32_inputs() {
     };
     let cfg = eqat::quant::fake_quant::QuantConfig::new(4, 32).unwrap();
     for s in [shape(2, 45, 6, 2, 64), shape(1, 130, 4, 4, 128)] {
-        let tensors: Vec<Tensor> = [s.h, s.g, s.g]
-            .iter()
-            .map(|&heads| {
-                let t = Tensor::randn(&[s.b, s.t, heads, s.d], 1.0, &mut rng);
-                Tensor::from_vec(t.shape(), round_bf16(&t.to_f32_vec())).unwrap()
-            })
-            .collect();
+        let tensors = bf16_qkv(s, &mut rng);
         let c = s.h * s.d;
         let w = Tensor::randn(&[c, c], 0.05, &mut rng);
         let (ws, wz) = eqat::quant::fake_quant::init_minmax(&w, cfg).unwrap();

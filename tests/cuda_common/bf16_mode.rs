@@ -21,6 +21,17 @@ pub fn shape(b: usize, t: usize, h: usize, g: usize, d: usize) -> AttentionShape
     AttentionShape { b, t, h, g, d }
 }
 
+/// Random N(0, 1) q [B, T, H, D], k and v [B, T, G, D] of shape s, rounded to bf16 (f32 tensors).
+pub fn bf16_qkv(s: AttentionShape, rng: &mut Rng) -> Vec<Tensor> {
+    [s.h, s.g, s.g]
+        .iter()
+        .map(|&heads| {
+            let t = Tensor::randn(&[s.b, s.t, heads, s.d], 1.0, rng);
+            Tensor::from_vec(t.shape(), round_bf16(&t.to_f32_vec())).unwrap()
+        })
+        .collect()
+}
+
 /// Values rounded to bf16 (to nearest even), as f32.
 pub fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter()
