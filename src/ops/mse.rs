@@ -132,7 +132,8 @@ pub fn mse_fwd_cuda(loss: &mut GpuBuf, pred: &GpuBuf, target: &GpuBuf) -> Result
     mse_fwd_cuda_into(loss, (None, None), pred, target)
 }
 
-/// `mse_fwd_cuda`, also writing `mse_bwd_cuda`'s dpred for dout = 1 into `dpred_root` when given.
+/// `mse_fwd_cuda`, also writing `mse_bwd_cuda`'s dpred for dout = 1 into `dpred_root` when given, and its bf16
+/// rounding into `dpred_root_b` when given.
 #[cfg(feature = "cuda")]
 fn mse_fwd_cuda_into(
     loss: &mut GpuBuf,
