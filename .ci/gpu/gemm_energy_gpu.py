@@ -1,5 +1,6 @@
-# (Runs on the device with its PyTorch: `python3 gemm_energy_gpu.py`.) Energy per GEMM at the 70B Block-AP shapes, by operand orientation: nvidia-smi's total energy counter around N
+# Sustained speed, board power and SM clock of the 70B Block-AP GEMM shape (gate/up: 4096 x 28672 x 8192) by
 # operand orientation: 400 back-to-back launches on a GPU warmed for 8 s, power sampled by nvidia-smi every 20 ms.
+# Runs on the device with its PyTorch: `python3 gemm_energy_gpu.py`.
 import subprocess, time, torch
 def power_sampler():
     return subprocess.Popen(["nvidia-smi", "--query-gpu=power.draw,clocks.sm", "--format=csv,noheader,nounits", "-lms", "20"], stdout=subprocess.PIPE, text=True)
