@@ -238,11 +238,10 @@ fn mse_with(tape: &mut Tape, pred: Var, target: Var, as_loss: bool) -> Result<Va
         let loss = Tensor::from_gpu(&[], loss)?;
         let root = dpred
             .map(|d| Tensor::from_gpu(tape.value(pred).shape(), d))
-            .transpose()?
-            .map(|d| (d, twin));
+            .transpose()?;
         let backward = MseBackward {
             root: std::sync::Mutex::new(root),
-            twin: std::sync::Mutex::new(None),
+            twin: std::sync::Mutex::new(twin),
         };
         return Ok(tape.push_op(loss, &[pred, target], Box::new(backward)));
     }
@@ -261,16 +260,10 @@ fn mse_with(tape: &mut Tape, pred: Var, target: Var, as_loss: bool) -> Result<Va
     Ok(tape.push_op(out, &[pred, target], Box::new(backward)))
 }
 
-/// dpred for dout = 1 as `mse_loss`'s forward wrote it, with its bf16 twin where the tape asked for one.
-#[cfg(feature = "cuda")]
-type RootGrad = (Tensor, Option<crate::gpu::Bf16Buf>);
-#[cfg(not(feature = "cuda"))]
-type RootGrad = Tensor;
-
 struct MseBackward {
-    /// Written by `mse_loss`'s forward; taken by `root_grads`.
-    root: std::sync::Mutex<Option<RootGrad>>,
-    /// The twin of the root gradient `root_grads` handed over, for `take_bf16_twin`.
+    /// dpred for dout = 1, written by `mse_loss`'s forward; taken by `root_grads`.
+    root: std::sync::Mutex<Option<Tensor>>,
+    /// Its bf16 twin, where the tape asked for one; handed on once `root_grads` has handed dpred over.
     #[cfg(feature = "cuda")]
     twin: std::sync::Mutex<Option<crate::gpu::Bf16Buf>>,
 }
@@ -284,22 +277,19 @@ impl Backward for MseBackward {
         if d[1].is_some() || root.is_none() {
             return Ok(false);
         }
-        #[cfg(feature = "cuda")]
-        {
-            let (g, twin) = root.take().expect("checked above");
-            d[0] = Some(g);
-            *self.twin.lock().unwrap_or_else(|e| e.into_inner()) = twin;
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            d[0] = root.take();
-        }
+        d[0] = root.take();
         Ok(true)
     }
     #[cfg(feature = "cuda")]
     fn take_bf16_twin(&self, i: usize) -> Option<crate::gpu::Bf16Buf> {
-        match i {
-            0 => self.twin.lock().unwrap_or_else(|e| e.into_inner()).take(),
+        // Only the twin of the gradient `root_grads` handed over (a backward run as usual writes no twin).
+        let handed_over = self
+            .root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none();
+        match (i, handed_over) {
+            (0, true) => self.twin.lock().unwrap_or_else(|e| e.into_inner()).take(),
             _ => None,
         }
     }

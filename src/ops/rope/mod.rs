@@ -279,30 +279,24 @@ impl RopeBufs<'_> {
         std::sync::Arc<crate::gpu::GpuContext>,
         (Arg, Arg, usize),
     )> {
-        let (kernel, ctx, lens, args) = match self {
-            RopeBufs::F32(y, x) => (
-                ["rope_fwd_f32", "rope_bwd_f32"],
-                y.ctx().clone(),
-                (y.len(), x.len()),
-                (y.arg(), x.arg()),
-            ),
-            RopeBufs::Bf16(y, x) => (
-                ["rope_fwd_bf16", "rope_bwd_bf16"],
-                y.ctx().clone(),
-                (y.len(), x.len()),
-                (y.arg(), x.arg()),
-            ),
-            RopeBufs::Bf16FromF32(y, x) if !fwd => (
-                ["", "rope_bwd_f32_bf16"],
-                y.ctx().clone(),
-                (y.len(), x.len()),
-                (y.arg(), x.arg()),
-            ),
-            RopeBufs::Bf16FromF32(..) => {
+        let kernel = match (self, fwd) {
+            (RopeBufs::F32(..), true) => "rope_fwd_f32",
+            (RopeBufs::F32(..), false) => "rope_bwd_f32",
+            (RopeBufs::Bf16(..), true) => "rope_fwd_bf16",
+            (RopeBufs::Bf16(..), false) => "rope_bwd_bf16",
+            (RopeBufs::Bf16FromF32(..), false) => "rope_bwd_f32_bf16",
+            (RopeBufs::Bf16FromF32(..), true) => {
                 return Err(Error::invalid(
                     "rope",
                     "the forward takes and gives values of one dtype",
                 ))
+            }
+        };
+        let (ctx, lens, args) = match self {
+            RopeBufs::F32(y, x) => (y.ctx().clone(), (y.len(), x.len()), (y.arg(), x.arg())),
+            RopeBufs::Bf16(y, x) => (y.ctx().clone(), (y.len(), x.len()), (y.arg(), x.arg())),
+            RopeBufs::Bf16FromF32(y, x) => {
+                (y.ctx().clone(), (y.len(), x.len()), (y.arg(), x.arg()))
             }
         };
         if lens.0 != lens.1 {
@@ -311,7 +305,7 @@ impl RopeBufs<'_> {
                 format!("output of {} values, input of {}", lens.0, lens.1),
             ));
         }
-        Ok((kernel[usize::from(!fwd)], ctx, (args.0, args.1, lens.0)))
+        Ok((kernel, ctx, (args.0, args.1, lens.0)))
     }
 }
 
