@@ -1,15 +1,15 @@
-//! GPU kernels against the CPU references: every op's `_cuda` forward and backward on fresh random inputs of
-//! several shapes (odd sizes included), compared with the f64 `_ref` at 1e-5 relative (cuda_common::RTOL);
-//! the exceptions are documented where they are made. New device buffers are NaN-poisoned, so an output element
-//! a kernel forgets to write fails, and NaN never passes. Without a GPU each test prints
-//! `skipped: no CUDA device` and returns.
+//! GPU kernels against the CPU references (rmsnorm's are in tests/cuda_norms.rs): every op's `_cuda` forward and
+//! backward on fresh random inputs of several shapes (odd sizes included), compared with the f64 `_ref` at 1e-5
+//! relative (cuda_common::RTOL); the exceptions are documented where they are made. New device buffers are
+//! NaN-poisoned, so an output element a kernel forgets to write fails, and NaN never passes. Without a GPU each test
+//! prints `skipped: no CUDA device` and returns.
 #![cfg(feature = "cuda")]
 
 mod cuda_common;
 
 use cuda_common::*;
 use eqat::ops::linear::cast_bf16_cuda;
-use eqat::ops::{add, linear, mse, rmsnorm, rope, swiglu};
+use eqat::ops::{add, linear, mse, rope, swiglu};
 use eqat::quant::fake_quant::{self as fq, QuantConfig, PER_CHANNEL};
 use eqat::testing::to_f64;
 use eqat::{Rng, Tensor};
@@ -86,79 +86,6 @@ fn swiglu_matches_ref() {
         swiglu::swiglu_bwd_cuda(None, Some(&mut du_only), &db, &gb, &ub).unwrap();
         r.expect(&format!("dup alone n={n}"), down(&du_only) == down(&du));
     }
-    r.finish();
-}
-
-#[test]
-fn rmsnorm_matches_ref() {
-    let Some(ctx) = device("rmsnorm") else { return };
-    let mut r = Report::new("rmsnorm fwd/bwd");
-    let mut rng = Rng::new(103);
-    // 67 rows end in a partial 4-row backward block; C 1/7/13/33 are below a warp; 8192 fills the 8-value-per-
-    // thread kernel's 1024 threads, 12288 and 16384 take the wide kernel (32 per thread).
-    let shapes = [
-        (1, 1),
-        (3, 7),
-        (5, 13),
-        (100, 33),
-        (4, 576),
-        (67, 4096),
-        (9, 8192),
-        (6, 12288),
-        (3, 16384),
-    ];
-    for (rows, c) in shapes {
-        let mut x = rng.normal_vec(rows * c, 1.0);
-        for row in x.chunks_mut(c) {
-            let s = 0.1 + 3.0 * rng.uniform() as f32;
-            row.iter_mut().for_each(|v| *v *= s);
-        }
-        let (w, dout) = (rng.normal_vec(c, 1.0), rng.normal_vec(rows * c, 1.0));
-        let (x64, w64, d64) = (to_f64(&x), to_f64(&w), to_f64(&dout));
-        let (xb, wb, db) = (up(&ctx, &x), up(&ctx, &w), up(&ctx, &dout));
-        let (mut out, mut rstd) = (ctx.alloc(rows * c).unwrap(), ctx.alloc(rows).unwrap());
-        rmsnorm::rmsnorm_fwd_cuda(&mut out, &mut rstd, &xb, &wb, 1e-5).unwrap();
-        let (mut want, mut want_rstd) = (vec![0.0; rows * c], vec![0.0; rows]);
-        rmsnorm::rmsnorm_fwd_ref(&mut want, &mut want_rstd, &x64, &w64, 1e-5);
-        r.check(&format!("fwd [{rows}, {c}]"), &down(&out), &want);
-        r.check(&format!("rstd [{rows}, {c}]"), &down(&rstd), &want_rstd);
-
-        let (mut dx, mut dw) = (ctx.alloc(rows * c).unwrap(), ctx.alloc(c).unwrap());
-        rmsnorm::rmsnorm_bwd_cuda(Some(&mut dx), Some(&mut dw), &db, &xb, &wb, &rstd).unwrap();
-        let (mut wdx, mut wdw) = (vec![0.0; rows * c], vec![0.0; c]);
-        rmsnorm::rmsnorm_bwd_ref(&mut wdx, &mut wdw, &d64, &x64, &w64, &want_rstd);
-        // dx = rstd·w·dy − k·x is a difference of two terms of size |rstd·w·dy| (for C = 1 they cancel exactly
-        // in exact arithmetic), so its error is judged on the scale of that term rather than of dx itself.
-        let term: Vec<f64> = (0..rows * c)
-            .map(|i| want_rstd[i / c] * w64[i % c] * d64[i])
-            .collect();
-        r.check_tol(
-            &format!("dx [{rows}, {c}]"),
-            &down(&dx),
-            &wdx,
-            RTOL * rms(&term),
-            RTOL,
-        );
-        r.check(&format!("dw [{rows}, {c}]"), &down(&dw), &wdw);
-        let mut dx_only = ctx.alloc(rows * c).unwrap();
-        rmsnorm::rmsnorm_bwd_cuda(Some(&mut dx_only), None, &db, &xb, &wb, &rstd).unwrap();
-        r.expect(
-            &format!("dx alone [{rows}, {c}]"),
-            down(&dx_only) == down(&dx),
-        );
-        let mut dw_only = ctx.alloc(c).unwrap();
-        rmsnorm::rmsnorm_bwd_cuda(None, Some(&mut dw_only), &db, &xb, &wb, &rstd).unwrap();
-        r.expect(
-            &format!("dw alone [{rows}, {c}]"),
-            down(&dw_only) == down(&dw),
-        );
-    }
-    let (c, wide) = (16385, ctx.alloc(16385).unwrap());
-    let (mut out, mut rstd) = (ctx.alloc(c).unwrap(), ctx.alloc(1).unwrap());
-    r.expect(
-        "rows over 16384 values are refused",
-        rmsnorm::rmsnorm_fwd_cuda(&mut out, &mut rstd, &wide, &wide, 1e-5).is_err(),
-    );
     r.finish();
 }
 

@@ -1,6 +1,6 @@
-//! Shared by the GPU test binaries (tests/cuda_equivalence.rs, tests/cuda_backend.rs): the device, or a printed
-//! skip; uploads and downloads; and a report that runs every check of a test before failing, so that one run
-//! on the lent GPU shows all the errors at once.
+//! Shared by the GPU test binaries (tests/cuda_*.rs): the device, or a printed skip; uploads and downloads; and a
+//! report that runs every check of a test before failing, so that one run on the lent GPU shows all the errors at
+//! once.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use eqat::gpu::{GpuBuf, GpuContext};
@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 pub mod bf16_mode;
+pub mod real_quant;
 
 /// Writes to the process's stderr directly: the test harness captures `eprintln!` of passing tests, and a skip
 /// must never pass silently.
