@@ -49,12 +49,16 @@ pub enum BenchKind {
     /// One E2E-QP training step on a synthetic quantized model (packed integer weights generated where the step
     /// runs): median step time, tokens/s, TFLOP/s (8·params·tokens) and peak memory.
     E2eQp(crate::bench_e2e_cli::E2eQpArgs),
+    /// Block-AP's wall time over a synthetic model (random blocks of a known shape), in the sequential order and
+    /// MREM-parallel with K modules (one per --gpus entry): the speed-up of `engine train --parallel modules`.
+    Mrem(crate::bench_mrem_cli::MremArgs),
 }
 
 pub fn bench(args: BenchArgs) -> eqat::Result<()> {
     let (shape, wbits, group_size, batch, seqlen, device, dtype, steps, warmup, seed, stream) =
         match args.which {
             BenchKind::E2eQp(a) => return crate::bench_e2e_cli::bench_e2e_qp(a),
+            BenchKind::Mrem(a) => return crate::bench_mrem_cli::bench_mrem(a),
             BenchKind::BlockAp {
                 shape,
                 wbits,

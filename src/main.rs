@@ -1,6 +1,7 @@
 //! `engine`: a thin command line over the eqat library (all logic lives in the library).
 mod bench_cli;
 mod bench_e2e_cli;
+mod bench_mrem_cli;
 mod bench_stream_cli;
 mod dp_cli;
 

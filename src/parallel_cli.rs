@@ -68,7 +68,7 @@ impl ParallelFlags {
 
 /// `0,1,3` as one GPU context per entry (an ordinal may repeat); the list is read whole before any GPU is
 /// opened, and errors name the flag.
-fn gpu_devices(list: &str) -> eqat::Result<Vec<Device>> {
+pub(crate) fn gpu_devices(list: &str) -> eqat::Result<Vec<Device>> {
     let bad = |msg: String| eqat::Error::invalid("engine train", format!("--gpus {list}: {msg}"));
     let ordinals = list
         .split(',')

@@ -9,6 +9,7 @@
 //! the host queues a step while the device runs the last), and the peak memory of the timed steps (GPU: the caching allocator's `MemoryStats`, parameters and optimizer state included; CPU: the process's
 //! peak RSS, VmHWM).
 pub mod e2e;
+pub mod mrem;
 #[cfg(feature = "cuda")]
 mod prefetch;
 #[cfg(feature = "cuda")]

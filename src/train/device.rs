@@ -105,6 +105,15 @@ impl Device {
         }
     }
 
+    /// Whether the GPU is in the bf16 GEMM mode (always false on the CPU).
+    pub fn matmul_bf16(&self) -> bool {
+        match self {
+            Device::Cpu => false,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ctx) => ctx.matmul_bf16(),
+        }
+    }
+
     /// The GPU's ordinal; None for the CPU.
     pub fn ordinal(&self) -> Option<usize> {
         match self {

@@ -51,7 +51,8 @@ pub struct MremOptions {
     /// Messages module m−1 may run ahead of module m.
     pub queue_depth: usize,
     /// Where each module trains (`--gpus 0,1`: module m on the m-th entry, one GPU context each; an ordinal
-    /// may repeat to run several modules on one GPU). Empty: every module on the Block-AP options' device.
+    /// may repeat to run several modules on one GPU), in the GEMM mode (f32 or bf16) of the Block-AP options'
+    /// device. Empty: every module on the Block-AP options' device.
     pub devices: Vec<Device>,
 }
 
@@ -301,6 +302,11 @@ pub fn run_block_ap_mrem(
     let anneal = mrem
         .anneal_steps
         .unwrap_or((n / opts.block_ap.batch_size) * opts.block_ap.epochs);
+    // Each module device is a context of its own: it trains in the GEMM mode of the Block-AP options' device
+    // (`engine train --dtype bf16` sets that one).
+    for d in &mrem.devices {
+        d.set_matmul_bf16(opts.block_ap.device.matmul_bf16())?;
+    }
     let x_train = embed_all(src, train)?;
     let x_val = if val.is_empty() {
         None
