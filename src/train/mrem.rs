@@ -17,7 +17,9 @@
 //! inputs and later blocks see only quantized ones. Once module m−1 has finished (its queue is closed), module
 //! m keeps training on the last quantized output module m−1 sent for each batch. Validation losses of module
 //! m > 0 use the FP module input pushed through the module's frozen blocks. Each module gets its own rayon pool
-//! with 1/K of the threads (at least one).
+//! with 1/K of the threads (at least one). A module on a GPU keeps its streams in that GPU's memory when the
+//! streams of every module there fit (as the sequential pipeline does), and mixes its inputs there; only the
+//! outputs sent downstream go through host memory.
 use crate::error::{Error, Result};
 use crate::model::llama::{BlockWeights, LlamaConfig};
 use crate::model::quantized::QuantizedBlock;
@@ -26,7 +28,7 @@ use crate::tensor::Tensor;
 use crate::train::block_ap::{train_block_with, BlockSamples};
 use crate::train::device::Device;
 use crate::train::pipeline::{
-    propagate, BlockRecord, BlockSink, BlockSource, Event, PipelineOptions,
+    BlockRecord, BlockSink, BlockSource, Event, PipelineOptions, Streams, StreamsAt,
 };
 use crate::train::store::{BlockInputStore, Offload, Stream};
 use std::cell::RefCell;
@@ -92,6 +94,8 @@ struct Module<'a> {
     events: mpsc::Sender<Event>,
     /// The Block-AP options with this module's device.
     block_ap: crate::train::block_ap::BlockApOptions,
+    /// Where the module keeps its streams.
+    at: StreamsAt,
 }
 
 fn module_offload(o: &Offload, m: usize, k: usize) -> Offload {
@@ -106,44 +110,65 @@ fn module_offload(o: &Offload, m: usize, k: usize) -> Offload {
     }
 }
 
-/// A store with both streams set to `x` [N, T, C].
-fn store_of(x: &Tensor, opts: &PipelineOptions, offload: Offload) -> Result<BlockInputStore> {
-    let s = x.shape();
-    let mut st = BlockInputStore::new(s[0], s[1], s[2], opts.store_dtype, offload)?;
-    st.write(Stream::Fp, 0, x.f32s("mrem")?)?;
-    st.write(Stream::Quant, 0, x.f32s("mrem")?)?;
-    Ok(st)
+/// Where each module keeps its streams: in the memory of its GPU when the streams of every module on that GPU
+/// (`bytes` each) fit there beside one `device_store::DEVICE_RESERVE` per module, else on the host.
+#[cfg(feature = "cuda")]
+fn module_streams_at(devices: &[Device], bytes: u64) -> Result<Vec<StreamsAt>> {
+    use crate::train::device_store::{fits_on_device, DEVICE_RESERVE};
+    devices
+        .iter()
+        .map(|d| match d {
+            Device::Cuda(ctx) => {
+                let sharing = devices
+                    .iter()
+                    .filter(|o| o.ordinal() == Some(ctx.ordinal()))
+                    .count() as u64;
+                let total = (bytes + DEVICE_RESERVE) * sharing - DEVICE_RESERVE;
+                Ok(match fits_on_device(ctx, total)? {
+                    true => StreamsAt::Device,
+                    false => StreamsAt::Host,
+                })
+            }
+            Device::Cpu => Ok(StreamsAt::Host),
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn module_streams_at(devices: &[Device], _bytes: u64) -> Result<Vec<StreamsAt>> {
+    Ok(vec![StreamsAt::Host; devices.len()])
 }
 
 impl Module<'_> {
     fn run(mut self, x_train: &Tensor, x_val: Option<&Tensor>) -> Result<Vec<BlockRecord>> {
-        let (cfg, opts, fb) = (self.cfg, self.opts, self.opts.forward_batch.max(1));
+        let (cfg, popts) = (self.cfg, self.opts);
+        // The pipeline options with this module's device (and its share of a host budget).
+        let opts = PipelineOptions {
+            block_ap: self.block_ap.clone(),
+            offload: module_offload(&popts.offload, self.index, self.modules),
+            offload_val: module_offload(&popts.offload_val, self.index, self.modules),
+            store_dtype: popts.store_dtype,
+            forward_batch: popts.forward_batch,
+        };
         let device = self.block_ap.device.clone();
-        let mut store = store_of(
-            x_train,
-            opts,
-            module_offload(&opts.offload, self.index, self.modules),
-        )?;
+        let mut store = Streams::from_embedded(x_train, opts.offload.clone(), &opts, self.at)?;
         let mut val_store = match x_val {
-            Some(v) => Some(store_of(
+            Some(v) => Some(Streams::from_embedded(
                 v,
-                opts,
-                module_offload(&opts.offload_val, self.index, self.modules),
+                opts.offload_val.clone(),
+                &opts,
+                self.at,
             )?),
             None => None,
         };
-        // The FP model up to the module's first block: both streams start at the FP activation there.
+        // The FP model up to the module's first block: both streams start at the FP activation there. A later
+        // module never moves its training store's quantized stream again: it stays the FP module input.
         for w in &self.blocks[..self.range.start] {
             for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-                propagate(s, Stream::Fp, cfg, w, fb, &device)?;
-                propagate(s, Stream::Quant, cfg, w, fb, &device)?;
+                s.propagate(Stream::Fp, cfg, w, &opts)?;
+                s.propagate(Stream::Quant, cfg, w, &opts)?;
             }
         }
-        let fp_in = if self.upstream.is_some() {
-            Some(store.read(Stream::Quant, 0, store.samples())?)
-        } else {
-            None
-        };
         let upstream = self
             .upstream
             .take()
@@ -157,37 +182,34 @@ impl Module<'_> {
         } else {
             Vec::new()
         };
-        let steps_per_block = (store.samples() / opts.block_ap.batch_size) * opts.block_ap.epochs;
+        let steps_per_block =
+            (store.samples().len() / opts.block_ap.batch_size) * opts.block_ap.epochs;
         let mut frozen: Vec<BlockWeights> = Vec::new();
         let mut records = Vec::new();
         for (j, i) in self.range.clone().enumerate() {
             let fp = &self.blocks[i];
             for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-                propagate(s, Stream::Fp, cfg, fp, fb, &device)?;
+                s.propagate(Stream::Fp, cfg, fp, &opts)?;
             }
             let _ = self.events.send(Event::BlockStart {
                 block: i,
                 blocks: cfg.n_layers,
             });
             let step0 = j * steps_per_block;
-            let mixed = match (&upstream, &fp_in) {
-                (Some(up), Some(fp_in)) => Some(MixedInputs {
-                    cfg,
-                    store: &store,
-                    fp_in,
-                    device: &device,
-                    frozen: &frozen,
-                    upstream: up,
-                    step0,
-                    anneal: self.anneal,
-                }),
-                _ => None,
-            };
+            let mixed = upstream.as_ref().map(|up| MixedInputs {
+                cfg,
+                streams: &store,
+                device: &device,
+                frozen: &frozen,
+                upstream: up,
+                step0,
+                anneal: self.anneal,
+            });
             let train: &dyn BlockSamples = match &mixed {
                 Some(m) => m,
-                None => &store,
+                None => store.samples(),
             };
-            let val_ref = val_store.as_ref().map(|v| v as &dyn BlockSamples);
+            let val_ref = val_store.as_ref().map(Streams::samples);
             let events = self.events.clone();
             let later = rtn.get(j + 1..).unwrap_or(&[]);
             let downstream = &mut self.downstream;
@@ -235,9 +257,12 @@ impl Module<'_> {
                 None
             };
             for s in train_store.into_iter().chain(val_store.as_mut()) {
-                propagate(s, Stream::Quant, cfg, &deq, fb, &device)?;
+                s.propagate(Stream::Quant, cfg, &deq, &opts)?;
             }
-            frozen.push(device.copy_block(&deq)?);
+            // Only a module fed by a predecessor pushes its inputs through its frozen blocks.
+            if upstream.is_some() {
+                frozen.push(device.copy_block(&deq)?);
+            }
             records.push(record);
         }
         Ok(records)
@@ -313,6 +338,15 @@ pub fn run_block_ap_mrem(
     } else {
         Some(embed_all(src, val)?)
     };
+    // A module's streams: the training and validation samples, both streams, in the store's format.
+    let t = x_train.shape()[1];
+    let stream_bytes =
+        BlockInputStore::bytes_needed(n + val.len(), t, cfg.hidden, opts.store_dtype)?;
+    let module_devices: Vec<Device> = match mrem.devices.is_empty() {
+        true => vec![opts.block_ap.device.clone(); ranges.len()],
+        false => mrem.devices.clone(),
+    };
+    let mut places = module_streams_at(&module_devices, stream_bytes)?.into_iter();
     let blocks: Vec<BlockWeights> = (0..cfg.n_layers)
         .map(|i| src.block(i))
         .collect::<Result<_>>()?;
@@ -356,6 +390,7 @@ pub fn run_block_ap_mrem(
                 downstream,
                 events: events_tx.clone(),
                 block_ap,
+                at: places.next().expect("one place per module"),
             };
             upstream = next_upstream;
             let (x_train, x_val) = (&x_train, x_val.as_ref());

@@ -220,7 +220,7 @@ fn device_has_room(_: &Device, _: u64) -> Result<bool> {
 const DEVICE_FILL_BATCH: usize = 64;
 
 /// The activation streams of one sample set, wherever they are kept.
-enum Streams {
+pub(crate) enum Streams {
     Host(BlockInputStore),
     #[cfg(feature = "cuda")]
     Device(crate::train::device_store::DeviceStore),
@@ -270,7 +270,54 @@ impl Streams {
         }
     }
 
-    fn samples(&self) -> &dyn BlockSamples {
+    /// Both streams set to the embedded samples `x` [N, T, C] (host values), kept `at` the given place
+    /// (`StreamsAt::Device` on a GPU device: uploaded in chunks; otherwise a `BlockInputStore` in `offload`).
+    /// MREM's modules build their streams this way, from inputs embedded once for all of them.
+    pub(crate) fn from_embedded(
+        x: &Tensor,
+        offload: Offload,
+        opts: &PipelineOptions,
+        at: StreamsAt,
+    ) -> Result<Streams> {
+        let s = x.shape();
+        let (n, t, c) = (s[0], s[1], s[2]);
+        #[cfg(feature = "cuda")]
+        if let (StreamsAt::Device, Device::Cuda(ctx)) = (at, &opts.block_ap.device) {
+            let mut store =
+                crate::train::device_store::DeviceStore::new(ctx, n, t, c, opts.store_dtype)?;
+            let mut start = 0;
+            while start < n {
+                let count = DEVICE_FILL_BATCH.min(n - start);
+                let chunk =
+                    crate::train::block_ap::take_samples(x, start, count)?.to_device(ctx)?;
+                store.write(Stream::Fp, start, &chunk)?;
+                store.write(Stream::Quant, start, &chunk)?;
+                start += count;
+            }
+            return Ok(Streams::Device(store));
+        }
+        let _ = at;
+        let mut store = BlockInputStore::new(n, t, c, opts.store_dtype, offload)?;
+        store.write(Stream::Fp, 0, x.f32s("streams")?)?;
+        store.write(Stream::Quant, 0, x.f32s("streams")?)?;
+        Ok(Streams::Host(store))
+    }
+
+    /// Samples `start..start + count` of `stream`, [count, T, C] f32, where the streams are (host or device).
+    pub(crate) fn read(&self, stream: Stream, start: usize, count: usize) -> Result<Tensor> {
+        match self {
+            Streams::Host(s) => s.read(stream, start, count),
+            #[cfg(feature = "cuda")]
+            Streams::Device(s) => s.read(stream, start, count),
+            #[cfg(feature = "cuda")]
+            Streams::Pinned(_) => Err(Error::invalid(
+                "streams",
+                "pinned streams are read batch by batch in training only",
+            )),
+        }
+    }
+
+    pub(crate) fn samples(&self) -> &dyn BlockSamples {
         match self {
             Streams::Host(s) => s,
             #[cfg(feature = "cuda")]
@@ -297,7 +344,7 @@ impl Streams {
         train_block(cfg, w, self.samples(), val, opts, on_step)
     }
 
-    fn propagate(
+    pub(crate) fn propagate(
         &mut self,
         stream: Stream,
         cfg: &LlamaConfig,

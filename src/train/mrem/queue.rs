@@ -2,12 +2,16 @@
 //! of module m > 0 built from it.
 use super::forward::forward_blocks;
 use super::lambda;
+use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::model::llama::{BlockWeights, LlamaConfig};
+use crate::ops::add::add;
+use crate::ops::scale::scale;
 use crate::tensor::Tensor;
-use crate::train::block_ap::{take_samples, BlockSamples};
+use crate::train::block_ap::BlockSamples;
 use crate::train::device::Device;
-use crate::train::store::{BlockInputStore, Stream};
+use crate::train::pipeline::Streams;
+use crate::train::store::Stream;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::mpsc::Receiver;
@@ -64,12 +68,12 @@ impl Upstream {
     }
 }
 
-/// Training pairs of the first block being trained in module m > 0 or a later one: the annealed mix of FP and
-/// predecessor inputs, pushed through the module's frozen blocks; targets from the store's FP stream.
+/// Training pairs of a block of module m > 0: the annealed mix of the module's FP input (its streams' quantized
+/// stream, never moved in such a module) and the predecessor's outputs, pushed through the module's frozen
+/// blocks, on the module's device; targets from the streams' FP stream.
 pub(super) struct MixedInputs<'a> {
     pub cfg: &'a LlamaConfig,
-    pub store: &'a BlockInputStore,
-    pub fp_in: &'a Tensor,
+    pub streams: &'a Streams,
     /// Where the module trains; `frozen` lives there.
     pub device: &'a Device,
     pub frozen: &'a [BlockWeights],
@@ -80,28 +84,38 @@ pub(super) struct MixedInputs<'a> {
 
 impl MixedInputs<'_> {
     fn inputs(&self, lambda: f32, q: &Tensor, start: usize, count: usize) -> Result<Tensor> {
-        let fp = take_samples(self.fp_in, start, count)?;
+        let fp = || -> Result<Tensor> {
+            self.device
+                .put(self.streams.read(Stream::Quant, start, count)?)
+        };
         let x = if lambda >= 1.0 {
-            fp
+            fp()?
         } else if lambda <= 0.0 {
-            q.clone()
+            self.device.copy(q)?
         } else {
+            let (fp, q) = (fp()?, self.device.copy(q)?);
             crate::ops::check_same("mrem mix", fp.shape(), q.shape())?;
-            let (f, q) = (fp.f32s("mrem")?, q.f32s("mrem")?);
-            let mix = f
-                .iter()
-                .zip(q)
-                .map(|(f, q)| lambda * f + (1.0 - lambda) * q)
-                .collect();
-            Tensor::from_vec(fp.shape(), mix)?
+            mix(fp, q, lambda)?
         };
         forward_blocks(self.cfg, self.frozen, x, self.device)
     }
 }
 
+/// λ·fp + (1 − λ)·q on the values' device, in f32 (each product rounded, then the sum).
+fn mix(fp: Tensor, q: Tensor, lambda: f32) -> Result<Tensor> {
+    let mut tape = Tape::new();
+    tape.no_grad(|tape| -> Result<Tensor> {
+        let (f, q) = (tape.input(fp), tape.input(q));
+        let f = scale(tape, f, lambda)?;
+        let q = scale(tape, q, 1.0 - lambda)?;
+        let x = add(tape, f, q)?;
+        Ok(tape.value(x).clone())
+    })
+}
+
 impl BlockSamples for MixedInputs<'_> {
     fn len(&self) -> usize {
-        self.store.samples()
+        self.streams.samples().len()
     }
     /// Outside training (not used by `train_block`): λ = 0 with the predecessor's latest outputs.
     fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
@@ -116,13 +130,35 @@ impl BlockSamples for MixedInputs<'_> {
             })?;
         Ok((
             self.inputs(0.0, &q, start, count)?,
-            self.store.read(Stream::Fp, start, count)?,
+            self.streams.read(Stream::Fp, start, count)?,
         ))
     }
     fn train_pair(&self, step: usize, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
         let t = self.step0 + step;
         let q = self.upstream.borrow_mut().next(t, start)?;
         let x = self.inputs(lambda(t, self.anneal), &q, start, count)?;
-        Ok((x, self.store.read(Stream::Fp, start, count)?))
+        Ok((x, self.streams.read(Stream::Fp, start, count)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_is_the_f32_formula() {
+        let fp = Tensor::from_vec(&[1, 2, 3], vec![1.0, -2.0, 0.3, 4.5, 1e-3, -7.25]).unwrap();
+        let q = Tensor::from_vec(&[1, 2, 3], vec![0.5, 2.0, -0.1, 4.0, 3.0, 0.0]).unwrap();
+        for lambda in [0.0f32, 0.25, 0.7, 1.0] {
+            let got = mix(fp.clone(), q.clone(), lambda).unwrap();
+            let want: Vec<f32> = fp
+                .f32s("t")
+                .unwrap()
+                .iter()
+                .zip(q.f32s("t").unwrap())
+                .map(|(f, q)| lambda * f + (1.0 - lambda) * q)
+                .collect();
+            assert_eq!(got.f32s("t").unwrap(), &want[..], "lambda {lambda}");
+        }
     }
 }
