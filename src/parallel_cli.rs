@@ -13,7 +13,7 @@ pub struct ParallelFlags {
     #[arg(long)]
     modules: Option<usize>,
     /// T0 of the annealed module input λ·FP + (1−λ)·quantized, λ = max(1 − t/T0, 0) over a module's training
-    /// steps (default: the steps of one block, epochs × train-size / batch-size).
+    /// steps (default: all of the module's steps, its blocks × epochs × train-size / batch-size).
     #[arg(long)]
     mrem_anneal_steps: Option<usize>,
     /// GPUs for --parallel modules, one module per entry: 0,1,2,3 trains module m on GPU m (an ordinal may

@@ -13,8 +13,12 @@
 //! output of its block under training (fake-quantized, current parameters), pushed through its later blocks at
 //! their min-max (RTN) quantization. Q_t travels through a bounded FIFO queue (`sync_channel`), one message per
 //! step, in step order; every module has the same steps per block, so message t is for the consumer's step t.
-//! T0 (`anneal_steps`) defaults to the steps of one block, so the first block anneals from FP to quantized
-//! inputs and later blocks see only quantized ones. Once module m−1 has finished (its queue is closed), module
+//! T0 (`anneal_steps`) defaults to the module's own training steps (all of its blocks), so the FP share falls
+//! over the whole module and its last block ends on quantized inputs alone: early on, the predecessor's output is
+//! mostly its min-max blocks', further from what its trained blocks will give than the FP activation is (SmolLM2,
+//! 2 modules, 2 epochs, two runs each: the WikiText-2 perplexity 3.2% (w3g64) and 2.3% (w4g64) above the
+//! sequential order's on average with T0 of one block, 1.1% and 1.5% with T0 of the module; BENCHMARKS.md,
+//! issue 7, session 9). Once module m−1 has finished (its queue is closed), module
 //! m keeps training on the last quantized output module m−1 sent for each batch. Validation losses of module
 //! m > 0 use the FP module input pushed through the module's frozen blocks. Each module gets its own rayon pool
 //! with 1/K of the threads (at least one). A module on a GPU keeps its streams in that GPU's memory when the
@@ -324,9 +328,7 @@ pub fn run_block_ap_mrem(
             ),
         ));
     }
-    let anneal = mrem
-        .anneal_steps
-        .unwrap_or((n / opts.block_ap.batch_size) * opts.block_ap.epochs);
+    let steps_per_block = (n / opts.block_ap.batch_size) * opts.block_ap.epochs;
     // Each module device is a context of its own: it trains in the GEMM mode of the Block-AP options' device
     // (`engine train --dtype bf16` sets that one).
     for d in &mrem.devices {
@@ -385,7 +387,7 @@ pub fn run_block_ap_mrem(
                 cfg: &cfg,
                 blocks: &blocks,
                 opts,
-                anneal,
+                anneal: mrem.anneal_steps.unwrap_or(steps_per_block * range.len()),
                 upstream: upstream.take(),
                 downstream,
                 events: events_tx.clone(),
