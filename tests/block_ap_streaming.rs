@@ -5,6 +5,7 @@
 //! (model-0000N-of-00003.safetensors, one block straddling two shards) with model.safetensors.index.json.
 //! A counting allocator (this test binary only) measures the heap when each block is asked for: if the
 //! pipeline kept earlier blocks' weights, the heap would grow by about one block per block.
+use eqat::bench::mrem::SyntheticModel;
 use eqat::io::safetensors::{write_safetensors, Dtype};
 use eqat::model::hf::HfWeights;
 use eqat::model::llama::{BlockWeights, LlamaConfig};
@@ -145,30 +146,6 @@ fn write_sharded(dir: &Path, cfg: &LlamaConfig, seed: u64) {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
 }
 
-/// All blocks and the embedding held in memory.
-struct InMemory {
-    cfg: LlamaConfig,
-    blocks: Vec<BlockWeights>,
-    embedding: Tensor,
-}
-
-impl BlockSource for InMemory {
-    fn config(&self) -> &LlamaConfig {
-        &self.cfg
-    }
-    fn block(&self, i: usize) -> Result<BlockWeights> {
-        Ok(self.blocks[i].clone())
-    }
-    fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor> {
-        let c = self.cfg.hidden;
-        let table = self.embedding.f32s("embed")?;
-        let rows = ids
-            .iter()
-            .flat_map(|&id| table[id as usize * c..][..c].to_vec());
-        Tensor::from_vec(&[n, t, c], rows.collect())
-    }
-}
-
 /// Serves another source's blocks and records, per request, the block index and the heap in use just before.
 struct Counted<'a> {
     inner: &'a dyn BlockSource,
@@ -252,11 +229,12 @@ fn block_ap_streamed_from_shards_equals_in_memory_and_holds_one_block() {
     assert_eq!(streamed.config(), &cfg);
     // The same weights, every block read up front and held in memory.
     let src = HfWeights::open(&dir).unwrap();
-    let in_memory = InMemory {
-        cfg: cfg.clone(),
-        blocks: (0..cfg.n_layers).map(|i| src.block(i).unwrap()).collect(),
-        embedding: src.embedding().unwrap(),
-    };
+    let in_memory = SyntheticModel::from_parts(
+        cfg.clone(),
+        (0..cfg.n_layers).map(|i| src.block(i).unwrap()).collect(),
+        src.embedding().unwrap().to_f32_vec(),
+    )
+    .unwrap();
     drop(src);
 
     let mut block_ap = BlockApOptions::recipe(QuantConfig::new(2, 16).unwrap());

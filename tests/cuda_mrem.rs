@@ -7,7 +7,7 @@
 mod common;
 mod cuda_common;
 
-use common::{pipeline_options, windows, MemorySink, RandomModel};
+use common::{pipeline_options, random_model, windows, MemorySink, RandomModel};
 use cuda_common::{device, Report};
 use eqat::train::device::Device;
 use eqat::train::mrem::{run_block_ap_mrem, MremOptions};
@@ -50,7 +50,7 @@ fn modules_on_gpu_contexts_track_the_cpu_modules() {
         return;
     };
     let mut r = Report::new("mrem on the GPU");
-    let model = RandomModel::new(1);
+    let model = random_model(1);
     let cpu = run(&model, Vec::new()).unwrap();
     let gpus = vec![
         Device::parse("cuda:0").unwrap(),
@@ -116,7 +116,7 @@ fn modules_train_in_the_gemm_mode_of_the_block_ap_device() {
         return;
     };
     let mut r = Report::new("mrem gemm mode");
-    let model = RandomModel::new(2);
+    let model = random_model(2);
     let gpus = || {
         vec![
             Device::parse("cuda:0").unwrap(),

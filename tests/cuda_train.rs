@@ -10,7 +10,7 @@ mod common;
 mod cuda_common;
 mod shared_data;
 
-use common::{block_bits, pipeline_options, rtn_model, windows, RandomModel};
+use common::{block_bits, pipeline_options, random_model, rtn_model, windows, RandomModel};
 use cuda_common::*;
 use eqat::eval::{eval_ids, eval_windows, perplexity_of_windows, NllModel};
 use eqat::model::forward_cuda::CudaModel;
@@ -20,8 +20,8 @@ use eqat::train::block_ap::BlockSamples;
 use eqat::train::device::Device;
 use eqat::train::device_store::{take_rows_cuda, DeviceStore};
 use eqat::train::pipeline::{
-    host_streams, run_block_ap_at, streams_at, BlockRecord, BlockSink, Event, PipelineOptions,
-    StreamsAt,
+    host_streams, run_block_ap_at, streams_at, BlockRecord, BlockSink, BlockSource, Event,
+    PipelineOptions, StreamsAt,
 };
 use eqat::train::store::{BlockInputStore, Offload, StoreDType, Stream};
 use eqat::{Result, Rng, Tensor};
@@ -115,13 +115,13 @@ fn block_ap_with_streams_on_the_gpu_trains_as_with_host_streams() {
         return;
     };
     let mut r = Report::new("pipeline streams");
-    let model = RandomModel::new(1);
+    let model = random_model(1);
     let (train, val) = (windows(2, 8), windows(3, 2));
     let mut opts = pipeline_options(Offload::Ram);
     opts.block_ap.device = Device::Cuda(ctx.clone());
     r.expect(
         "a small run's streams go to the GPU",
-        streams_at(&opts, 10, 12, model.cfg.hidden).unwrap() == StreamsAt::Device,
+        streams_at(&opts, 10, 12, model.config().hidden).unwrap() == StreamsAt::Device,
     );
     let run = |at: StreamsAt| {
         let mut sink = MemorySink::default();
@@ -187,7 +187,7 @@ fn block_ap_with_streams_in_pinned_host_memory_trains_bitwise_as_on_the_gpu() {
         return;
     };
     let mut r = Report::new("pinned streams");
-    let model = RandomModel::new(2);
+    let model = random_model(2);
     // 10 training samples in batches of 2, forward batches of 3 (the last one short), 3 validation samples;
     // 12 tokens fit one attention key block, so the GPU runs are deterministic and must agree to the bit.
     let (train, val) = (windows(4, 10), windows(5, 3));
@@ -201,7 +201,7 @@ fn block_ap_with_streams_in_pinned_host_memory_trains_bitwise_as_on_the_gpu() {
     r.expect("3 blocks × 2 epochs × 5 steps", want.0.len() == 30);
     let dir = std::env::temp_dir().join(format!("eqat-pinned-streams-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let sample = (12 * model.cfg.hidden * 2) as u64;
+    let sample = (12 * model.config().hidden * 2) as u64;
     let file = |name: &str| dir.join(name);
     let placements = [
         ("all pinned", Offload::Ram, Offload::Ram),

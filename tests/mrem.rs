@@ -3,7 +3,7 @@
 mod common;
 mod shared_data;
 
-use common::{block_bits, pipeline_options, windows, MemorySink, RandomModel};
+use common::{block_bits, pipeline_options, random_model, windows, MemorySink, RandomModel};
 use eqat::quant::fake_quant::QuantConfig;
 use eqat::train::mrem::{run_block_ap_mrem, MremOptions};
 use eqat::train::pipeline::{run_block_ap, BlockRecord, Event};
@@ -49,7 +49,7 @@ fn run_mrem(model: &RandomModel, m: &MremOptions) -> (MemorySink, Vec<Event>) {
 
 #[test]
 fn one_module_is_exactly_the_sequential_pipeline() {
-    let model = RandomModel::new(1);
+    let model = random_model(1);
     let mut seq = MemorySink::default();
     run_block_ap(
         &model,
@@ -69,7 +69,7 @@ fn one_module_is_exactly_the_sequential_pipeline() {
 
 #[test]
 fn several_modules_train_every_block_on_their_predecessors_outputs() {
-    let model = RandomModel::new(1);
+    let model = random_model(1);
     for k in [2, 3] {
         let (sink, events) = run_mrem(&model, &mrem(k, None));
         assert_eq!(sink.0.len(), 3, "K={k}");
@@ -108,7 +108,7 @@ fn several_modules_train_every_block_on_their_predecessors_outputs() {
 
 #[test]
 fn bad_module_counts_and_partial_resume_are_refused() {
-    let model = RandomModel::new(1);
+    let model = random_model(1);
     let (train, val) = (windows(2, 8), windows(3, 2));
     for k in [0, 4] {
         let e = run_block_ap_mrem(

@@ -2,9 +2,11 @@
 //! same bits as an uninterrupted one.
 mod common;
 
-use common::{block_bits, pipeline_options, windows, RandomModel};
+use common::{block_bits, pipeline_options, random_model, windows};
 use eqat::quant::fake_quant::QuantConfig;
-use eqat::train::pipeline::{run_block_ap, BlockRecord, BlockSink, Event, PipelineOptions};
+use eqat::train::pipeline::{
+    run_block_ap, BlockRecord, BlockSink, BlockSource, Event, PipelineOptions,
+};
 use eqat::train::store::Offload;
 use eqat::{Error, Result};
 
@@ -36,7 +38,7 @@ impl BlockSink for MemorySink {
 
 #[test]
 fn block_ap_trains_every_block_and_resumes_to_identical_bits() {
-    let model = RandomModel::new(1);
+    let model = random_model(1);
     let (train, val) = (windows(2, 8), windows(3, 2));
     let mut full = MemorySink::default();
     let mut events = Vec::new();
@@ -155,7 +157,7 @@ fn dir_bytes(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
     use eqat::io::checkpoint::{CheckpointDir, RunIdentity};
-    let model = RandomModel::new(5);
+    let model = random_model(5);
     let (train, val) = (windows(6, 4), windows(7, 2));
     let root = std::env::temp_dir().join(format!("eqat-ckpt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
@@ -166,10 +168,10 @@ fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
         recipe: serde_json::json!({"seed": 7, "train": 4}),
     };
     let (a, b) = (root.join("a"), root.join("b"));
-    let mut ck = CheckpointDir::create_or_resume(&a, &model.cfg, &run, false).unwrap();
+    let mut ck = CheckpointDir::create_or_resume(&a, model.config(), &run, false).unwrap();
     run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
 
-    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, false).unwrap();
+    let mut ck = CheckpointDir::create_or_resume(&b, model.config(), &run, false).unwrap();
     let e = run_block_ap(
         &model,
         &train,
@@ -183,7 +185,7 @@ fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
     );
     assert!(e.unwrap_err().to_string().contains("killed"));
     // A second start without --resume must refuse, and so must a resume with other settings.
-    let e = CheckpointDir::create_or_resume(&b, &model.cfg, &run, false)
+    let e = CheckpointDir::create_or_resume(&b, model.config(), &run, false)
         .err()
         .unwrap()
         .to_string();
@@ -195,7 +197,7 @@ fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
         quant: eqat::quant::fake_quant::QuantConfig::new(3, 8).unwrap(),
         ..run.clone()
     };
-    let e = CheckpointDir::create_or_resume(&b, &model.cfg, &other, true)
+    let e = CheckpointDir::create_or_resume(&b, model.config(), &other, true)
         .err()
         .unwrap()
         .to_string();
@@ -204,7 +206,7 @@ fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
         "{e}"
     );
 
-    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, true).unwrap();
+    let mut ck = CheckpointDir::create_or_resume(&b, model.config(), &run, true).unwrap();
     assert_eq!(ck.blocks_done(), 1);
     run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
     let (da, db) = (dir_bytes(&a), dir_bytes(&b));
@@ -227,7 +229,7 @@ fn checkpoint_directory_resumes_to_identical_bytes_and_refuses_other_runs() {
 #[test]
 fn block_input_placement_gives_byte_identical_checkpoints() {
     use eqat::io::checkpoint::{CheckpointDir, RunIdentity};
-    let model = RandomModel::new(8);
+    let model = random_model(8);
     let (train, val) = (windows(9, 6), windows(10, 2));
     let root = std::env::temp_dir().join(format!("eqat-placement-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
@@ -265,7 +267,7 @@ fn block_input_placement_gives_byte_identical_checkpoints() {
             recipe: serde_json::json!({"train": 6}),
         };
         let dir = root.join(name);
-        let mut ck = CheckpointDir::create_or_resume(&dir, &model.cfg, &run, false).unwrap();
+        let mut ck = CheckpointDir::create_or_resume(&dir, model.config(), &run, false).unwrap();
         run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
         results.push((name, dir_bytes(&dir)));
     }
@@ -291,7 +293,7 @@ fn block_input_placement_gives_byte_identical_checkpoints() {
 #[test]
 fn train_job_checks_host_memory_before_starting() {
     use eqat::train::job::{check_host_memory, Phase, TrainArgs};
-    let model = RandomModel::new(1);
+    let model = random_model(1);
     let mut args = TrainArgs {
         phase: Phase::BlockAp,
         seqlen: 128,
@@ -305,7 +307,7 @@ fn train_job_checks_host_memory_before_starting() {
             QuantConfig::new(2, 8).unwrap(),
         )
     };
-    let e = check_host_memory(&args, &model.cfg)
+    let e = check_host_memory(&args, model.config())
         .unwrap_err()
         .to_string();
     assert!(
@@ -315,7 +317,7 @@ fn train_job_checks_host_memory_before_starting() {
     // Store: 2 streams × 72 samples × 128 tokens × 32 × 2 B = 1.125 MiB; Block-AP's own need as planned.
     let store = 2 * 72 * 128 * 32 * 2;
     let plan = eqat::plan::PlanInput {
-        cfg: model.cfg.clone(),
+        cfg: model.config().clone(),
         quant: args.quant,
         train_size: 64,
         val_size: 8,
@@ -329,13 +331,13 @@ fn train_job_checks_host_memory_before_starting() {
         .unwrap()
         .total();
     args.host_mem = Some(fixed + store / 3);
-    let (split, budget) = check_host_memory(&args, &model.cfg).unwrap();
+    let (split, budget) = check_host_memory(&args, model.config()).unwrap();
     assert_eq!(
         (split.ram, split.disk, budget),
         (store / 3, store - store / 3, fixed + store / 3)
     );
     args.offload_disk = true;
-    let (split, _) = check_host_memory(&args, &model.cfg).unwrap();
+    let (split, _) = check_host_memory(&args, model.config()).unwrap();
     assert_eq!((split.ram, split.disk), (0, store));
 }
 /// Learning rates 0: the blocks never change, so every epoch after the first fails to beat the best
@@ -352,7 +354,7 @@ fn frozen_options(epochs: usize, early_stop: usize) -> PipelineOptions {
 #[test]
 fn early_stop_ends_blocks_that_stop_improving_and_resumes_to_identical_bytes() {
     use eqat::io::checkpoint::{CheckpointDir, RunIdentity};
-    let model = RandomModel::new(8);
+    let model = random_model(8);
     let (train, val) = (windows(9, 4), windows(10, 2));
     // (early stop, epochs each block runs of 4): 1 and 2 stop after 2 and 3 epochs; 3 reaches its count only
     // at the last epoch, 0 is off.
@@ -415,15 +417,15 @@ fn early_stop_ends_blocks_that_stop_improving_and_resumes_to_identical_bytes() {
         recipe: serde_json::json!({"epochs": 4, "early_stop": 1}),
     };
     let (a, b) = (root.join("a"), root.join("b"));
-    let mut ck = CheckpointDir::create_or_resume(&a, &model.cfg, &run, false).unwrap();
+    let mut ck = CheckpointDir::create_or_resume(&a, model.config(), &run, false).unwrap();
     run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
-    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, false).unwrap();
+    let mut ck = CheckpointDir::create_or_resume(&b, model.config(), &run, false).unwrap();
     let mut crashing = CrashingSink {
         inner: &mut ck,
         fail_at: 1,
     };
     assert!(run_block_ap(&model, &train, &val, &opts, &mut crashing, |_| {}).is_err());
-    let mut ck = CheckpointDir::create_or_resume(&b, &model.cfg, &run, true).unwrap();
+    let mut ck = CheckpointDir::create_or_resume(&b, model.config(), &run, true).unwrap();
     run_block_ap(&model, &train, &val, &opts, &mut ck, |_| {}).unwrap();
     let (da, db) = (dir_bytes(&a), dir_bytes(&b));
     assert_eq!(da.len(), db.len());

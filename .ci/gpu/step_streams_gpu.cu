@@ -4,47 +4,48 @@
 #include <cstdio>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-__global__ void mix(const __nv_bfloat162* __restrict__ g, float4* __restrict__ w, float4* __restrict__ m,
-                    float4* __restrict__ v, __nv_bfloat162* __restrict__ wq, size_t n4) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
-    float4 a = w[i], b = m[i], c = v[i];
-    __nv_bfloat162 g0 = g[2 * i], g1 = g[2 * i + 1];
-    float gx[4] = {__low2float(g0), __high2float(g0), __low2float(g1), __high2float(g1)};
-    float* pa = &a.x; float* pb = &b.x; float* pc = &c.x;
+// AdamW-like arithmetic on 4 weights: enough work to be a real kernel, not enough to bind it.
+__device__ __forceinline__ void update4(float4& w, float4& m, float4& v, __nv_bfloat162 g0, __nv_bfloat162 g1) {
+  float gx[4] = {__low2float(g0), __high2float(g0), __low2float(g1), __high2float(g1)};
+  float* pw = &w.x; float* pm = &m.x; float* pv = &v.x;
 #pragma unroll
-    for (int k = 0; k < 4; k++) {
-      pb[k] = 0.9f * pb[k] + 0.1f * gx[k];
-      pc[k] = 0.999f * pc[k] + 0.001f * gx[k] * gx[k];
-      pa[k] -= 1e-4f * pb[k] * rsqrtf(pc[k] + 1e-8f);
-    }
-    w[i] = a; m[i] = b; v[i] = c;
-    wq[2 * i] = __floats2bfloat162_rn(pa[0], pa[1]);
-    wq[2 * i + 1] = __floats2bfloat162_rn(pa[2], pa[3]);
+  for (int k = 0; k < 4; k++) {
+    pm[k] = 0.9f * pm[k] + 0.1f * gx[k];
+    pv[k] = 0.999f * pv[k] + 0.001f * gx[k] * gx[k];
+    pw[k] -= 1e-4f * pm[k] * rsqrtf(pv[k] + 1e-8f);
   }
 }
+// Element i of the stream mix: 4 weights' loads, update and stores.
+__device__ __forceinline__ void step4(const __nv_bfloat162* __restrict__ g, float4* __restrict__ w,
+                                      float4* __restrict__ m, float4* __restrict__ v,
+                                      __nv_bfloat162* __restrict__ wq, size_t i) {
+  float4 a = w[i], b = m[i], c = v[i];
+  update4(a, b, c, g[2 * i], g[2 * i + 1]);
+  w[i] = a; m[i] = b; v[i] = c;
+  wq[2 * i] = __floats2bfloat162_rn(a.x, a.y);
+  wq[2 * i + 1] = __floats2bfloat162_rn(a.z, a.w);
+}
+// One element a thread per iteration.
+__global__ void mix(const __nv_bfloat162* __restrict__ g, float4* __restrict__ w, float4* __restrict__ m,
+                    float4* __restrict__ v, __nv_bfloat162* __restrict__ wq, size_t n4) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x)
+    step4(g, w, m, v, wq, i);
+}
+// Two elements a thread per iteration, both loaded before either is stored.
 __global__ void mix2(const __nv_bfloat162* __restrict__ g, float4* __restrict__ w, float4* __restrict__ m,
                      float4* __restrict__ v, __nv_bfloat162* __restrict__ wq, size_t n4) {
   size_t stride = (size_t)gridDim.x * blockDim.x;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += 2 * stride) {
-    size_t j = i + stride; bool two = j < n4;
-    float4 a0 = w[i], b0 = m[i], c0 = v[i]; float4 a1, b1, c1;
+    size_t j = i + stride;
+    bool two = j < n4;
+    float4 a0 = w[i], b0 = m[i], c0 = v[i], a1, b1, c1;
     __nv_bfloat162 g00 = g[2 * i], g01 = g[2 * i + 1], g10, g11;
     if (two) { a1 = w[j]; b1 = m[j]; c1 = v[j]; g10 = g[2 * j]; g11 = g[2 * j + 1]; }
-    auto upd = [](float4& a, float4& b, float4& c, __nv_bfloat162 h0, __nv_bfloat162 h1) {
-      float gx[4] = {__low2float(h0), __high2float(h0), __low2float(h1), __high2float(h1)};
-      float* pa = &a.x; float* pb = &b.x; float* pc = &c.x;
-#pragma unroll
-      for (int k = 0; k < 4; k++) {
-        pb[k] = 0.9f * pb[k] + 0.1f * gx[k];
-        pc[k] = 0.999f * pc[k] + 0.001f * gx[k] * gx[k];
-        pa[k] -= 1e-4f * pb[k] * rsqrtf(pc[k] + 1e-8f);
-      }
-    };
-    upd(a0, b0, c0, g00, g01);
+    update4(a0, b0, c0, g00, g01);
     w[i] = a0; m[i] = b0; v[i] = c0;
     wq[2 * i] = __floats2bfloat162_rn(a0.x, a0.y); wq[2 * i + 1] = __floats2bfloat162_rn(a0.z, a0.w);
     if (two) {
-      upd(a1, b1, c1, g10, g11);
+      update4(a1, b1, c1, g10, g11);
       w[j] = a1; m[j] = b1; v[j] = c1;
       wq[2 * j] = __floats2bfloat162_rn(a1.x, a1.y); wq[2 * j + 1] = __floats2bfloat162_rn(a1.z, a1.w);
     }

@@ -7,6 +7,7 @@
 use super::MatmulDType;
 use crate::error::{Error, Result};
 use crate::model::llama::{BlockWeights, LlamaConfig};
+use crate::ops::embedding::embedding_fwd_cpu;
 use crate::quant::fake_quant::QuantConfig;
 use crate::tensor::{rng::Rng, Tensor};
 use crate::train::block_ap::BlockApOptions;
@@ -20,7 +21,8 @@ use std::time::Instant;
 /// Token ids of the synthetic model (its embedding table is this many random rows).
 const VOCAB: usize = 256;
 
-/// Random host weights for `layers` blocks of `block`'s shape (block i from seed + i, generated in parallel).
+/// A model served block by block from host memory: random weights for the benchmark, or given parts (the tests'
+/// small random models).
 pub struct SyntheticModel {
     cfg: LlamaConfig,
     blocks: Vec<BlockWeights>,
@@ -28,6 +30,8 @@ pub struct SyntheticModel {
 }
 
 impl SyntheticModel {
+    /// Random host weights for `layers` blocks of `block`'s shape (block i from seed + 1 + i, generated in
+    /// parallel) and a table of `VOCAB` random embeddings.
     pub fn new(block: &LlamaConfig, layers: usize, seed: u64) -> SyntheticModel {
         let cfg = LlamaConfig {
             n_layers: layers,
@@ -47,6 +51,43 @@ impl SyntheticModel {
     }
 }
 
+impl SyntheticModel {
+    /// A model of `cfg` from its blocks and its embedding table [vocab, hidden] (row-major).
+    pub fn from_parts(
+        cfg: LlamaConfig,
+        blocks: Vec<BlockWeights>,
+        embedding: Vec<f32>,
+    ) -> Result<SyntheticModel> {
+        if blocks.len() != cfg.n_layers || embedding.len() != cfg.vocab * cfg.hidden {
+            return Err(Error::shape(
+                "SyntheticModel",
+                format!(
+                    "{} blocks and {} embedding values for {} layers of a {} x {} table",
+                    blocks.len(),
+                    embedding.len(),
+                    cfg.n_layers,
+                    cfg.vocab,
+                    cfg.hidden
+                ),
+            ));
+        }
+        Ok(SyntheticModel {
+            cfg,
+            blocks,
+            embedding,
+        })
+    }
+
+    pub fn blocks(&self) -> &[BlockWeights] {
+        &self.blocks
+    }
+
+    /// The embedding table [vocab, hidden], row-major.
+    pub fn embedding(&self) -> &[f32] {
+        &self.embedding
+    }
+}
+
 impl BlockSource for SyntheticModel {
     fn config(&self) -> &LlamaConfig {
         &self.cfg
@@ -56,12 +97,9 @@ impl BlockSource for SyntheticModel {
     }
     fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor> {
         let c = self.cfg.hidden;
-        let data = ids
-            .iter()
-            .flat_map(|&id| &self.embedding[id as usize * c..(id as usize + 1) * c])
-            .copied()
-            .collect();
-        Tensor::from_vec(&[n, t, c], data)
+        let mut x = vec![0.0; ids.len() * c];
+        embedding_fwd_cpu(&mut x, &self.embedding, ids, c);
+        Tensor::from_vec(&[n, t, c], x)
     }
 }
 
@@ -217,25 +255,19 @@ pub fn run_mrem_bench(b: &MremBench) -> Result<MremReport> {
 mod tests {
     use super::*;
 
-    fn tiny() -> LlamaConfig {
-        LlamaConfig {
-            n_layers: 1,
-            ..super::super::BenchShape::Smollm2_135m.config()
-        }
-    }
-
-    #[test]
-    fn both_orders_train_every_block_of_a_small_synthetic_model() {
-        let b = MremBench {
+    /// A CPU bench of `layers` small blocks in `modules` modules.
+    fn small(layers: usize, modules: usize) -> MremBench {
+        MremBench {
             block: LlamaConfig {
                 hidden: 64,
                 intermediate: 96,
                 n_heads: 4,
                 n_kv_heads: 2,
                 head_dim: 16,
-                ..tiny()
+                n_layers: 1,
+                ..super::super::BenchShape::Smollm2_135m.config()
             },
-            layers: 3,
+            layers,
             quant: QuantConfig::new(2, 16).unwrap(),
             samples: 4,
             seqlen: 8,
@@ -244,32 +276,22 @@ mod tests {
             device: Device::Cpu,
             dtype: MatmulDType::F32,
             module_devices: Vec::new(),
-            modules: 2,
+            modules,
             sequential: true,
             seed: 3,
-        };
-        let r = run_mrem_bench(&b).unwrap();
+        }
+    }
+
+    #[test]
+    fn both_orders_train_every_block_of_a_small_synthetic_model() {
+        let r = run_mrem_bench(&small(3, 2)).unwrap();
         assert!(r.sequential_s.unwrap() > 0.0 && r.mrem_s > 0.0);
         assert_eq!(r.steps_per_block, 2);
     }
 
     #[test]
     fn bad_arguments_are_named() {
-        let mut b = MremBench {
-            block: tiny(),
-            layers: 0,
-            quant: QuantConfig::new(2, 64).unwrap(),
-            samples: 4,
-            seqlen: 8,
-            batch: 2,
-            epochs: 1,
-            device: Device::Cpu,
-            dtype: MatmulDType::F32,
-            module_devices: Vec::new(),
-            modules: 2,
-            sequential: false,
-            seed: 0,
-        };
+        let mut b = small(0, 2);
         let e = run_mrem_bench(&b).err().unwrap().to_string();
         assert!(e.contains("--layers 0"), "{e}");
         b.layers = 2;

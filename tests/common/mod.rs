@@ -2,6 +2,7 @@
 //! Block-AP pipeline settings they train it with.
 // Each test crate uses a part of this module.
 #![allow(dead_code)]
+use eqat::bench::mrem::SyntheticModel;
 use eqat::model::llama::{BlockWeights, LlamaConfig};
 use eqat::model::quantized::{QuantizedBlock, QuantizedModel};
 use eqat::ops::rope::RopeLayout;
@@ -11,12 +12,6 @@ use eqat::train::e2e_qp::Example;
 use eqat::train::pipeline::{BlockRecord, BlockSink, BlockSource, PipelineOptions};
 use eqat::train::store::{Offload, StoreDType};
 use eqat::{Result, Rng, Tensor};
-
-pub struct RandomModel {
-    pub cfg: LlamaConfig,
-    pub blocks: Vec<BlockWeights>,
-    pub embedding: Vec<f32>,
-}
 
 /// The random model's shape: 3 blocks, hidden 32, 4 heads over 2 KV heads, vocabulary 50, tied embeddings.
 pub fn tiny_config() -> LlamaConfig {
@@ -36,44 +31,25 @@ pub fn tiny_config() -> LlamaConfig {
     }
 }
 
-impl RandomModel {
-    pub fn new(seed: u64) -> Self {
-        let cfg = tiny_config();
-        let mut rng = Rng::new(seed);
-        let blocks = (0..cfg.n_layers)
-            .map(|_| BlockWeights::random(&cfg, &mut rng))
-            .collect();
-        let embedding = rng.normal_vec(cfg.vocab * cfg.hidden, 1.0);
-        RandomModel {
-            cfg,
-            blocks,
-            embedding,
-        }
-    }
-}
+/// The small random model of the integration tests (the library's `SyntheticModel` from given parts).
+pub type RandomModel = SyntheticModel;
 
-impl BlockSource for RandomModel {
-    fn config(&self) -> &LlamaConfig {
-        &self.cfg
-    }
-    fn block(&self, i: usize) -> Result<BlockWeights> {
-        Ok(self.blocks[i].clone())
-    }
-    fn embed(&self, ids: &[u32], n: usize, t: usize) -> Result<Tensor> {
-        let c = self.cfg.hidden;
-        let data = ids
-            .iter()
-            .flat_map(|&id| self.embedding[id as usize * c..(id as usize + 1) * c].to_vec())
-            .collect();
-        Tensor::from_vec(&[n, t, c], data)
-    }
+/// The random model of `tiny_config` from `seed`: blocks then embeddings from one generator.
+pub fn random_model(seed: u64) -> RandomModel {
+    let cfg = tiny_config();
+    let mut rng = Rng::new(seed);
+    let blocks = (0..cfg.n_layers)
+        .map(|_| BlockWeights::random(&cfg, &mut rng))
+        .collect();
+    let embedding = rng.normal_vec(cfg.vocab * cfg.hidden, 1.0);
+    SyntheticModel::from_parts(cfg, blocks, embedding).unwrap()
 }
 
 /// The random model with every linear at its min-max (RTN) quantization.
 pub fn rtn_model(seed: u64, quant: QuantConfig) -> QuantizedModel {
-    let m = RandomModel::new(seed);
+    let m = random_model(seed);
     let blocks = m
-        .blocks
+        .blocks()
         .iter()
         .map(|w| {
             let (mut scales, mut zeros) = (Vec::new(), Vec::new());
@@ -91,10 +67,11 @@ pub fn rtn_model(seed: u64, quant: QuantConfig) -> QuantizedModel {
             .unwrap()
         })
         .collect();
-    let (v, c) = (m.cfg.vocab, m.cfg.hidden);
+    let cfg = m.config().clone();
+    let (v, c) = (cfg.vocab, cfg.hidden);
     QuantizedModel {
-        cfg: m.cfg.clone(),
-        embedding: Tensor::from_vec(&[v, c], m.embedding.clone()).unwrap(),
+        embedding: Tensor::from_vec(&[v, c], m.embedding().to_vec()).unwrap(),
+        cfg,
         final_norm: Tensor::full(&[c], 1.0),
         lm_head: None,
         blocks,
