@@ -32,7 +32,7 @@ use crate::tensor::Tensor;
 use crate::train::block_ap::{train_block_with, BlockSamples};
 use crate::train::device::Device;
 use crate::train::pipeline::{
-    BlockRecord, BlockSink, BlockSource, Event, PipelineOptions, Streams, StreamsAt,
+    window_len, BlockRecord, BlockSink, BlockSource, Event, PipelineOptions, Streams, StreamsAt,
 };
 use crate::train::store::{BlockInputStore, Offload, Stream};
 use std::cell::RefCell;
@@ -86,20 +86,20 @@ pub fn module_ranges(n_layers: usize, modules: usize) -> Result<Vec<Range<usize>
 /// What one module thread needs.
 struct Module<'a> {
     index: usize,
-    /// K: a host-memory budget is shared evenly by the modules' stores.
-    modules: usize,
     range: Range<usize>,
     cfg: &'a LlamaConfig,
     blocks: &'a [BlockWeights],
-    opts: &'a PipelineOptions,
     anneal: usize,
     upstream: Option<Receiver<QuantOutput>>,
     downstream: Option<SyncSender<QuantOutput>>,
     events: mpsc::Sender<Event>,
     /// The Block-AP options with this module's device.
     block_ap: crate::train::block_ap::BlockApOptions,
-    /// Where the module keeps its streams.
-    at: StreamsAt,
+    /// The module's training and validation streams (both start as the token embeddings).
+    store: Streams,
+    val_store: Option<Streams>,
+    /// The pipeline options with this module's device and its share of a host budget.
+    opts: PipelineOptions,
 }
 
 fn module_offload(o: &Offload, m: usize, k: usize) -> Offload {
@@ -144,33 +144,16 @@ fn module_streams_at(devices: &[Device], _bytes: u64) -> Result<Vec<StreamsAt>> 
 }
 
 impl Module<'_> {
-    fn run(mut self, x_train: &Tensor, x_val: Option<&Tensor>) -> Result<Vec<BlockRecord>> {
-        let (cfg, popts) = (self.cfg, self.opts);
-        // The pipeline options with this module's device (and its share of a host budget).
-        let opts = PipelineOptions {
-            block_ap: self.block_ap.clone(),
-            offload: module_offload(&popts.offload, self.index, self.modules),
-            offload_val: module_offload(&popts.offload_val, self.index, self.modules),
-            store_dtype: popts.store_dtype,
-            forward_batch: popts.forward_batch,
-        };
+    fn run(mut self) -> Result<Vec<BlockRecord>> {
+        let (cfg, opts) = (self.cfg, &self.opts);
         let device = self.block_ap.device.clone();
-        let mut store = Streams::from_embedded(x_train, opts.offload.clone(), &opts, self.at)?;
-        let mut val_store = match x_val {
-            Some(v) => Some(Streams::from_embedded(
-                v,
-                opts.offload_val.clone(),
-                &opts,
-                self.at,
-            )?),
-            None => None,
-        };
+        let (mut store, mut val_store) = (self.store, self.val_store);
         // The FP model up to the module's first block: both streams start at the FP activation there. A later
         // module never moves its training store's quantized stream again: it stays the FP module input.
         for w in &self.blocks[..self.range.start] {
             for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-                s.propagate(Stream::Fp, cfg, w, &opts)?;
-                s.propagate(Stream::Quant, cfg, w, &opts)?;
+                s.propagate(Stream::Fp, cfg, w, opts)?;
+                s.propagate(Stream::Quant, cfg, w, opts)?;
             }
         }
         let upstream = self
@@ -193,7 +176,7 @@ impl Module<'_> {
         for (j, i) in self.range.clone().enumerate() {
             let fp = &self.blocks[i];
             for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
-                s.propagate(Stream::Fp, cfg, fp, &opts)?;
+                s.propagate(Stream::Fp, cfg, fp, opts)?;
             }
             let _ = self.events.send(Event::BlockStart {
                 block: i,
@@ -261,7 +244,7 @@ impl Module<'_> {
                 None
             };
             for s in train_store.into_iter().chain(val_store.as_mut()) {
-                s.propagate(Stream::Quant, cfg, &deq, &opts)?;
+                s.propagate(Stream::Quant, cfg, &deq, opts)?;
             }
             // Only a module fed by a predecessor pushes its inputs through its frozen blocks.
             if upstream.is_some() {
@@ -270,6 +253,46 @@ impl Module<'_> {
             records.push(record);
         }
         Ok(records)
+    }
+}
+
+/// MREM's host memory beyond the modules' streams (which their stores budget themselves): every block's f32
+/// weights, held for all modules at once, and each later module's latest predecessor output of every training
+/// batch (f16, kept for the steps after its predecessor finished).
+pub fn host_bytes(cfg: &LlamaConfig, samples: usize, seqlen: usize, modules: usize) -> u64 {
+    let block: u64 = cfg
+        .linear_shapes()
+        .iter()
+        .map(|&(_, n, k)| (n * k) as u64)
+        .sum::<u64>()
+        + 2 * cfg.hidden as u64;
+    let weights = block * cfg.n_layers as u64 * 4;
+    let outputs = (modules.saturating_sub(1) * samples * seqlen * cfg.hidden) as u64 * 2;
+    weights + outputs
+}
+
+/// Refuses a run whose [`host_bytes`] exceed the host's available memory (when /proc/meminfo tells it), before
+/// anything is loaded, instead of being killed for memory halfway.
+fn check_host_memory(
+    cfg: &LlamaConfig,
+    samples: usize,
+    seqlen: usize,
+    modules: usize,
+) -> Result<()> {
+    let need = host_bytes(cfg, samples, seqlen, modules);
+    match crate::plan::host::available_memory() {
+        Some(avail) if need > avail => Err(Error::invalid(
+            "mrem",
+            format!(
+                "--parallel modules holds every block's f32 weights and, for each of the {} later modules, the \
+                 previous module's latest output of all {samples} training windows: {:.1} GiB of host memory, {:.1} GiB \
+                 available; use fewer --train-size windows or modules, or --parallel off",
+                modules.saturating_sub(1),
+                need as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -334,21 +357,17 @@ pub fn run_block_ap_mrem(
     for d in &mrem.devices {
         d.set_matmul_bf16(opts.block_ap.device.matmul_bf16())?;
     }
-    let x_train = embed_all(src, train)?;
-    let x_val = if val.is_empty() {
-        None
-    } else {
-        Some(embed_all(src, val)?)
-    };
     // A module's streams: the training and validation samples, both streams, in the store's format.
-    let t = x_train.shape()[1];
+    let t = window_len(train)?;
+    window_len(val)?;
     let stream_bytes =
         BlockInputStore::bytes_needed(n + val.len(), t, cfg.hidden, opts.store_dtype)?;
+    check_host_memory(&cfg, n, t, ranges.len())?;
     let module_devices: Vec<Device> = match mrem.devices.is_empty() {
         true => vec![opts.block_ap.device.clone(); ranges.len()],
         false => mrem.devices.clone(),
     };
-    let mut places = module_streams_at(&module_devices, stream_bytes)?.into_iter();
+    let places = module_streams_at(&module_devices, stream_bytes)?;
     let blocks: Vec<BlockWeights> = (0..cfg.n_layers)
         .map(|i| src.block(i))
         .collect::<Result<_>>()?;
@@ -365,39 +384,62 @@ pub fn run_block_ap_mrem(
         })
         .collect::<Result<Vec<_>>>()?
         .into_iter();
+    // Every module's options and streams, embedded here before any module starts (the block source stays on
+    // this thread, and a module that cannot get its streams stops the run before any work is done).
+    let mut setups = Vec::with_capacity(ranges.len());
+    for (index, at) in places.into_iter().enumerate() {
+        let mut block_ap = opts.block_ap.clone();
+        if let Some(d) = mrem.devices.get(index) {
+            block_ap.device = d.clone();
+        }
+        let mopts = PipelineOptions {
+            block_ap,
+            offload: module_offload(&opts.offload, index, ranges.len()),
+            offload_val: module_offload(&opts.offload_val, index, ranges.len()),
+            store_dtype: opts.store_dtype,
+            forward_batch: opts.forward_batch,
+        };
+        let store = Streams::new(src, train, mopts.offload.clone(), &mopts, at)?;
+        let val_store = match val.is_empty() {
+            true => None,
+            false => Some(Streams::new(
+                src,
+                val,
+                mopts.offload_val.clone(),
+                &mopts,
+                at,
+            )?),
+        };
+        setups.push((mopts, store, val_store));
+    }
     let (events_tx, events_rx) = mpsc::channel();
     let results: Vec<Result<Vec<BlockRecord>>> = std::thread::scope(|s| {
         let mut upstream = None;
         let mut handles = Vec::new();
-        for (index, range) in ranges.iter().enumerate() {
+        for ((index, range), (mopts, store, val_store)) in ranges.iter().enumerate().zip(setups) {
             let (downstream, next_upstream) = if index + 1 < ranges.len() {
                 let (tx, rx) = mpsc::sync_channel(mrem.queue_depth);
                 (Some(tx), Some(rx))
             } else {
                 (None, None)
             };
-            let mut block_ap = opts.block_ap.clone();
-            if let Some(d) = mrem.devices.get(index) {
-                block_ap.device = d.clone();
-            }
             let module = Module {
                 index,
-                modules: ranges.len(),
                 range: range.clone(),
                 cfg: &cfg,
                 blocks: &blocks,
-                opts,
                 anneal: mrem.anneal_steps.unwrap_or(steps_per_block * range.len()),
                 upstream: upstream.take(),
                 downstream,
                 events: events_tx.clone(),
-                block_ap,
-                at: places.next().expect("one place per module"),
+                block_ap: mopts.block_ap.clone(),
+                store,
+                val_store,
+                opts: mopts,
             };
             upstream = next_upstream;
-            let (x_train, x_val) = (&x_train, x_val.as_ref());
             let pool = pools.next().expect("one pool per module");
-            handles.push(s.spawn(move || pool.install(|| module.run(x_train, x_val))));
+            handles.push(s.spawn(move || pool.install(|| module.run())));
         }
         drop(events_tx);
         for e in events_rx {
@@ -423,16 +465,4 @@ pub fn run_block_ap_mrem(
         sink.save_block(i, r)?;
     }
     Ok(())
-}
-
-/// Token embeddings of every window, [N, T, C].
-fn embed_all(src: &dyn BlockSource, windows: &[Vec<u32>]) -> Result<Tensor> {
-    let t = windows.first().map(|w| w.len()).unwrap_or(0);
-    if let Some(w) = windows.iter().find(|w| w.len() != t) {
-        return Err(Error::invalid(
-            "mrem",
-            format!("calibration windows of {} and {} tokens", t, w.len()),
-        ));
-    }
-    src.embed(&windows.concat(), windows.len(), t)
 }

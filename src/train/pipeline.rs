@@ -133,7 +133,7 @@ pub(crate) fn propagate(
 }
 
 /// The common length of the calibration windows (0 when there are none).
-fn window_len(windows: &[Vec<u32>]) -> Result<usize> {
+pub(crate) fn window_len(windows: &[Vec<u32>]) -> Result<usize> {
     let t = windows.first().map(|w| w.len()).unwrap_or(0);
     if let Some(w) = windows.iter().find(|w| w.len() != t) {
         return Err(Error::invalid(
@@ -229,7 +229,8 @@ pub(crate) enum Streams {
 }
 
 impl Streams {
-    fn new(
+    /// Both streams set to the token embeddings of `windows`, kept `at` the given place.
+    pub(crate) fn new(
         src: &dyn BlockSource,
         windows: &[Vec<u32>],
         offload: Offload,
@@ -268,39 +269,6 @@ impl Streams {
             }
             _ => Ok(Streams::Host(fill_store(src, windows, offload, opts)?)),
         }
-    }
-
-    /// Both streams set to the embedded samples `x` [N, T, C] (host values), kept `at` the given place
-    /// (`StreamsAt::Device` on a GPU device: uploaded in chunks; otherwise a `BlockInputStore` in `offload`).
-    /// MREM's modules build their streams this way, from inputs embedded once for all of them.
-    pub(crate) fn from_embedded(
-        x: &Tensor,
-        offload: Offload,
-        opts: &PipelineOptions,
-        at: StreamsAt,
-    ) -> Result<Streams> {
-        let s = x.shape();
-        let (n, t, c) = (s[0], s[1], s[2]);
-        #[cfg(feature = "cuda")]
-        if let (StreamsAt::Device, Device::Cuda(ctx)) = (at, &opts.block_ap.device) {
-            let mut store =
-                crate::train::device_store::DeviceStore::new(ctx, n, t, c, opts.store_dtype)?;
-            let mut start = 0;
-            while start < n {
-                let count = DEVICE_FILL_BATCH.min(n - start);
-                let chunk =
-                    crate::train::block_ap::take_samples(x, start, count)?.to_device(ctx)?;
-                store.write(Stream::Fp, start, &chunk)?;
-                store.write(Stream::Quant, start, &chunk)?;
-                start += count;
-            }
-            return Ok(Streams::Device(store));
-        }
-        let _ = at;
-        let mut store = BlockInputStore::new(n, t, c, opts.store_dtype, offload)?;
-        store.write(Stream::Fp, 0, x.f32s("streams")?)?;
-        store.write(Stream::Quant, 0, x.f32s("streams")?)?;
-        Ok(Streams::Host(store))
     }
 
     /// Samples `start..start + count` of `stream`, [count, T, C] f32, where the streams are (host or device).

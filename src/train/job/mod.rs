@@ -320,7 +320,11 @@ pub fn run_train(
         n,
         args.seqlen
     );
-    // MREM keeps its streams in a `BlockInputStore`.
+    // MREM places each module's streams itself (its GPU's memory when they fit, else a `BlockInputStore` with a
+    // 1/K share of this split); the line below gives the host split.
+    if args.mrem.is_some() {
+        say("MREM: each module keeps its block inputs in its GPU's memory when they fit there, else as below");
+    }
     let at = match (args.mrem.is_some(), args.stream_block_inputs) {
         (true, _) => StreamsAt::Host,
         (false, true) => host_streams(&popts),

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::llama::{BlockWeights, LlamaConfig};
 use crate::ops::add::add;
 use crate::ops::scale::scale;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::train::block_ap::BlockSamples;
 use crate::train::device::Device;
 use crate::train::pipeline::Streams;
@@ -24,7 +24,8 @@ pub struct QuantOutput {
     pub output: Tensor,
 }
 
-/// The consumer's end of the queue, and the latest output seen for every batch (used once the queue closes).
+/// The consumer's end of the queue, and the latest output seen for every batch (used once the queue closes), kept
+/// in f16 like the block input streams: half the host memory of a whole stream in f32.
 pub struct Upstream {
     rx: Option<Receiver<QuantOutput>>,
     last: HashMap<usize, Tensor>,
@@ -44,7 +45,7 @@ impl Upstream {
         if let Some(rx) = &self.rx {
             match rx.recv() {
                 Ok(m) if m.step == t && m.start == start => {
-                    self.last.insert(start, m.output.clone());
+                    self.last.insert(start, m.output.to_dtype(DType::F16));
                     return Ok(m.output);
                 }
                 Ok(m) => {
@@ -59,12 +60,17 @@ impl Upstream {
                 Err(_) => self.rx = None,
             }
         }
-        self.last.get(&start).cloned().ok_or_else(|| {
+        self.last_output(start).ok_or_else(|| {
             Error::invalid(
                 "mrem",
                 format!("the previous module stopped before sending batch {start} (it failed; see its error)"),
             )
         })
+    }
+
+    /// The latest output received for the batch at `start` (f32, from its f16 copy).
+    fn last_output(&self, start: usize) -> Option<Tensor> {
+        self.last.get(&start).map(|t| t.to_dtype(DType::F32))
     }
 }
 
@@ -119,15 +125,9 @@ impl BlockSamples for MixedInputs<'_> {
     }
     /// Outside training (not used by `train_block`): λ = 0 with the predecessor's latest outputs.
     fn pair(&self, start: usize, count: usize) -> Result<(Tensor, Tensor)> {
-        let q = self
-            .upstream
-            .borrow()
-            .last
-            .get(&start)
-            .cloned()
-            .ok_or_else(|| {
-                Error::invalid("mrem", format!("no quantized output of batch {start} yet"))
-            })?;
+        let q = self.upstream.borrow().last_output(start).ok_or_else(|| {
+            Error::invalid("mrem", format!("no quantized output of batch {start} yet"))
+        })?;
         Ok((
             self.inputs(0.0, &q, start, count)?,
             self.streams.read(Stream::Fp, start, count)?,

@@ -71,3 +71,20 @@ fn queue_out_of_order_is_an_error() {
         "{e}"
     );
 }
+
+#[test]
+fn host_bytes_count_the_weights_and_the_later_modules_outputs() {
+    let cfg = crate::bench::BenchShape::Llama2_7b.config();
+    let cfg = LlamaConfig {
+        n_layers: 32,
+        ..cfg
+    };
+    // 32 blocks of 4 x 4096² + 3 x 4096 x 11008 = 202,375,168 linear weights and two 4096-wide norms, in f32.
+    let weights = 32 * (202_375_168u64 + 2 * 4096) * 4;
+    assert_eq!(host_bytes(&cfg, 4096, 2048, 1), weights);
+    // Three later modules, each 4096 windows x 2048 tokens x 4096 values in f16.
+    assert_eq!(
+        host_bytes(&cfg, 4096, 2048, 4),
+        weights + 3 * 4096 * 2048 * 4096 * 2
+    );
+}
