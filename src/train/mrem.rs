@@ -16,9 +16,9 @@
 //! T0 (`anneal_steps`) defaults to the module's own training steps (all of its blocks), so the FP share falls
 //! over the whole module and its last block ends on quantized inputs alone: early on, the predecessor's output is
 //! mostly its min-max blocks', further from what its trained blocks will give than the FP activation is (SmolLM2,
-//! 2 modules, 2 epochs, two runs each: the WikiText-2 perplexity 3.2% (w3g64) and 2.3% (w4g64) above the
-//! sequential order's on average with T0 of one block, 1.1% and 1.5% with T0 of the module; BENCHMARKS.md,
-//! issue 7, session 9). Once module m−1 has finished (its queue is closed), module
+//! 2 modules, 2 epochs: the WikiText-2 perplexity 3.2% (w3g64) and 2.3% (w4g64) above the sequential order's in
+//! the mean of two runs with T0 of one block, 0.8% and 1.1% in the mean of three with T0 of the module;
+//! BENCHMARKS.md, issue 7, session 9). Once module m−1 has finished (its queue is closed), module
 //! m keeps training on the last quantized output module m−1 sent for each batch. Validation losses of module
 //! m > 0 use the FP module input pushed through the module's frozen blocks. Each module gets its own rayon pool
 //! with 1/K of the threads (at least one). A module on a GPU keeps its streams in that GPU's memory when the
