@@ -93,12 +93,10 @@ struct Module<'a> {
     upstream: Option<Receiver<QuantOutput>>,
     downstream: Option<SyncSender<QuantOutput>>,
     events: mpsc::Sender<Event>,
-    /// The Block-AP options with this module's device.
-    block_ap: crate::train::block_ap::BlockApOptions,
     /// The module's training and validation streams (both start as the token embeddings).
     store: Streams,
     val_store: Option<Streams>,
-    /// The pipeline options with this module's device and its share of a host budget.
+    /// The pipeline options with this module's device (`opts.block_ap.device`) and its share of a host budget.
     opts: PipelineOptions,
 }
 
@@ -146,7 +144,7 @@ fn module_streams_at(devices: &[Device], _bytes: u64) -> Result<Vec<StreamsAt>> 
 impl Module<'_> {
     fn run(mut self) -> Result<Vec<BlockRecord>> {
         let (cfg, opts) = (self.cfg, &self.opts);
-        let device = self.block_ap.device.clone();
+        let device = opts.block_ap.device.clone();
         let (mut store, mut val_store) = (self.store, self.val_store);
         // The FP model up to the module's first block: both streams start at the FP activation there. A later
         // module never moves its training store's quantized stream again: it stays the FP module input.
@@ -221,7 +219,7 @@ impl Module<'_> {
                 fp,
                 train,
                 val_ref,
-                &self.block_ap,
+                &opts.block_ap,
                 |info| {
                     let _ = events.send(Event::Step { block: i, info });
                 },
@@ -432,7 +430,6 @@ pub fn run_block_ap_mrem(
                 upstream: upstream.take(),
                 downstream,
                 events: events_tx.clone(),
-                block_ap: mopts.block_ap.clone(),
                 store,
                 val_store,
                 opts: mopts,
