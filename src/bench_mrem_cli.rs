@@ -49,7 +49,7 @@ pub struct MremArgs {
 
 pub fn bench_mrem(a: MremArgs) -> eqat::Result<()> {
     let module_devices = match &a.gpus {
-        Some(list) => crate::parallel_cli::gpu_devices(list)?,
+        Some(list) => crate::parallel_cli::gpu_devices("engine bench mrem", list)?,
         None => Vec::new(),
     };
     let b = MremBench {

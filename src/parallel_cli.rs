@@ -39,7 +39,7 @@ impl ParallelFlags {
             }
             "modules" => {
                 let devices = match &self.gpus {
-                    Some(g) => gpu_devices(g)?,
+                    Some(g) => gpu_devices("engine train", g)?,
                     None => Vec::new(),
                 };
                 let modules = match (self.modules, devices.len()) {
@@ -67,9 +67,9 @@ impl ParallelFlags {
 }
 
 /// `0,1,3` as one GPU context per entry (an ordinal may repeat); the list is read whole before any GPU is
-/// opened, and errors name the flag.
-pub(crate) fn gpu_devices(list: &str) -> eqat::Result<Vec<Device>> {
-    let bad = |msg: String| eqat::Error::invalid("engine train", format!("--gpus {list}: {msg}"));
+/// opened, and errors name `command` and the flag.
+pub(crate) fn gpu_devices(command: &'static str, list: &str) -> eqat::Result<Vec<Device>> {
+    let bad = |msg: String| eqat::Error::invalid(command, format!("--gpus {list}: {msg}"));
     let ordinals = list
         .split(',')
         .map(|g| {

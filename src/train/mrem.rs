@@ -29,7 +29,7 @@ use crate::model::llama::{BlockWeights, LlamaConfig};
 use crate::model::quantized::QuantizedBlock;
 use crate::quant::fake_quant::{init_minmax, QuantConfig};
 use crate::tensor::Tensor;
-use crate::train::block_ap::{train_block_with, BlockSamples};
+use crate::train::block_ap::{train_block_with, BlockApOptions, BlockSamples};
 use crate::train::device::Device;
 use crate::train::pipeline::{
     window_len, BlockRecord, BlockSink, BlockSource, Event, PipelineOptions, Streams, StreamsAt,
@@ -89,6 +89,8 @@ struct Module<'a> {
     range: Range<usize>,
     cfg: &'a LlamaConfig,
     blocks: &'a [BlockWeights],
+    /// Training steps of each block (every module has the same).
+    steps_per_block: usize,
     anneal: usize,
     upstream: Option<Receiver<QuantOutput>>,
     downstream: Option<SyncSender<QuantOutput>>,
@@ -146,12 +148,15 @@ impl Module<'_> {
         let (cfg, opts) = (self.cfg, &self.opts);
         let device = opts.block_ap.device.clone();
         let (mut store, mut val_store) = (self.store, self.val_store);
-        // The FP model up to the module's first block: both streams start at the FP activation there. A later
-        // module never moves its training store's quantized stream again: it stays the FP module input.
-        for w in &self.blocks[..self.range.start] {
-            for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
+        // The FP model up to the module's first block: both streams start at the FP activation there (pushed
+        // through once, then copied). A later module never moves its training store's quantized stream again: it
+        // stays the FP module input.
+        for s in std::iter::once(&mut store).chain(val_store.as_mut()) {
+            for w in &self.blocks[..self.range.start] {
                 s.propagate(Stream::Fp, cfg, w, opts)?;
-                s.propagate(Stream::Quant, cfg, w, opts)?;
+            }
+            if self.range.start > 0 {
+                s.copy_stream(Stream::Fp, Stream::Quant, opts.forward_batch)?;
             }
         }
         let upstream = self
@@ -167,8 +172,6 @@ impl Module<'_> {
         } else {
             Vec::new()
         };
-        let steps_per_block =
-            (store.samples().len() / opts.block_ap.batch_size) * opts.block_ap.epochs;
         let mut frozen: Vec<BlockWeights> = Vec::new();
         let mut records = Vec::new();
         for (j, i) in self.range.clone().enumerate() {
@@ -180,7 +183,7 @@ impl Module<'_> {
                 block: i,
                 blocks: cfg.n_layers,
             });
-            let step0 = j * steps_per_block;
+            let step0 = j * self.steps_per_block;
             let mixed = upstream.as_ref().map(|up| MixedInputs {
                 cfg,
                 streams: &store,
@@ -357,7 +360,6 @@ pub fn run_block_ap_mrem(
     }
     // A module's streams: the training and validation samples, both streams, in the store's format.
     let t = window_len(train)?;
-    window_len(val)?;
     let stream_bytes =
         BlockInputStore::bytes_needed(n + val.len(), t, cfg.hidden, opts.store_dtype)?;
     check_host_memory(&cfg, n, t, ranges.len())?;
@@ -385,13 +387,12 @@ pub fn run_block_ap_mrem(
     // Every module's options and streams, embedded here before any module starts (the block source stays on
     // this thread, and a module that cannot get its streams stops the run before any work is done).
     let mut setups = Vec::with_capacity(ranges.len());
-    for (index, at) in places.into_iter().enumerate() {
-        let mut block_ap = opts.block_ap.clone();
-        if let Some(d) = mrem.devices.get(index) {
-            block_ap.device = d.clone();
-        }
+    for (index, (device, at)) in module_devices.into_iter().zip(places).enumerate() {
         let mopts = PipelineOptions {
-            block_ap,
+            block_ap: BlockApOptions {
+                device,
+                ..opts.block_ap.clone()
+            },
             offload: module_offload(&opts.offload, index, ranges.len()),
             offload_val: module_offload(&opts.offload_val, index, ranges.len()),
             store_dtype: opts.store_dtype,
@@ -426,6 +427,7 @@ pub fn run_block_ap_mrem(
                 range: range.clone(),
                 cfg: &cfg,
                 blocks: &blocks,
+                steps_per_block,
                 anneal: mrem.anneal_steps.unwrap_or(steps_per_block * range.len()),
                 upstream: upstream.take(),
                 downstream,

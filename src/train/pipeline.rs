@@ -285,6 +285,26 @@ impl Streams {
         }
     }
 
+    /// Copies stream `from` over stream `to`, `batch` samples at a time (the values as stored: an f16 store
+    /// reads to f32 and writes back the same bits).
+    pub(crate) fn copy_stream(&mut self, from: Stream, to: Stream, batch: usize) -> Result<()> {
+        let n = self.samples().len();
+        let mut start = 0;
+        while start < n {
+            let count = batch.max(1).min(n - start);
+            let x = self.read(from, start, count)?;
+            match self {
+                Streams::Host(s) => s.write(to, start, x.f32s("copy_stream")?)?,
+                #[cfg(feature = "cuda")]
+                Streams::Device(s) => s.write(to, start, &x)?,
+                #[cfg(feature = "cuda")]
+                Streams::Pinned(_) => unreachable!("read refused pinned streams"),
+            }
+            start += count;
+        }
+        Ok(())
+    }
+
     pub(crate) fn samples(&self) -> &dyn BlockSamples {
         match self {
             Streams::Host(s) => s,
